@@ -1,0 +1,154 @@
+"""`graphopt.compile` and `CompiledModel`: capture -> passes -> backend -> runtime, in that order.
+
+    compiled = graphopt.compile(model, spec="mtp", quant="w8a8", dump_dir="dumps")
+    logits = compiled(input_ids)                         # drop-in for model(input_ids)
+    out = compiled.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)
+
+The user's model is never modified: capture reads it, passes rewrite copies of the captured graphs
+and register any new tensors (folded or quantised weights) on those graphs, never on the model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .capture.step import CapturedGraph, capture_main, capture_mtp
+from .config import CompileOptions, resolve_backend
+from .models.deepseek import DeepseekV3ForCausalLM
+from .passes.base import PassContext
+from .passes.dump import Dumper
+from .passes.manager import PassManager, disabled_from_env, verify_from_env
+from .passes import pipeline
+
+
+def _as_reference_model(model: Any) -> DeepseekV3ForCausalLM:
+    if isinstance(model, DeepseekV3ForCausalLM):
+        return model
+    if type(model).__name__ == "DeepseekV3ForCausalLM" and type(model).__module__.startswith("transformers"):
+        from .models.hf_interop import from_transformers
+        return from_transformers(model)
+    raise TypeError(f"graphopt.compile supports graphopt.models.DeepseekV3ForCausalLM and transformers' "
+                    f"DeepseekV3ForCausalLM; got {type(model).__module__}.{type(model).__name__}")
+
+
+@dataclass
+class CompileReport:
+    records: list = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class CompiledModel:
+    """The compiled step graphs plus the runtime that loops over them."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, graphs: dict[str, torch.fx.GraphModule],
+                 options: CompileOptions, spec, quant, backend: str, report: CompileReport):
+        self.config = model.config
+        self.graphs, self.options, self.spec, self.quant = graphs, options, spec, quant
+        self.backend, self.report = backend, report
+        self._device = model.lm_head.weight.device
+        self._dtype = model.lm_head.weight.dtype
+        self._model = model  # read-only: shapes, new_kv_caches; never modified
+
+    @property
+    def main_graph(self) -> torch.fx.GraphModule:
+        return self.graphs["main"]
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Plain forward: input_ids [B, T] -> logits [B, T, vocab], like the model's own forward."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be a 2-D LongTensor [batch, tokens], got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        B, T = input_ids.shape
+        if T > self.config.max_position_embeddings:
+            raise ValueError(f"input of {T} tokens is longer than max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        bs = self.options.block_size
+        per_seq = -(-T // bs)
+        caches = self._model.new_kv_caches(1 + B * per_seq, bs)
+        tables = 1 + torch.arange(B * per_seq, device=self._device).view(B, per_seq)
+        positions = torch.arange(T, device=self._device).expand(B, T)
+        slots = tables.gather(1, positions // bs) * bs + positions % bs
+        logits, _ = self.main_graph(input_ids.to(self._device), positions, slots, tables, caches)
+        return logits
+
+    forward = __call__
+
+
+def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "auto",
+            dump_dir: str | None = None, verify: bool = False, **options: Any) -> CompiledModel:
+    """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc."""
+    opts = CompileOptions.from_kwargs(options)
+    backend = resolve_backend(backend)
+    ref = _as_reference_model(model)
+    spec_config = _resolve_spec(spec, ref)
+    quant_config = _resolve_quant(quant)
+    verify = verify or verify_from_env()
+    import os
+    dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
+    dumper = Dumper(dump_dir) if dump_dir else None
+    report = CompileReport()
+
+    t0 = time.perf_counter()
+    captured = {"main": capture_main(ref, opts.block_size)}
+    if spec_config is not None:
+        for d in range(len(ref.mtp)):
+            captured[f"mtp{d}"] = capture_mtp(ref, d, opts.block_size)
+    report.seconds["capture"] = time.perf_counter() - t0
+
+    phases = pipeline.build_pipeline(spec=spec_config is not None, quant=quant_config is not None)
+    manager = PassManager(phases, set(opts.disable_passes) | disabled_from_env(), verify, dumper)
+    graphs: dict[str, torch.fx.GraphModule] = {}
+    t0 = time.perf_counter()
+    for name, cap in captured.items():
+        if dumper:
+            dumper.write_captured(name, cap.graph_module)
+        ctx = PassContext(ref.config, vars(opts), cap.make_inputs, name,
+                          state={"spec": spec_config, "quant": quant_config})
+        graphs[name] = manager.run(cap.graph_module, ctx)
+    report.seconds["passes"] = time.perf_counter() - t0
+    report.records = manager.records
+
+    lower = _backend_lowering(backend)
+    graphs = {name: lower(gm) for name, gm in graphs.items()}
+    if dumper:
+        for name, gm in graphs.items():
+            report.notes[f"{name} picture"] = dumper.write_final(name, gm)
+        report.notes.update({f"{k} seconds": f"{v:.2f}" for k, v in report.seconds.items()})
+        report.notes["backend"] = backend
+        dumper.write_report(report.records, report.notes)
+    return CompiledModel(ref, graphs, opts, spec_config, quant_config, backend, report)
+
+
+def _backend_lowering(backend: str):
+    if backend == "eager":
+        from .backends.eager import lower
+        return lower
+    raise AssertionError(backend)
+
+
+def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
+    if spec is None:
+        return None
+    from .spec import SpecConfig
+    if spec == "mtp":
+        spec = SpecConfig(method="mtp", num_speculative_tokens=1)
+    if not isinstance(spec, SpecConfig):
+        raise ValueError(f"spec must be None, 'mtp' or graphopt.SpecConfig(...), got {spec!r}")
+    if len(model.mtp) == 0:
+        raise ValueError("spec='mtp' needs MTP weights, but the model has no MTP module "
+                         "(num_nextn_predict_layers = 0); load a checkpoint that has them "
+                         "(model.layers.{num_hidden_layers}.*) or pass mtp_weights= to from_transformers")
+    return spec
+
+
+def _resolve_quant(quant: Any):
+    if quant is None:
+        return None
+    from .quant.config import resolve_quant_config
+    return resolve_quant_config(quant)

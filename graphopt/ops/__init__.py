@@ -1,0 +1,10 @@
+"""graphopt:: custom ops: reference and fake (meta) implementations, in one namespace.
+
+Importing this package registers every op. Backends only add faster implementations of these same ops
+(`torch.library.impl` for their device), never new semantics.
+"""
+
+from . import core  # noqa: F401  rms_norm, swiglu, moe_route, moe_experts
+from . import attention  # noqa: F401  mla_attention (expanded / absorbed), kv cache write
+from . import quant  # noqa: F401  quantize / dequantize / quantized linear
+from . import sampling  # noqa: F401  sampling and speculative acceptance

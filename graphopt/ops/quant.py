@@ -1,0 +1,265 @@
+"""graphopt:: quantisation ops: reference implementations that define what the fast kernels compute.
+
+A quantised linear is spelled as explicit nodes so a graph dump shows where precision changes:
+
+    int8 activations, int8 weights (w8a8, dynamic per token):
+        x_q, x_s = graphopt.quantize_per_token(x, smooth_inv, 127)     # int8 [..., K], fp32 [..., 1]
+        acc      = graphopt.int8_matmul(x_q, w_q)                       # int32 [..., N, out]
+        y        = graphopt.dequantize_int32(acc, x_s, w_s, bias, bf16) # [..., N, out]
+    static activations: graphopt.quantize_per_tensor(x, scale, zero, smooth_inv, -128, 127)
+    int4 weights, int8 activations (w4a8): graphopt.w4a8_matmul(x_q, w_q4, w_group_scale) instead of
+        int8_matmul; it widens int4 -> int8 by the int8 group scale, so accumulation stays integer
+    weight only (w8a16, w4a16): W = graphopt.dequantize_weight(w_q, w_s, w_zero, bf16); aten.linear(x, W)
+    fp8 (e4m3): graphopt.quantize_fp8 + graphopt.fp8_linear (block scales act inside the K loop, so
+        matmul and dequantisation are one op there)
+    latent KV cache (C8): graphopt.quantize_kv / graphopt.dequantize_kv, static per-channel scales
+
+Conventions (shared with `graphopt.quant.schemes`, which produces the weights):
+  * weights are [out, K] or stacked experts [E, out, K]; matmuls broadcast like
+    `torch.matmul(x, w.transpose(-1, -2))`, so x [N, K] against [E, out, K] gives [E, N, out];
+  * weight scales are [..., out, K // group] (per channel: one group, [..., out, 1]); fp8 block scales
+    are [..., out / 128, K / 128];
+  * rounding is round-half-to-even (`torch.round`), then a saturating clamp; the reciprocal is never
+    taken: q = round(x / scale). Scales are float32 and never zero (a zero row gets scale 1e-8 / qmax,
+    the row quantises to zeros);
+  * integer matmuls accumulate in int32 exactly (int8 x int8 products summed over K < 2^17 cannot
+    overflow), so the reference result is the bit pattern a correct kernel must produce.
+
+Each op has a fake (meta) implementation so torch.export and FX see shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["SCALE_FLOOR", "FP8_MAX", "FP8_DTYPE", "hadamard_matrix"]
+
+SCALE_FLOOR = 1e-8  # smallest abs-max a scale is computed from; keeps all-zero rows finite
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # largest finite e4m3fn value
+
+
+def _smoothed(x: Tensor, smooth_inv: Optional[Tensor]) -> Tensor:
+    x = x.float()
+    return x if smooth_inv is None else x * smooth_inv.float()
+
+
+# -- activation quantisation -------------------------------------------------------------------
+@torch.library.custom_op("graphopt::quantize_per_token", mutates_args=())
+def quantize_per_token(x: Tensor, smooth_inv: Optional[Tensor], qmax: int) -> tuple[Tensor, Tensor]:
+    """Symmetric dynamic int8 per token (last dim): x [..., K] -> q int8 [..., K], scale fp32 [..., 1].
+
+    smooth_inv [K] (or broadcastable, e.g. [E, 1, K] for per-expert inputs) multiplies x first: the
+    SmoothQuant division X / s, fused as Ascend's npu_dynamic_quant(smooth_scales=) does.
+    """
+    xs = _smoothed(x, smooth_inv)
+    scale = xs.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_FLOOR) / qmax
+    q = torch.round(xs / scale).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+@quantize_per_token.register_fake
+def _(x, smooth_inv, qmax):
+    shape = torch.broadcast_shapes(x.shape, smooth_inv.shape) if smooth_inv is not None else x.shape
+    return (x.new_empty(shape, dtype=torch.int8), x.new_empty((*shape[:-1], 1), dtype=torch.float32))
+
+
+@torch.library.custom_op("graphopt::quantize_per_tensor", mutates_args=())
+def quantize_per_tensor(x: Tensor, scale: Tensor, zero_point: int, smooth_inv: Optional[Tensor],
+                        qmin: int, qmax: int) -> Tensor:
+    """Static int8: q = clamp(round(x * smooth_inv / scale) + zero_point, qmin, qmax); scale is a 0-d fp32."""
+    q = torch.round(_smoothed(x, smooth_inv) / scale.float()) + zero_point
+    return q.clamp_(qmin, qmax).to(torch.int8)
+
+
+@quantize_per_tensor.register_fake
+def _(x, scale, zero_point, smooth_inv, qmin, qmax):
+    shape = torch.broadcast_shapes(x.shape, smooth_inv.shape) if smooth_inv is not None else x.shape
+    return x.new_empty(shape, dtype=torch.int8)
+
+
+# -- integer matmuls ---------------------------------------------------------------------------
+def _matmul_out_shape(x: Tensor, w: Tensor) -> tuple[int, ...]:
+    batch = torch.broadcast_shapes(x.shape[:-2], w.shape[:-2])
+    return (*batch, x.shape[-2], w.shape[-2])
+
+
+def _check_k(op: str, x: Tensor, w: Tensor) -> None:
+    if x.shape[-1] != w.shape[-1]:
+        raise ValueError(f"graphopt::{op}: x has K={x.shape[-1]} but the weight {tuple(w.shape)} "
+                         f"has K={w.shape[-1]} (weights are [..., out, K])")
+
+
+@torch.library.custom_op("graphopt::int8_matmul", mutates_args=())
+def int8_matmul(x_q: Tensor, w_q: Tensor) -> Tensor:
+    """int8 [..., N, K] x int8 [..., out, K] -> exact int32 [..., N, out] (x @ w^T, broadcasting)."""
+    _check_k("int8_matmul", x_q, w_q)
+    return torch.matmul(x_q.to(torch.int32), w_q.to(torch.int32).transpose(-1, -2))
+
+
+@int8_matmul.register_fake
+def _(x_q, w_q):
+    return x_q.new_empty(_matmul_out_shape(x_q, w_q), dtype=torch.int32)
+
+
+def widen_int4(w_q4: Tensor, group_scale: Tensor) -> Tensor:
+    """int4 values [..., out, K] times int8 group scales [..., out, K/G] -> int8 [..., out, K].
+
+    The product is an exact integer; the saturating clamp to +-127 only bites for weights that were
+    not produced by `schemes.quantize_w4a8` (its protective range keeps |q4 * s_g| <= 119).
+    """
+    groups = group_scale.shape[-1]
+    w = w_q4.to(torch.int32).unflatten(-1, (groups, -1)) * group_scale.to(torch.int32).unsqueeze(-1)
+    return w.flatten(-2).clamp_(-127, 127).to(torch.int8)
+
+
+@torch.library.custom_op("graphopt::w4a8_matmul", mutates_args=())
+def w4a8_matmul(x_q: Tensor, w_q4: Tensor, w_group_scale: Tensor) -> Tensor:
+    """int8 x [..., N, K] against int4 w [..., out, K] with int8 group scales -> exact int32 [..., N, out].
+
+    QServe-style progressive dequantisation: int4 -> int8 inside the kernel, then an int8 GEMM; the
+    per-channel float scale is applied later by dequantize_int32.
+    """
+    _check_k("w4a8_matmul", x_q, w_q4)
+    return int8_matmul(x_q, widen_int4(w_q4, w_group_scale))
+
+
+@w4a8_matmul.register_fake
+def _(x_q, w_q4, w_group_scale):
+    return x_q.new_empty(_matmul_out_shape(x_q, w_q4), dtype=torch.int32)
+
+
+@torch.library.custom_op("graphopt::dequantize_int32", mutates_args=())
+def dequantize_int32(acc: Tensor, x_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+                     out_dtype: torch.dtype) -> Tensor:
+    """acc int32 [..., N, out] * x_scale [..., N, 1] (or 0-d) * w_scale [..., out, 1] (+ bias) in fp32."""
+    y = acc.float() * x_scale.float() * w_scale.float().transpose(-1, -2)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@dequantize_int32.register_fake
+def _(acc, x_scale, w_scale, bias, out_dtype):
+    return acc.new_empty(acc.shape, dtype=out_dtype)
+
+
+# -- weight-only ---------------------------------------------------------------------------------
+@torch.library.custom_op("graphopt::dequantize_weight", mutates_args=())
+def dequantize_weight(w_q: Tensor, scale: Tensor, zero: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """Integer weight [..., out, K] -> (w_q - zero) * scale per group, in out_dtype.
+
+    scale / zero are [..., out, K/G] float32 (zero: HQQ's float zero point; None for symmetric).
+    """
+    groups = scale.shape[-1]
+    w = w_q.float().unflatten(-1, (groups, -1))
+    if zero is not None:
+        w = w - zero.float().unsqueeze(-1)
+    return (w * scale.float().unsqueeze(-1)).flatten(-2).to(out_dtype)
+
+
+@dequantize_weight.register_fake
+def _(w_q, scale, zero, out_dtype):
+    return w_q.new_empty(w_q.shape, dtype=out_dtype)
+
+
+# -- fp8 -------------------------------------------------------------------------------------------
+@torch.library.custom_op("graphopt::quantize_fp8", mutates_args=())
+def quantize_fp8(x: Tensor, smooth_inv: Optional[Tensor], block: int) -> tuple[Tensor, Tensor]:
+    """Dynamic e4m3: per token (block=0, scale [..., 1]) or per token per `block` channels ([..., K/block])."""
+    xs = _smoothed(x, smooth_inv)
+    k = xs.shape[-1]
+    tiles = xs.unflatten(-1, (k // block if block else 1, -1))                  # [..., nb, b]
+    scale = tiles.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_FLOOR) / FP8_MAX
+    q = (tiles / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).flatten(-2)
+    return q, scale.squeeze(-1)
+
+
+@quantize_fp8.register_fake
+def _(x, smooth_inv, block):
+    shape = torch.broadcast_shapes(x.shape, smooth_inv.shape) if smooth_inv is not None else x.shape
+    nb = shape[-1] // block if block else 1
+    return x.new_empty(shape, dtype=FP8_DTYPE), x.new_empty((*shape[:-1], nb), dtype=torch.float32)
+
+
+@torch.library.custom_op("graphopt::fp8_linear", mutates_args=())
+def fp8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor],
+               out_dtype: torch.dtype) -> Tensor:
+    """e4m3 x [..., N, K] and w [..., out, K] -> [..., N, out], fp32 accumulation.
+
+    Per channel: x_scale [..., N, 1], w_scale [..., out, 1]. DeepSeek blocks: x_scale [..., N, K/128],
+    w_scale [..., ceil(out/128), K/128]; every 128-wide K slice is scaled before it is summed.
+    """
+    _check_k("fp8_linear", x_q, w_q)
+    x, w = x_q.float(), w_q.float()
+    if x_scale.shape[-1] == 1 and w_scale.shape[-1] == 1:
+        y = torch.matmul(x, w.transpose(-1, -2)) * x_scale.float() * w_scale.float().transpose(-1, -2)
+    else:
+        nb = x_scale.shape[-1]
+        rows = -(-w.shape[-2] // w_scale.shape[-2])                              # ragged last row-block
+        ws = w_scale.float().repeat_interleave(rows, dim=-2)[..., : w.shape[-2], :]  # [..., out, nb]
+        xt, wt = x.unflatten(-1, (nb, -1)), w.unflatten(-1, (nb, -1))            # [..., N, nb, b], [..., out, nb, b]
+        partial = torch.matmul(xt.transpose(-2, -3), wt.transpose(-2, -3).transpose(-1, -2))  # [..., nb, N, out]
+        scaled = partial * x_scale.float().transpose(-1, -2).unsqueeze(-1) * ws.transpose(-1, -2).unsqueeze(-2)
+        y = scaled.sum(dim=-3)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+@fp8_linear.register_fake
+def _(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    return x_q.new_empty(_matmul_out_shape(x_q, w_q), dtype=out_dtype)
+
+
+# -- latent KV cache (C8) --------------------------------------------------------------------------
+@torch.library.custom_op("graphopt::quantize_kv", mutates_args=())
+def quantize_kv(x: Tensor, scale: Tensor) -> Tensor:
+    """Static symmetric int8 per channel: x [..., C], scale fp32 [C] -> int8 [..., C]."""
+    return torch.round(x.float() / scale.float()).clamp_(-127, 127).to(torch.int8)
+
+
+@quantize_kv.register_fake
+def _(x, scale):
+    return x.new_empty(x.shape, dtype=torch.int8)
+
+
+@torch.library.custom_op("graphopt::dequantize_kv", mutates_args=())
+def dequantize_kv(q: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """int8 [..., C] * scale [C] -> out_dtype: what attention reads back from an int8 cache."""
+    return (q.float() * scale.float()).to(out_dtype)
+
+
+@dequantize_kv.register_fake
+def _(q, scale, out_dtype):
+    return q.new_empty(q.shape, dtype=out_dtype)
+
+
+# -- rotation ----------------------------------------------------------------------------------------
+def hadamard_matrix(n: int) -> Tensor:
+    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two), fp32."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Hadamard size must be a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+@torch.library.custom_op("graphopt::hadamard_transform", mutates_args=())
+def hadamard_transform(x: Tensor, block: int) -> Tensor:
+    """x [..., K] -> x rotated by a block-diagonal orthonormal Hadamard (blocks of `block` channels).
+
+    The weight was rotated the same way offline (W H), so (x H)(W H)^T = x W^T while outliers are
+    spread over each block before quantisation (QuaRot).
+    """
+    h = hadamard_matrix(block).to(x.device)
+    return torch.matmul(x.float().unflatten(-1, (-1, block)), h).flatten(-2).to(x.dtype)
+
+
+@hadamard_transform.register_fake
+def _(x, block):
+    return torch.empty_like(x)

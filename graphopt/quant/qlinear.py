@@ -1,0 +1,172 @@
+"""A quantised linear: its data (`QuantizedLinear`), its op sequence (`emit_linear`) and the modules
+that put it into a reference model (`QuantLinear`, `QuantExperts`, `QuantLatentNorm`).
+
+`emit_linear` is written once against a `call(op, *args)` function, so the same sequence runs eagerly
+(call = apply) in the modules below and is written as FX nodes by passes/quant_insert.py (call =
+graph.call_function): the model-level accuracy numbers and the compiled graph compute the same thing.
+
+    w8a8:    x_q, x_s = quantize_per_token(x, smooth_inv, 127); acc = int8_matmul(x_q, w)
+             y = dequantize_int32(acc, x_s, scale, bias, dtype)
+    w4a8:    as w8a8 with acc = w4a8_matmul(x_q, w, group_scale)
+    static:  x_q = quantize_per_tensor(x, input_scale, input_zero, smooth_inv, -128, 127); x_s = input_scale
+    a16:     w = dequantize_weight(w, scale, zero, dtype); y = linear(x * smooth_inv, w, bias)
+    fp8:     x_q, x_s = quantize_fp8(x, smooth_inv, act_block); y = fp8_linear(x_q, x_s, w, scale, bias, dtype)
+    hadamard rotation (optional) first: x = hadamard_transform(x, rotate_block).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from graphopt.ops import quant as _ops  # noqa: F401  registers torch.ops.graphopt.*
+
+from .schemes import SCHEMES
+
+__all__ = ["QuantizedLinear", "emit_linear", "QuantLinear", "QuantExperts", "QuantLatentNorm", "eager_call",
+           "TENSOR_FIELDS"]
+
+OPS = torch.ops.graphopt
+TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias")
+
+
+@dataclass
+class QuantizedLinear:
+    """Everything one quantised linear (or stacked expert matmul) needs at run time.
+
+    tensors: weight (int8 / int4-in-int8 / uint8 HQQ / e4m3) [..., out, K]; scale fp32; optional
+    group_scale (w4a8, int8), zero (HQQ, fp32), smooth_inv ([K] or [E, 1, K]: inputs are multiplied by
+    it), input_scale (static activations), bias. meta: what the algorithms chose (alpha, beta, ...).
+    """
+
+    scheme: str
+    tensors: dict[str, Tensor]
+    rotate_block: int = 0
+    act_block: int = 0          # fp8_block: activation scale every act_block channels
+    input_zero: int = 0         # static activations (msModelSlim W8A8 imports can carry an offset)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stacked(self) -> bool:
+        return self.tensors["weight"].dim() == 3
+
+    def spec(self) -> dict[str, Any]:
+        """The non-tensor part, JSON-friendly (saved next to the tensors)."""
+        return {"scheme": self.scheme, "rotate_block": self.rotate_block, "act_block": self.act_block,
+                "input_zero": self.input_zero, "meta": self.meta, "shape": list(self.tensors["weight"].shape)}
+
+
+def eager_call(op: Callable, *args):
+    return op(*args)
+
+
+def emit_linear(call: Callable, x, q: QuantizedLinear, t: dict[str, Any], out_dtype: torch.dtype):
+    """y = x @ W^T (+ bias) through the quantised op sequence. `t` maps TENSOR_FIELDS to tensors
+    (eager) or get_attr nodes (FX); x is [..., K] (linear) or broadcastable against [E, out, K]."""
+    s = SCHEMES[q.scheme]
+    smooth, bias = t.get("smooth_inv"), t.get("bias")
+    if q.rotate_block:
+        x = call(OPS.hadamard_transform.default, x, q.rotate_block)
+    if s.activation == "none":
+        if smooth is not None:
+            x = call(torch.ops.aten.mul.Tensor, x, smooth)
+        w = call(OPS.dequantize_weight.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
+        if q.stacked:
+            y = call(torch.ops.aten.matmul.default, x, call(torch.ops.aten.transpose.int, w, -1, -2))
+            return y if bias is None else call(torch.ops.aten.add.Tensor, y, bias)
+        return call(torch.ops.aten.linear.default, x, w, bias)
+    if s.activation == "fp8_dynamic":
+        pair = call(OPS.quantize_fp8.default, x, smooth, q.act_block)
+        x_q, x_s = call(operator.getitem, pair, 0), call(operator.getitem, pair, 1)
+        return call(OPS.fp8_linear.default, x_q, x_s, t["weight"], t["scale"], bias, out_dtype)
+    if s.activation == "int8_static":
+        x_s = t["input_scale"]
+        x_q = call(OPS.quantize_per_tensor.default, x, x_s, q.input_zero, smooth, -128, 127)
+    else:
+        pair = call(OPS.quantize_per_token.default, x, smooth, 127)
+        x_q, x_s = call(operator.getitem, pair, 0), call(operator.getitem, pair, 1)
+    if "group_scale" in t:
+        acc = call(OPS.w4a8_matmul.default, x_q, t["weight"], t["group_scale"])
+    else:
+        acc = call(OPS.int8_matmul.default, x_q, t["weight"])
+    return call(OPS.dequantize_int32.default, acc, x_s, t["scale"], bias, out_dtype)
+
+
+class _Holder(nn.Module):
+    """Registers a QuantizedLinear's tensors as buffers, so .to(), state_dict and export see them."""
+
+    def __init__(self, q: QuantizedLinear):
+        super().__init__()
+        self.q = q
+        for name, tensor in q.tensors.items():
+            self.register_buffer(name, tensor)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name) for name in self.q.tensors}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return emit_linear(eager_call, x, self.q, self.tensors(), x.dtype)
+
+
+class QuantLinear(_Holder):
+    """Drop-in for nn.Linear [out, K]."""
+
+    def extra_repr(self) -> str:
+        w = self.q.tensors["weight"]
+        return f"{self.q.scheme}, in_features={w.shape[-1]}, out_features={w.shape[-2]}"
+
+
+class QuantExperts(nn.Module):
+    """Drop-in for deepseek.Experts: the same dense dispatch, with either stacked matmul quantised.
+
+    gate_up / down: a QuantizedLinear over [E, out, K], or None to keep that matmul in float.
+    """
+
+    def __init__(self, experts: nn.Module, gate_up: QuantizedLinear | None, down: QuantizedLinear | None):
+        super().__init__()
+        self.num_experts = experts.gate_up_proj.shape[0]
+        self.gate_up = _Holder(gate_up) if gate_up else None
+        self.down = _Holder(down) if down else None
+        if gate_up is None:
+            self.gate_up_proj = experts.gate_up_proj
+        if down is None:
+            self.down_proj = experts.down_proj
+
+    def _matmul(self, part: str, x: Tensor) -> Tensor:
+        holder = getattr(self, part)
+        if holder is None:
+            w = getattr(self, f"{part}_proj")
+            return torch.matmul(x, w.transpose(1, 2))
+        return holder(x)
+
+    def forward(self, x, weights, ids):
+        # x: [N, H]; weights/ids: [N, k] -> [N, H]
+        routing = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
+        routing = routing.scatter(1, ids, weights)                                 # [N, E]
+        gate, up = self._matmul("gate_up", x).chunk(2, dim=-1)                    # [E, N, I] each
+        y = self._matmul("down", F.silu(gate) * up)                               # [E, N, H]
+        return torch.einsum("enh,ne->nh", y.float(), routing).to(x.dtype)
+
+
+class QuantLatentNorm(nn.Module):
+    """C8: wraps self_attn.kv_a_layernorm so the latent is what an int8 cache gives back.
+
+    The 512-d normalised latent is quantised with static per-channel scales [R] (calibrated abs-max);
+    the 64-d roped key stays in 16 bit (as in DeepSeek's FlashMLA fp8 cache: few bytes, rotary
+    precision matters). Every key, cached or current, is read through this round trip.
+    """
+
+    def __init__(self, norm: nn.Module, scale: Tensor):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("kv_scale", scale.float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        latent = self.norm(x)
+        q = OPS.quantize_kv(latent, self.kv_scale)
+        return OPS.dequantize_kv(q, self.kv_scale, latent.dtype)

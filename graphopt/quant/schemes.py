@@ -1,0 +1,189 @@
+"""Quantisation schemes: what a weight (and its input activation) becomes, and the weight maths.
+
+    scheme        weights                                        activations        kernel path
+    w8a8          int8, symmetric, per output channel            int8 per token     int8 GEMM
+    w8a8_static   int8, per output channel                       int8 per tensor    int8 GEMM
+                                                                 (calibrated scale)
+    w4a8          int4 per group, progressive: first int8 per    int8 per token     int4 -> int8 in the
+                  channel (protective range +-119), then int4                         kernel, int8 GEMM
+                  with an int8 scale per group (QServe)
+    w8a16         int8 per output channel                        bf16               dequant + bf16 GEMM
+    w4a16         int4 per group (symmetric; HQQ: asymmetric     bf16               dequant + bf16 GEMM
+                  with a float zero point)
+    fp8           e4m3 per output channel                        e4m3 per token     fp8 GEMM
+    fp8_block     e4m3, one scale per 128x128 block (DeepSeek)   e4m3 per token per fp8 GEMM, block
+                                                                 128 channels       scales inside K
+    bf16          not quantised (used in overrides / mixed precision)
+
+Weights are [out, K] or stacked experts [E, out, K]; the scale layouts are those of graphopt.ops.quant.
+`clip` arguments are per-group ratios in (0, 1] that shrink the abs-max a scale is computed from
+(clipping search chooses them); None means plain round-to-nearest (RTN) on the abs-max.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from graphopt.ops import quant as qops
+
+__all__ = ["Scheme", "SCHEMES", "QuantError", "get_scheme", "quantize_weight", "int_quantize",
+           "W4A8_PROTECT"]
+
+W4A8_PROTECT = 119  # 7 * 17: int8 range of w4a8's first step, so int4 * int8 group scale never saturates
+
+
+class QuantError(ValueError):
+    """A quantisation request names something graphopt does not support, or data is malformed."""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    weight: str          # "int8" | "int4" | "fp8" | "none"
+    activation: str      # "int8_dynamic" | "int8_static" | "fp8_dynamic" | "none"
+    grouped: bool        # weight scales per group of `group_size` input channels
+    blocked: bool = False  # fp8 128x128 blocks
+    summary: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.weight != "none"
+
+    @property
+    def weight_bits(self) -> int:
+        return {"int8": 8, "int4": 4, "fp8": 8, "none": 16}[self.weight]
+
+
+SCHEMES: dict[str, Scheme] = {s.name: s for s in [
+    Scheme("w8a8", "int8", "int8_dynamic", False, summary="int8 per-channel weights, int8 per-token dynamic activations"),
+    Scheme("w8a8_static", "int8", "int8_static", False, summary="int8 per-channel weights, int8 per-tensor static activations"),
+    Scheme("w4a8", "int4", "int8_dynamic", True, summary="int4 group-wise weights (progressive via int8), int8 per-token activations"),
+    Scheme("w8a16", "int8", "none", False, summary="int8 per-channel weights, 16-bit activations"),
+    Scheme("w4a16", "int4", "none", True, summary="int4 group-wise weights, 16-bit activations"),
+    Scheme("fp8", "fp8", "fp8_dynamic", False, summary="e4m3 per-channel weights, e4m3 per-token activations"),
+    Scheme("fp8_block", "fp8", "fp8_dynamic", False, blocked=True, summary="e4m3 128x128 block weights, per-token-per-128 activations"),
+    Scheme("bf16", "none", "none", False, summary="not quantised"),
+]}
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise QuantError(f"unknown quantisation scheme {name!r}; accepted: {', '.join(SCHEMES)}") from None
+
+
+# -- integer grids ---------------------------------------------------------------------------
+def groups_of(k: int, group_size: int) -> int:
+    """Number of groups along K; a group larger than K means one group (tiny test models)."""
+    g = min(group_size, k)
+    if k % g:
+        raise QuantError(f"input dimension {k} is not a multiple of group_size {g}; "
+                         f"choose a group_size that divides {k}")
+    return k // g
+
+
+def int_quantize(w: Tensor, qmax: int, groups: int, clip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Symmetric RTN: w [..., out, K] -> q int8 in [-qmax, qmax] and scale fp32 [..., out, groups]."""
+    tiles = w.float().unflatten(-1, (groups, -1))                          # [..., out, groups, K/g]
+    amax = tiles.abs().amax(dim=-1)
+    if clip is not None:
+        amax = amax * clip
+    scale = amax.clamp_min(qops.SCALE_FLOOR) / qmax
+    q = torch.round(tiles / scale.unsqueeze(-1)).clamp_(-qmax, qmax)
+    return q.flatten(-2).to(torch.int8), scale
+
+
+def quantize_w4a8(w: Tensor, groups: int, clip: Tensor | None = None) -> dict[str, Tensor]:
+    """Progressive int4: int8 per channel in +-119, then int4 per group with an int8 scale (1..17).
+
+    w ~= scale[o] * q4[o, k] * group_scale[o, g(k)]; q4 * group_scale is an int8 by construction.
+    `clip` [..., out, groups] shrinks each group's int8 range before the int4 step.
+    """
+    w8, scale = int_quantize(w, W4A8_PROTECT, 1)                            # [..., out, K], [..., out, 1]
+    tiles = w8.float().unflatten(-1, (groups, -1))
+    amax = tiles.abs().amax(dim=-1)
+    if clip is not None:
+        amax = amax * clip
+    group_scale = torch.ceil(amax / 7).clamp_(1, 17)                        # integer, |q4 * s| <= 119
+    q4 = torch.round(tiles / group_scale.unsqueeze(-1)).clamp_(-7, 7)
+    return {"weight": q4.flatten(-2).to(torch.int8), "group_scale": group_scale.to(torch.int8), "scale": scale}
+
+
+def quantize_fp8(w: Tensor, block: int | None) -> dict[str, Tensor]:
+    """e4m3 per output channel (block None) or per `block` x `block` tile (ragged last row-block)."""
+    if block is None:
+        scale = w.float().abs().amax(dim=-1, keepdim=True).clamp_min(qops.SCALE_FLOOR) / qops.FP8_MAX
+        return {"weight": (w.float() / scale).to(qops.FP8_DTYPE), "scale": scale}
+    out, k = w.shape[-2], w.shape[-1]
+    bk = min(block, k)
+    if k % bk:
+        raise QuantError(f"fp8_block needs the input dimension ({k}) to be a multiple of the block ({bk})")
+    br = min(block, out)
+    rows = math.ceil(out / br)
+    pad = rows * br - out
+    wp = torch.nn.functional.pad(w.float(), (0, 0, 0, pad))                # [..., rows*br, K]
+    tiles = wp.unflatten(-2, (rows, br)).unflatten(-1, (k // bk, bk))       # [..., rows, br, nb, bk]
+    scale = tiles.abs().amax(dim=(-3, -1)).clamp_min(qops.SCALE_FLOOR) / qops.FP8_MAX  # [..., rows, nb]
+    q = (tiles / scale[..., :, None, :, None]).flatten(-2).flatten(-3, -2)[..., :out, :]
+    return {"weight": q.to(qops.FP8_DTYPE), "scale": scale}
+
+
+def hqq_initial(w: Tensor, bits: int, groups: int) -> dict[str, Tensor]:
+    """Asymmetric min/max grid (HQQ's starting point): q in [0, 2^bits - 1], w ~= (q - zero) * scale."""
+    tiles = w.float().unflatten(-1, (groups, -1))
+    lo, hi = tiles.amin(dim=-1), tiles.amax(dim=-1)
+    scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(qops.SCALE_FLOOR)
+    zero = -lo / scale
+    q = torch.round(tiles / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(0, 2 ** bits - 1)
+    return {"weight": q.flatten(-2).to(torch.uint8), "scale": scale, "zero": zero}
+
+
+def quantize_weight(scheme: Scheme, w: Tensor, group_size: int, fp8_block: int,
+                    clip: Tensor | None = None) -> dict[str, Tensor]:
+    """Float weight [..., out, K] -> the scheme's tensors: weight, scale[, group_scale]."""
+    k = w.shape[-1]
+    if scheme.weight == "int8":
+        q, s = int_quantize(w, 127, 1, clip)
+        return {"weight": q, "scale": s}
+    if scheme.weight == "int4" and scheme.activation == "int8_dynamic":
+        return quantize_w4a8(w, groups_of(k, group_size), clip)
+    if scheme.weight == "int4":
+        q, s = int_quantize(w, 7, groups_of(k, group_size), clip)
+        return {"weight": q, "scale": s}
+    if scheme.weight == "fp8":
+        if clip is not None:
+            raise QuantError("clipping search applies to integer schemes, not fp8")
+        return quantize_fp8(w, fp8_block if scheme.blocked else None)
+    raise QuantError(f"scheme {scheme.name!r} does not quantise weights")
+
+
+def dequantize(t: dict[str, Tensor]) -> Tensor:
+    """The float32 weight [..., out, K] a scheme's tensors stand for (in the smoothed/rotated basis)."""
+    w = t["weight"]
+    if w.dtype == qops.FP8_DTYPE:
+        s = t["scale"]
+        if s.shape[-1] == 1 and s.shape[-2] == w.shape[-2]:
+            return w.float() * s
+        rows, nb = s.shape[-2], s.shape[-1]
+        br, bk = math.ceil(w.shape[-2] / rows), w.shape[-1] // nb
+        full = s.repeat_interleave(br, dim=-2)[..., : w.shape[-2], :].repeat_interleave(bk, dim=-1)
+        return w.float() * full
+    if "group_scale" in t:
+        w = qops.widen_int4(w, t["group_scale"])
+    return qops.dequantize_weight(w, t["scale"], t.get("zero"), torch.float32)
+
+
+def weight_bits_per_element(scheme: Scheme, k: int, group_size: int) -> float:
+    """Storage bits per weight including scales (fp32 per channel / group), for size budgets."""
+    if not scheme.quantized:
+        return 16.0
+    bits = float(scheme.weight_bits)
+    if scheme.grouped:
+        g = min(group_size, k)
+        bits += (8 if scheme.activation == "int8_dynamic" else 32) / g   # int8 / fp32 group scales
+    return bits + 32.0 / k                                               # per-channel fp32 scale

@@ -1,0 +1,89 @@
+"""Eager step provider for plain decoding (k = 0): the runtime's reference implementation of the contract.
+
+It runs the reference model's paged-cache forward and does every piece of step bookkeeping with
+tensor ops on the model's device: positions, slot mapping, sampling, eos / max_pos checks, the next
+step's tokens and start positions. No `.item()`, no host loop over rows, no host sync, so the same
+code could be captured as a graph and replayed. The speculative provider (k > 0) lives in
+`graphopt.capture.spec_step` and implements the same contract.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from graphopt.models.deepseek import DeepseekV3ForCausalLM
+
+from .sampling import sample
+from .step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+
+__all__ = ["ReferenceStepProvider", "slot_mapping"]
+
+
+def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """Flat cache slot of each position; the sink slot 0 where `valid` is False.
+
+    positions, valid: [B, T]; block_tables: [B, M]. slot = table[p // bs] * bs + p % bs.
+    """
+    index = (positions // block_size).clamp(0, block_tables.shape[1] - 1)     # invalid rows may overrun
+    slots = block_tables.gather(1, index) * block_size + positions % block_size
+    return torch.where(valid, slots, torch.zeros_like(slots))
+
+
+class ReferenceStepProvider:
+    """`StepProvider` over `DeepseekV3ForCausalLM` for k = 0 (greedy and sampled plain decoding)."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, num_speculative_tokens: int = 0, block_size: int = 16,
+                 cache_dtype: torch.dtype | None = None):
+        if num_speculative_tokens != 0:
+            raise ValueError(f"ReferenceStepProvider implements plain decoding only (num_speculative_tokens=0), "
+                             f"got {num_speculative_tokens}; speculative steps come from graphopt.capture.spec_step")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.model = model
+        self.config = model.config
+        self.num_speculative_tokens = 0
+        self.block_size = block_size
+        self.cache_dtype = cache_dtype
+
+    def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.model.new_kv_caches(num_blocks, self.block_size, dtype=self.cache_dtype), []
+
+    @torch.no_grad()
+    def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
+        inputs.validate()
+        B, T = inputs.ids.shape
+        offsets = torch.arange(T, device=inputs.ids.device)[None, :]                 # [1, T]
+        valid = offsets < inputs.lengths[:, None]                                     # [B, T]
+        positions = torch.where(valid, inputs.start_pos[:, None] + offsets, torch.zeros_like(offsets))
+        slots = slot_mapping(positions, inputs.block_tables, self.block_size, valid)
+        logits = self.model(inputs.ids, positions, inputs.kv_caches, slots, inputs.block_tables)
+        end = inputs.start_pos + inputs.lengths                                        # [B] prompt so far
+        if not inputs.is_last_chunk:  # nothing is emitted before the prompt ends
+            none = torch.zeros(B, dtype=torch.bool, device=end.device)
+            return SpecStepOutputs(torch.full((B, 1), -1, dtype=torch.int64, device=end.device),
+                                   torch.zeros_like(end), torch.full((B, 1), -1, dtype=torch.int64, device=end.device),
+                                   end, none)
+        last = logits.gather(1, (inputs.lengths - 1).clamp(min=0)[:, None, None].expand(-1, 1, logits.shape[-1]))
+        active = torch.ones(B, dtype=torch.bool, device=end.device)
+        return self._emit(last[:, 0], inputs, end, active)                            # first token at `end`
+
+    @torch.no_grad()
+    def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
+        inputs.validate()
+        positions = inputs.start_pos[:, None]                                          # [B, 1]
+        slots = slot_mapping(positions, inputs.block_tables, self.block_size, inputs.active[:, None])
+        positions = torch.where(inputs.active[:, None], positions, torch.zeros_like(positions))
+        logits = self.model(inputs.tokens, positions, inputs.kv_caches, slots, inputs.block_tables)
+        return self._emit(logits[:, -1], inputs, inputs.start_pos + 1, inputs.active)
+
+    def _emit(self, logits: torch.Tensor, p, position: torch.Tensor, active: torch.Tensor) -> SpecStepOutputs:
+        """Sample the token at `position` [B] from logits [B, V]; build outputs and next inputs."""
+        token = sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, position)       # [B]
+        stop = (token == p.eos_token_id) | (position >= p.max_pos)
+        out = torch.where(active, token, torch.full_like(token, -1))[:, None]                      # [B, 1]
+        num_emitted = active.to(torch.int64)
+        # inactive rows keep a valid token id (0) so a replayed step can embed it
+        nxt = torch.where(active, token, torch.zeros_like(token))[:, None]
+        return SpecStepOutputs(out_tokens=out, num_emitted=num_emitted, next_tokens=nxt,
+                               next_start_pos=position - 1 + num_emitted, finished=stop | ~active)
