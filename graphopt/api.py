@@ -79,6 +79,45 @@ class CompiledModel:
 
     forward = __call__
 
+    def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, eos_token_id: int | None = None, min_p: float | None = None,
+                 seed: int | None = None, stop=()) -> list[list[int]]:
+        """Generated ids per prompt (prompt excluded). prompts: list of token-id lists (ragged) or [B, T]."""
+        from .runtime.request import SamplingParams
+        if isinstance(prompts, torch.Tensor):
+            if prompts.dim() != 2:
+                raise ValueError(f"prompts tensor must be [batch, tokens], got shape {tuple(prompts.shape)}")
+            prompts = prompts.tolist()
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
+            raise ValueError("prompts must be a list of token-id lists or a 2-D LongTensor")
+        params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
+                                min_p=min_p or 0.0, seed=seed, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_token_id, stop=stop)
+        return self.engine().generate([list(p) for p in prompts], params)
+
+    def engine(self, **engine_kwargs):
+        """A runtime engine serving requests with this model's compiled step graphs."""
+        from .runtime.engine import Engine
+        kwargs = dict(max_batch_size=self.options.max_batch_size, prefill_chunk_size=self.options.prefill_chunk_size,
+                      cache_budget_bytes=self.options.cache_budget_bytes)
+        kwargs.update(engine_kwargs)
+        return Engine(self._provider(), **kwargs)
+
+    def _provider(self):
+        from .runtime.reference_provider import ReferenceStepProvider
+        return ReferenceStepProvider(_GraphForward(self.main_graph, self._model), block_size=self.options.block_size)
+
+
+class _GraphForward:
+    """The compiled main step graph behind the model's forward signature (what a provider calls)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, model: DeepseekV3ForCausalLM):
+        self.gm, self.config, self.new_kv_caches = gm, model.config, model.new_kv_caches
+
+    def __call__(self, input_ids, positions, kv_caches, slot_mapping, block_tables, return_hidden=False):
+        logits, hidden = self.gm(input_ids, positions, slot_mapping, block_tables, kv_caches)
+        return (logits, hidden) if return_hidden else logits
+
 
 def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "auto",
             dump_dir: str | None = None, verify: bool = False, **options: Any) -> CompiledModel:

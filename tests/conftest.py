@@ -16,3 +16,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def compiled_random(tmp_path_factory):
+    """One compile of the random model (capture costs seconds), with dumps and verify mode on.
+
+    Returns (model, compiled, dump_dir, state_dict snapshot taken before compiling).
+    """
+    import graphopt
+
+    m = random_model()
+    snapshot = {k: v.clone() for k, v in m.state_dict().items()}
+    dump_dir = tmp_path_factory.mktemp("dump")
+    compiled = graphopt.compile(m, block_size=4, dump_dir=str(dump_dir), verify=True)
+    return m, compiled, dump_dir, snapshot

@@ -139,10 +139,13 @@ def write_fp8_checkpoint(model: DeepseekV3ForCausalLM, path: str | os.PathLike, 
     def quantised(entry: _Entry) -> _Entry:
         if not _fp8_quantisable(entry.name, entry.shape):
             return entry
-        nbytes = math.prod(entry.shape) + 4 * math.prod(math.ceil(d / b) for d, b in zip(entry.shape, FP8_BLOCK))
-        return _Entry(entry.name, entry.shape, nbytes,
-                      lambda: dict(zip((entry.name, entry.name + SCALE_SUFFIX),
-                                       quantize_fp8_blockwise(entry.make()[entry.name]))))
+
+        def make() -> dict[str, torch.Tensor]:
+            q, scale_inv = quantize_fp8_blockwise(entry.make()[entry.name])
+            return {entry.name: q, entry.name + SCALE_SUFFIX: scale_inv}
+
+        n_scales = math.prod(math.ceil(d / b) for d, b in zip(entry.shape, FP8_BLOCK))
+        return _Entry(entry.name, entry.shape, math.prod(entry.shape) + 4 * n_scales, make)
 
     entries = [quantised(e) for e in _save_entries(model, mtp_shared_tensors=True)]
     config = model.config.to_dict()
@@ -323,7 +326,7 @@ def _safe_open(file: Path) -> Any:
     # mapped while the file is open, which adds up to a second copy of the model to the peak RSS
     try:
         return safe_open(str(file), "pt", backend="pread")
-    except TypeError:  # safetensors < 0.7 has mmap only
+    except TypeError:  # older safetensors: no backend argument, mmap only
         return safe_open(str(file), "pt")
 
 
@@ -396,7 +399,8 @@ def _plan(model: nn.Module, reader: _Reader, layout: dict[str, _Piece], skip: Ca
         raise CheckpointError(f"checkpoint lacks tensor(s) the model needs: {_some(missing)}; "
                               f"file(s) read: {reader.describe()}")
     for key, piece in plan:
-        target = model.get_parameter(piece.param) if _is_param(model, piece.param) else model.get_buffer(piece.param)
+        module_path, _, leaf = piece.param.rpartition(".")
+        target = getattr(model.get_submodule(module_path), leaf)  # only its shape is used
         expected = tuple(target[piece.index].shape if piece.index is not None else target.shape)
         got = reader.shape(key)
         if got != expected:
@@ -452,11 +456,6 @@ def _tie_or_untie(model: nn.Module, module_path: str, weight: torch.Tensor) -> N
         own = nn.Embedding(rows, cols) if attr == "embed_tokens" else nn.Linear(cols, rows, bias=False)
     own.weight = nn.Parameter(weight)
     setattr(model.get_submodule(parent_path), attr, own)
-
-
-def _is_param(model: nn.Module, name: str) -> bool:
-    module_path, _, leaf = name.rpartition(".")
-    return leaf in model.get_submodule(module_path)._parameters
 
 
 def _some(names: list[str], limit: int = 8) -> str:

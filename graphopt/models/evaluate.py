@@ -100,34 +100,37 @@ def _window_batches(token_ids, window: int, batch_size: int, min_len: int, devic
 
 
 @torch.no_grad()
-def perplexity(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8) -> float:
-    """exp(mean NLL) of each non-overlapping window's tokens 1.. given that window's earlier tokens."""
+def _teacher_forced(model: DeepseekV3ForCausalLM, token_ids, window: int, batch_size: int, depths: int
+                    ) -> tuple[float, list[int], list[int]]:
+    """One pass over the windows: (main NLL sum, hits per head, scored tokens per head)."""
     device = model.lm_head.weight.device
-    nll, count = 0.0, 0
+    nll, hits, counts = 0.0, [0] * (depths + 1), [0] * (depths + 1)
     for batch in _window_batches(token_ids, window, batch_size, 2, device):
-        logits = model(batch)[:, :-1]
-        nll += F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    if not count:
-        raise ValueError("no window of at least 2 tokens to score")
-    return math.exp(nll / count)
-
-
-@torch.no_grad()
-def mtp_top1_accuracy(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8,
-                      depths: int = 1) -> dict[str, float]:
-    """Teacher-forced top-1 accuracy: {"main": token t+1, "mtp_1": token t+2, ..., "mtp_D": t+1+D}."""
-    device = model.lm_head.weight.device
-    hits = [0] * (depths + 1)
-    counts = [0] * (depths + 1)
-    for batch in _window_batches(token_ids, window, batch_size, depths + 2, device):
-        for i, (logits, targets) in enumerate(multi_token_logits(model, batch, depths)):
+        heads = multi_token_logits(model, batch, depths if batch.shape[1] >= depths + 2 else 0)
+        nll += F.cross_entropy(heads[0][0].flatten(0, 1).float(), heads[0][1].flatten(), reduction="sum").item()
+        for i, (logits, targets) in enumerate(heads):
             hits[i] += int((logits.argmax(-1) == targets).sum())
             counts[i] += targets.numel()
     if not counts[0]:
-        raise ValueError(f"no window of at least {depths + 2} tokens to score")
-    names = ["main"] + [f"mtp_{d}" for d in range(1, depths + 1)]
-    return {name: h / c for name, h, c in zip(names, hits, counts)}
+        raise ValueError("no window of at least 2 tokens to score")
+    return nll, hits, counts
+
+
+def perplexity(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8) -> float:
+    """exp(mean NLL) of each non-overlapping window's tokens 1.. given that window's earlier tokens."""
+    nll, _, counts = _teacher_forced(model, token_ids, window, batch_size, 0)
+    return math.exp(nll / counts[0])
+
+
+def mtp_top1_accuracy(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8,
+                      depths: int = 1) -> dict[str, float]:
+    """Teacher-forced top-1 accuracy: {"main": token t+1, "mtp_1": token t+2, ..., "mtp_D": t+1+D}."""
+    return _accuracies(*_teacher_forced(model, token_ids, window, batch_size, depths)[1:])
+
+
+def _accuracies(hits: list[int], counts: list[int]) -> dict[str, float]:
+    names = ["main"] + [f"mtp_{d}" for d in range(1, len(hits))]
+    return {name: h / c for name, h, c in zip(names, hits, counts) if c}
 
 
 @torch.no_grad()
@@ -237,8 +240,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = torch.tensor(tokenizer.encode(args.text.read_text(encoding="utf-8")))
     scored = ids if args.max_windows is None else ids[: args.max_windows * args.window]
     t0 = time.perf_counter()
-    ppl = perplexity(model, scored, args.window)
-    acc = mtp_top1_accuracy(model, scored, args.window, depths=args.depths)
+    nll, hits, counts = _teacher_forced(model, scored, args.window, 8, args.depths)  # = perplexity + top-1
+    ppl, acc = math.exp(nll / counts[0]), _accuracies(hits, counts)
     t1 = time.perf_counter()
     prompts = heldout_prompts(ids, args.prompts, args.prompt_len)
     spec = mtp_acceptance(model, prompts, args.k_max, args.new_tokens)

@@ -89,6 +89,10 @@ class Engine:
         prompt = self._check_prompt(prompt_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError(f"stop strings {params.stop} need a tokenizer: build the Engine with tokenizer=...")
+        max_top_k = getattr(self.provider, "max_top_k", None)
+        if max_top_k is not None and params.top_k > max_top_k:
+            raise ValueError(f"SamplingParams.top_k = {params.top_k} exceeds the step provider's max_top_k "
+                             f"({max_top_k}); use top_k <= {max_top_k} or 0 (off)")
         needed = self.cache.check_fits(len(prompt), params.max_new_tokens, self.window)
         rid = self._next_id
         self._next_id += 1

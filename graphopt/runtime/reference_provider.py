@@ -4,7 +4,8 @@ It runs the reference model's paged-cache forward and does every piece of step b
 tensor ops on the model's device: positions, slot mapping, sampling, eos / max_pos checks, the next
 step's tokens and start positions. No `.item()`, no host loop over rows, no host sync, so the same
 code could be captured as a graph and replayed. The speculative provider (k > 0) lives in
-`graphopt.capture.spec_step` and implements the same contract.
+`graphopt.capture.spec_step` and implements the same contract. Sampling uses the project's ops
+(`graphopt.ops.sampling`), so its determinism rule is the one every provider shares.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torch
 
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
 
-from .sampling import sample
+from graphopt.ops.sampling import DEFAULT_MAX_TOP_K, sample_from_probs, sampling_probs
+
 from .step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 
 __all__ = ["ReferenceStepProvider", "slot_mapping"]
@@ -34,7 +36,7 @@ class ReferenceStepProvider:
     """`StepProvider` over `DeepseekV3ForCausalLM` for k = 0 (greedy and sampled plain decoding)."""
 
     def __init__(self, model: DeepseekV3ForCausalLM, num_speculative_tokens: int = 0, block_size: int = 16,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, max_top_k: int = DEFAULT_MAX_TOP_K):
         if num_speculative_tokens != 0:
             raise ValueError(f"ReferenceStepProvider implements plain decoding only (num_speculative_tokens=0), "
                              f"got {num_speculative_tokens}; speculative steps come from graphopt.capture.spec_step")
@@ -45,6 +47,7 @@ class ReferenceStepProvider:
         self.num_speculative_tokens = 0
         self.block_size = block_size
         self.cache_dtype = cache_dtype
+        self.max_top_k = max_top_k        # the largest top_k the sampling op honours (Engine checks it)
 
     def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.model.new_kv_caches(num_blocks, self.block_size, dtype=self.cache_dtype), []
@@ -79,7 +82,10 @@ class ReferenceStepProvider:
 
     def _emit(self, logits: torch.Tensor, p, position: torch.Tensor, active: torch.Tensor) -> SpecStepOutputs:
         """Sample the token at `position` [B] from logits [B, V]; build outputs and next inputs."""
-        token = sample(logits, p.temperature, p.top_k, p.top_p, p.min_p, p.seed, position)       # [B]
+        # graphopt::sampling_probs is one-hot at the argmax for greedy rows; the draw for the token at
+        # `position` is a function of (seed, position) only, so batch composition cannot change it
+        probs = sampling_probs(logits, p.temperature, p.top_k, p.top_p, p.min_p, self.max_top_k)  # [B, V]
+        token = sample_from_probs(probs, p.seed, position)                                         # [B]
         stop = (token == p.eos_token_id) | (position >= p.max_pos)
         out = torch.where(active, token, torch.full_like(token, -1))[:, None]                      # [B, 1]
         num_emitted = active.to(torch.int64)

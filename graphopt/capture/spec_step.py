@@ -1,0 +1,375 @@
+"""One speculative step as one module: main model verify -> acceptance -> MTP drafts, all on the device.
+
+`SpecStep` implements the step contract of `graphopt/runtime/step_api.py` in plain torch plus graphopt
+ops, with no `.item()` and no host loop over rows, so torch.export turns it into ONE graph
+(`passes/fuse_spec_step.py`). Run eagerly with the model's own forward as `main_fn` / `mtp_fns`
+(`SpecStep.from_model`) it is the semantic reference the fused graph is tested against.
+
+Per row, with k drafts and s = start_pos (docs/speculative.md has a worked example):
+
+    tokens [B, 1+k]     t0 (last emitted, its KV not cached yet), d1 .. dk (drafts)
+    positions           s + [0 .. k];  slot(p) = block_tables[p // bs] * bs + p % bs, sink 0 if inactive
+    main model          logits [B, 1+k, V] (index j predicts position s+1+j), hidden [B, 1+k, H] pre-norm
+    acceptance          greedy: keep d_i while d_i == argmax(logits[i-1]); sampling: keep d_i with
+                        prob p(d_i) (greedy drafts: q one-hot), else resample from max(0, p - q);
+                        then one correction / bonus token. a = accepted drafts, 1 + a tokens emitted
+    stop                cut after eos or at max_pos -> num_emitted, finished
+    MTP                 inputs shifted by one: next_ids[j] = token at s+1+j, i.e. tokens[:, 1:] with
+                        the correction at index a; same positions, slots and block tables as the main
+                        model. MTP output at index a (position s+a, hidden h_{s+a}, token at s+a+1)
+                        predicts position s+a+2: draft 1 of the next step
+    chained drafts      draft j+2 (j = 0 .. k-2): the MTP layer (the next one when the checkpoint has
+                        several) on its own output hidden state, input token = draft j+1, at position
+                        s + num_emitted + j
+    next step           tokens = [last emitted, k drafts], start_pos = s + num_emitted
+
+Why reusing the main model's positions is right (the FusionSpec argument). The MTP at position t
+combines h_t with the embedding of token t+1; it ignores token 0 of the step, so its token input is
+the step's tokens shifted left by one. It still runs at position t (not t+1): both its query and its
+keys are rotated by their own positions, and RoPE makes q_t . k_u depend only on t - u, so any
+common shift of all positions leaves every attention score unchanged. Using t for the MTP means the
+main model's positions, slot mapping and block tables are reused as they are: one step preparation,
+no second input build, and the MTP cache slot of position t holds the entry for (h_t, token t+1).
+
+Cache entries written for rejected positions (and by chained drafts) are at positions >= the next
+step's start_pos, so the next step overwrites them before anything reads them.
+
+Prefill (`SpecPrefill`) runs the main model over a prompt chunk; on the last chunk it samples the
+first token, runs the MTP over the chunk (hidden at p with the token at p+1; the last one is the new
+token) and chains the drafts. On an earlier chunk the MTP entry of the chunk's last position is
+computed with the model's own guess of the next token (the real one is in the next chunk): only draft
+quality can suffer from that, never the output. With several MTP layers, layers after the first are
+only written by chained drafts, so their caches are approximate; again only draft quality depends
+on it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.sampling import DEFAULT_MAX_TOP_K
+from ..runtime.step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from .step import MainStep, MTPStep
+
+__all__ = ["SpecPrefill", "SpecStats", "SpecStep", "SpecStepProvider", "as_outputs", "decode_args", "prefill_args",
+           "slot_mapping", "speculative_generate"]
+
+
+def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+                 valid: torch.Tensor) -> torch.Tensor:
+    """Flat cache slot per position [B, T]; the sink slot 0 where not valid or past the block table."""
+    block = positions.clamp(min=0) // block_size
+    inside = block < block_tables.shape[1]
+    slots = block_tables.gather(1, block.clamp(max=block_tables.shape[1] - 1)) * block_size \
+        + positions % block_size
+    return torch.where(valid & inside, slots, torch.zeros_like(slots))
+
+
+def _at(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b]]: x [B, T, D], index [B] -> [B, D]."""
+    return x.gather(1, index[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+
+
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    # [B] -> [B * n], each row's value repeated for its n positions
+    return t[:, None].expand(-1, n).reshape(-1)
+
+
+def _stop(out, accepted, first_pos, eos, max_pos, active):
+    """Cut the emitted tokens after eos / at max_pos. out [B, 1+k], out[:, j] sits at first_pos + j."""
+    n = out.shape[1]
+    idx = torch.arange(n, device=out.device)[None, :]
+    produced = idx <= accepted[:, None]
+    hit = ((out == eos[:, None]) & (eos[:, None] >= 0)) | (first_pos[:, None] + idx >= max_pos[:, None])
+    stop = produced & hit
+    first_stop = torch.where(stop, idx, torch.full_like(idx, n)).min(dim=1).values
+    num = torch.minimum(accepted + 1, first_stop + 1)
+    return torch.where(active, num, torch.zeros_like(num)), stop.any(dim=1) | ~active
+
+
+class _Speculator(nn.Module):
+    """What decode and prefill share: the main/MTP callables, acceptance and the draft chain."""
+
+    def __init__(self, main_fn: nn.Module, mtp_fns: list[nn.Module], num_speculative_tokens: int,
+                 block_size: int, sampling: bool = True, max_top_k: int = DEFAULT_MAX_TOP_K):
+        super().__init__()
+        k = num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"num_speculative_tokens must be an integer >= 0, got {k!r}")
+        if k > 0 and not mtp_fns:
+            raise ValueError(f"num_speculative_tokens = {k} needs at least one MTP module (mtp_fns is "
+                             "empty); load a checkpoint with MTP weights or use k = 0")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        self.main_fn = main_fn
+        self.mtp_fns = nn.ModuleList(mtp_fns if k > 0 else [])
+        self.k, self.block_size, self.sampling, self.max_top_k = k, block_size, sampling, max_top_k
+
+    def _probs(self, logits, temperature, top_k, top_p, min_p):
+        # logits [B, T, V] -> the per-row filtered target distribution [B, T, V]
+        B, T, V = logits.shape
+        flat = torch.ops.graphopt.sampling_probs(logits.reshape(-1, V), _rows(temperature, T), _rows(top_k, T),
+                                                 _rows(top_p, T), _rows(min_p, T), self.max_top_k)
+        return flat.view(B, T, V)
+
+    def _chain(self, mtp_logits, mtp_hidden, at, next_start, block_tables, valid, mtp_caches):
+        """Draft 1 from the MTP output at index `at` [B]; drafts 2..k by chaining -> [B, k] int64."""
+        draft = _at(mtp_logits, at).argmax(dim=-1)                                 # [B]
+        hidden = _at(mtp_hidden, at)[:, None]                                      # [B, 1, H]
+        drafts = [draft]
+        for j in range(self.k - 1):
+            depth = min(j + 1, len(self.mtp_fns) - 1)
+            pos = (next_start + j)[:, None]                                        # [B, 1]
+            slots = slot_mapping(pos, block_tables, self.block_size, valid[:, None])
+            pos = torch.where(valid[:, None], pos, torch.zeros_like(pos))
+            logits, hidden = self.mtp_fns[depth](draft[:, None], hidden, pos, slots, block_tables,
+                                                 mtp_caches[depth])
+            draft = logits[:, 0].argmax(dim=-1)
+            drafts.append(draft)
+        return torch.stack(drafts, dim=1)
+
+    def _draft(self, ids, at, emitted, hidden, positions, slots, block_tables, next_start, valid, mtp_caches):
+        """Run the MTP over the main model's window with inputs shifted by one, then chain."""
+        shifted = torch.cat([ids[:, 1:], emitted[:, None]], dim=1)                # [B, T]: token p+1 at p
+        next_ids = shifted.scatter(1, at[:, None], emitted[:, None])
+        logits, mtp_hidden = self.mtp_fns[0](next_ids, hidden, positions, slots, block_tables, mtp_caches[0])
+        return self._chain(logits, mtp_hidden, at, next_start, block_tables, valid, mtp_caches)
+
+
+class SpecStep(_Speculator):
+    """One decode step of the contract: SpecStepInputs fields in, SpecStepOutputs fields out.
+
+    main_fn(input_ids, positions, slot_mapping, block_tables, kv_caches) -> (logits, hidden) and
+    mtp_fns[d](next_ids, hidden, positions, slot_mapping, block_tables, mtp_cache) -> (logits, hidden):
+    the captured graphs (capture/step.py) or the eager model (`from_model`). sampling=False builds the
+    greedy-only step (temperature and the filters are ignored; use it when every row is greedy).
+    """
+
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecStep":
+        mtp = [MTPStep(model, d) for d in range(model.config.num_nextn_predict_layers)]
+        return cls(MainStep(model), mtp, num_speculative_tokens, block_size, **kw)
+
+    def forward(self, tokens, start_pos, block_tables, temperature, top_k, top_p, min_p, seed, eos_token_id,
+                max_pos, active, kv_caches: list[torch.Tensor], mtp_caches: list[torch.Tensor]):
+        B, k1 = tokens.shape
+        offs = torch.arange(k1, device=tokens.device)[None, :]
+        valid = active[:, None].expand(B, k1)
+        positions = start_pos[:, None] + offs                                      # [B, 1+k]
+        slots = slot_mapping(positions, block_tables, self.block_size, valid)
+        positions = torch.where(valid, positions, torch.zeros_like(positions))
+        logits, hidden = self.main_fn(tokens, positions, slots, block_tables, kv_caches)
+        drafts = tokens[:, 1:]
+        if self.sampling:
+            probs = self._probs(logits, temperature, top_k, top_p, min_p)
+            out, accepted = torch.ops.graphopt.rejection_accept(probs, drafts, None, seed, start_pos)
+        else:
+            out, accepted = torch.ops.graphopt.greedy_accept(logits.argmax(dim=-1), drafts)
+        num_emitted, finished = _stop(out, accepted, start_pos + 1, eos_token_id, max_pos, active)
+        out_tokens = torch.where(offs < num_emitted[:, None], out, torch.full_like(out, -1))
+        last = out.gather(1, (num_emitted - 1).clamp(min=0)[:, None]).squeeze(1)
+        last = torch.where(active, last, tokens[:, 0])
+        next_start = start_pos + num_emitted
+        next_tokens = last[:, None]
+        if self.k > 0:
+            emitted = out.gather(1, accepted[:, None]).squeeze(1)                   # correction / bonus
+            drafts = self._draft(tokens, accepted, emitted, hidden, positions, slots, block_tables, next_start,
+                                 active, mtp_caches)
+            next_tokens = torch.cat([next_tokens, drafts], dim=1)
+        return out_tokens, num_emitted, next_tokens, next_start, finished
+
+
+class SpecPrefill(_Speculator):
+    """A prompt chunk per row (SpecPrefillInputs fields; is_last_chunk as a 0-d bool tensor).
+
+    Outputs as SpecStep's: on the last chunk out_tokens = [first token, -1 ...], num_emitted = 1,
+    next_tokens = [first token, k drafts]; on earlier chunks nothing is emitted (num_emitted = 0,
+    tokens -1, finished False). next_start_pos = start_pos + lengths either way.
+    """
+
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecPrefill":
+        mtp = [MTPStep(model, d) for d in range(model.config.num_nextn_predict_layers)]
+        return cls(MainStep(model), mtp, num_speculative_tokens, block_size, **kw)
+
+    def forward(self, ids, lengths, start_pos, block_tables, temperature, top_k, top_p, min_p, seed,
+                eos_token_id, max_pos, is_last_chunk, kv_caches: list[torch.Tensor],
+                mtp_caches: list[torch.Tensor]):
+        B, T = ids.shape
+        offs = torch.arange(T, device=ids.device)[None, :]
+        valid = offs < lengths[:, None]                                            # [B, T] right padding
+        positions = torch.where(valid, start_pos[:, None] + offs, torch.zeros_like(offs))
+        slots = slot_mapping(positions, block_tables, self.block_size, valid)
+        logits, hidden = self.main_fn(ids, positions, slots, block_tables, kv_caches)
+        at = (lengths - 1).clamp(min=0)
+        end = start_pos + lengths                                                  # the first token's position
+        last_logits = _at(logits, at)                                              # [B, V]
+        if self.sampling:
+            probs = self._probs(last_logits[:, None], temperature, top_k, top_p, min_p)[:, 0]
+            first = torch.ops.graphopt.sample_from_probs(probs, seed, end)
+        else:
+            first = last_logits.argmax(dim=-1)
+        emit = is_last_chunk.expand(B)
+        num_emitted, finished = _stop(first[:, None], torch.zeros_like(lengths), end, eos_token_id, max_pos, emit)
+        out = torch.full((B, 1 + self.k), -1, dtype=torch.int64, device=ids.device)
+        out_tokens = torch.cat([torch.where(emit, first, out[:, 0])[:, None], out[:, 1:]], dim=1)
+        next_tokens = first[:, None]
+        if self.k > 0:
+            drafts = self._draft(ids, at, first, hidden, positions, slots, block_tables, end, emit, mtp_caches)
+            next_tokens = torch.cat([next_tokens, drafts], dim=1)
+        next_tokens = torch.where(emit[:, None], next_tokens, torch.full_like(next_tokens, -1))
+        return out_tokens, num_emitted, next_tokens, end, finished & emit
+
+
+# -- the contract's dataclasses <-> positional graph arguments ------------------------------------
+
+def decode_args(inputs: SpecStepInputs) -> tuple:
+    """SpecStep / fused step graph arguments, in order."""
+    i = inputs
+    return (i.tokens, i.start_pos, i.block_tables, i.temperature, i.top_k, i.top_p, i.min_p, i.seed,
+            i.eos_token_id, i.max_pos, i.active, list(i.kv_caches), list(i.mtp_caches))
+
+
+def prefill_args(inputs: SpecPrefillInputs) -> tuple:
+    """SpecPrefill / fused prefill graph arguments, in order (is_last_chunk becomes a 0-d bool tensor)."""
+    i = inputs
+    last = torch.tensor(bool(i.is_last_chunk), device=i.ids.device)
+    return (i.ids, i.lengths, i.start_pos, i.block_tables, i.temperature, i.top_k, i.top_p, i.min_p, i.seed,
+            i.eos_token_id, i.max_pos, last, list(i.kv_caches), list(i.mtp_caches))
+
+
+def as_outputs(result) -> SpecStepOutputs:
+    """The (out_tokens, num_emitted, next_tokens, next_start_pos, finished) tuple as SpecStepOutputs."""
+    return SpecStepOutputs(*result)
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+class SpecStats:
+    """Acceptance statistics accumulated on the device from decode-step outputs; read back on demand.
+
+    A row-step counts when the row was active and did not finish in that step (a finishing step's
+    count may have been cut by eos / max_pos). Its accepted drafts = num_emitted - 1.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] | None = None
+        self.k: int | None = None
+
+    def update(self, outputs: SpecStepOutputs) -> None:
+        n = outputs.num_emitted
+        k = outputs.out_tokens.shape[1] - 1
+        if self._sums is None:
+            self.k = k
+            z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=n.device)
+            self._sums = {"steps": z(), "accepted": z(), "tokens": z(), "per_position": z(k), "histogram": z(k + 1)}
+        elif k != self.k:
+            raise ValueError(f"SpecStats: outputs of a k = {k} step added to statistics of k = {self.k}")
+        counted = ((n > 0) & ~outputs.finished).long()                            # [B]
+        accepted = (n - 1).clamp(min=0)
+        s = self._sums
+        s["tokens"] += n.sum()
+        s["steps"] += counted.sum()
+        s["accepted"] += (accepted * counted).sum()
+        s["per_position"] += ((accepted[:, None] > torch.arange(k, device=n.device)) * counted[:, None]).sum(0)
+        s["histogram"] += (torch.nn.functional.one_hot(accepted.clamp(max=k), k + 1) * counted[:, None]).sum(0)
+
+    def summary(self) -> dict:
+        """Reads the counters back (one host sync). Rates are None before any counted step."""
+        if self._sums is None:
+            return {"steps": 0, "tokens_emitted": 0, "acceptance_rate": None, "mean_accepted_length": None,
+                    "per_position_acceptance": [], "accepted_histogram": []}
+        s = {name: t.tolist() for name, t in self._sums.items()}
+        steps, k = s["steps"], self.k
+        return {
+            "steps": steps,
+            "tokens_emitted": s["tokens"],
+            "acceptance_rate": s["accepted"] / (steps * k) if steps and k else None,  # accepted / proposed
+            "mean_accepted_length": 1 + s["accepted"] / steps if steps else None,    # tokens per step
+            "per_position_acceptance": [c / steps for c in s["per_position"]] if steps else [],
+            "accepted_histogram": s["histogram"],
+        }
+
+    def reset(self) -> None:
+        self._sums, self.k = None, None
+
+
+# -- a StepProvider over the step modules or their fused graphs ----------------------------------------
+
+class SpecStepProvider:
+    """`runtime.step_api.StepProvider` for speculative decoding: calls `step` / `prefill`, which are
+    SpecStep / SpecPrefill modules or the graphs `passes.fuse_spec_step.build_spec_step` returns, and
+    accumulates `stats` (SpecStats) from every decode step."""
+
+    def __init__(self, step, prefill, config, num_speculative_tokens: int, block_size: int,
+                 cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        self.step, self.prefill_fn, self.config = step, prefill, config
+        self.num_speculative_tokens, self.block_size = num_speculative_tokens, block_size
+        self.cache_dtype, self.device = cache_dtype, torch.device(device)
+        self.stats = SpecStats()
+
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecStepProvider":
+        """The eager reference provider: SpecStep / SpecPrefill over the model's own forward."""
+        w = model.lm_head.weight
+        return cls(SpecStep.from_model(model, num_speculative_tokens, block_size, **kw),
+                   SpecPrefill.from_model(model, num_speculative_tokens, block_size, **kw),
+                   model.config, num_speculative_tokens, block_size, w.dtype, w.device)
+
+    def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        c = self.config
+        new = lambda n: [torch.zeros(num_blocks, self.block_size, c.kv_cache_dim, dtype=self.cache_dtype,
+                                     device=self.device) for _ in range(n)]
+        return new(c.num_hidden_layers), new(c.num_nextn_predict_layers if self.num_speculative_tokens else 0)
+
+    @torch.no_grad()
+    def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
+        inputs.validate()
+        return as_outputs(self.prefill_fn(*prefill_args(inputs)))
+
+    @torch.no_grad()
+    def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
+        inputs.validate()
+        if inputs.tokens.shape[1] != 1 + self.num_speculative_tokens:
+            raise ValueError(f"SpecStepInputs.tokens: this provider verifies 1 + k = "
+                             f"{1 + self.num_speculative_tokens} tokens per row, got {inputs.tokens.shape[1]}")
+        out = as_outputs(self.step(*decode_args(inputs)))
+        self.stats.update(out)
+        return out
+
+
+@torch.no_grad()
+def speculative_generate(provider, prompts: list[list[int]], max_new_tokens: int,
+                         eos_token_id: int | None = None, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Plain host loop for tests and benchmarks: one prefill of the (ragged) batch, then decode steps
+    until every row finished. Each row owns consecutive blocks (block 0 is the sink). Returns the
+    generated ids per prompt (without the prompt)."""
+    if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
+        raise ValueError("speculative_generate needs non-empty prompts and max_new_tokens >= 1")
+    B, bs, dev = len(prompts), provider.block_size, provider.device
+    k = provider.num_speculative_tokens
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    per_row = -(-(max(map(len, prompts)) + max_new_tokens + max(1, 2 * k)) // bs)
+    kv, mtp = provider.new_caches(1 + B * per_row)
+    tables = (1 + torch.arange(B * per_row, device=dev)).view(B, per_row)
+    ids = torch.zeros(B, int(lengths.max()), dtype=torch.int64, device=dev)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p, device=dev)
+    rows = dict(temperature=torch.full((B,), float(temperature), device=dev),
+                top_k=torch.zeros(B, dtype=torch.int64, device=dev), top_p=torch.ones(B, device=dev),
+                min_p=torch.zeros(B, device=dev), seed=seed + torch.arange(B, device=dev),
+                eos_token_id=torch.full((B,), -1 if eos_token_id is None else eos_token_id, device=dev),
+                max_pos=lengths + max_new_tokens - 1)
+    out = provider.prefill(SpecPrefillInputs(ids, lengths, torch.zeros_like(lengths), tables, **rows,
+                                             kv_caches=kv, mtp_caches=mtp))
+    result: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    while True:
+        for b, (toks, n) in enumerate(zip(out.out_tokens.tolist(), out.num_emitted.tolist())):
+            result[b] += toks[:n]
+        finished = finished | out.finished
+        if bool(finished.all()):
+            return result
+        out = provider.decode(SpecStepInputs(out.next_tokens, out.next_start_pos, tables, **rows,
+                                             active=~finished, kv_caches=kv, mtp_caches=mtp))

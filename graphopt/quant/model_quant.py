@@ -1,0 +1,166 @@
+"""Quantise a reference model's modules: the eager path behind the accuracy tables and checkpoints.
+
+    qmodel = quantize_model(model, "w8a8")                       # a copy; `model` is untouched
+    qmodel = quantize_model(model, QuantConfig(...), data=ids)   # ids [n, T]: your calibration windows
+
+Layer by layer (calibration.py): observe the layer's targeted matmuls on the calibration hidden
+states, quantise them (algorithms.quantize_target), swap the modules, then advance the hidden states
+through the quantised layer, so each layer is calibrated on what the quantised model before it
+produces. Swaps, all drop-in (same call signature), so the quantised model still exports:
+    nn.Linear                    -> QuantLinear                    (q_a_proj, o_proj, mlp.*_proj, eh_proj, ...)
+    deepseek.Experts             -> QuantExperts                   (stacked [E, out, K] gate_up / down)
+    self_attn.kv_a_layernorm     -> QuantLatentNorm, with kv_cache="int8" (C8)
+The config used is attached as `qmodel.quant_config` (formats.py saves it).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from graphopt.models.deepseek import DeepseekV3ForCausalLM, Experts
+
+from .algorithms import Target, quantize_target
+from .calibration import LayerRunner, calibration_tokens, check_vocab, observe_layer
+from .config import HQQConfig, QuantConfig, RTNConfig, resolve
+from .observers import Observer
+from .qlinear import QuantExperts, QuantLatentNorm, QuantLinear
+
+__all__ = ["quantize_model", "quantized_names"]
+
+
+def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict, data: Tensor | None = None,
+                   *, tokenizer=None, progress: bool = True, batch: int = 8, inplace: bool = False
+                   ) -> DeepseekV3ForCausalLM:
+    config = resolve(quant)
+    if config is None:
+        raise ValueError("quantize_model needs a quant preset or QuantConfig, got None")
+    if data is None:
+        data = calibration_tokens(config.calibration, model.config.vocab_size, tokenizer)
+    check_vocab(data, model.config.vocab_size, "calibration data")
+    if config.mixed_precision is not None:
+        from .mixed_precision import choose_mixed_precision
+        config = choose_mixed_precision(model, config, data, progress=progress)
+    model = model if inplace else copy.deepcopy(model)
+    runner = LayerRunner(model, data, batch=batch, progress=progress)
+    try:
+        for i, layer in enumerate(model.model.layers):
+            _quantize_layer(runner, layer, f"model.layers.{i}", config, runner.hidden)
+            runner.run(layer, update=True)
+        main_hidden = runner.hidden
+        _quantize_head(model, config, main_hidden)
+        hidden = main_hidden
+        for d, mtp in enumerate(model.mtp):
+            x_in = runner.mtp_input(d, hidden)
+            _quantize_linear_on(mtp, "eh_proj", f"mtp.{d}.eh_proj", config, x_in)
+            with torch.no_grad():
+                h = mtp.eh_proj(x_in)
+            _quantize_layer(runner, mtp, f"mtp.{d}", config, h)
+            hidden = runner.run(mtp, update=False, hidden=h)
+    finally:
+        runner.close()
+    model.quant_config = config
+    return model
+
+
+def _targets(layer: nn.Module, prefix: str, config: QuantConfig, seed: int) -> dict:
+    """{path in layer: (kind, observer)} of what to observe and quantise; experts: (gate_up, down) pair."""
+    cal = config.calibration
+    new = lambda name, per_expert=False: Observer(name, cal.max_rows, cal.bins, per_expert, seed)
+    hooks = {}
+    for path, mod in layer.named_modules():
+        full = f"{prefix}.{path}"
+        if isinstance(mod, nn.Linear) and not path.startswith(("eh_proj", "shared_head")):
+            if config.scheme_for(full) is not None:
+                hooks[path] = ("linear", new(full))
+        elif isinstance(mod, Experts):
+            gu, dn = (config.scheme_for(f"{full}.{p}") for p in ("gate_up_proj", "down_proj"))
+            if gu is not None or dn is not None:
+                hooks[path] = ("experts", (new(f"{full}.gate_up_proj") if gu else None,
+                                           new(f"{full}.down_proj", per_expert=True) if dn else None))
+        elif path.endswith("self_attn.kv_a_layernorm") and config.kv_cache == "int8":
+            hooks[path] = ("latent", new(f"{full}"))
+    return hooks
+
+
+def _needs_data(config: QuantConfig) -> bool:
+    schemes = config.used_schemes()
+    return (config.transform is not None or config.kv_cache is not None
+            or not isinstance(config.weight_method, (RTNConfig, HQQConfig))
+            or any(s.activation == "int8_static" for s in schemes))
+
+
+def _quantize_layer(runner: LayerRunner, layer: nn.Module, prefix: str, config: QuantConfig, hidden) -> None:
+    hooks = _targets(layer, prefix, config, config.calibration.seed)
+    if not hooks:
+        return
+    if _needs_data(config):
+        observe_layer(runner, layer, hooks, hidden)
+    else:  # calibration-free: no observers needed
+        hooks = {p: (k, None if k != "experts" else (None, None)) for p, (k, _) in hooks.items()}
+    for path, (kind, obs) in hooks.items():
+        full = f"{prefix}.{path}"
+        if kind == "linear":
+            _replace(layer, path, QuantLinear(quantize_target(_target(layer.get_submodule(path), full, config, obs))))
+        elif kind == "experts":
+            experts = layer.get_submodule(path)
+            parts = []
+            for part, o in zip(("gate_up_proj", "down_proj"), obs):
+                scheme = config.scheme_for(f"{full}.{part}")
+                w = getattr(experts, part)
+                parts.append(quantize_target(Target(f"{full}.{part}", w.detach().float(), None, scheme, config, o))
+                             if scheme is not None else None)
+            _replace(layer, path, QuantExperts(experts, *parts))
+        elif kind == "latent":
+            scale = obs.channel_amax().clamp_min(1e-8) / 127
+            _replace(layer, path, QuantLatentNorm(layer.get_submodule(path), scale))
+
+
+def _target(linear: nn.Linear, name: str, config: QuantConfig, obs: Observer | None) -> Target:
+    bias = linear.bias.detach().float() if linear.bias is not None else None
+    return Target(name, linear.weight.detach().float(), bias, config.scheme_for(name), config, obs)
+
+
+def _quantize_linear_on(parent: nn.Module, path: str, name: str, config: QuantConfig, x: Tensor) -> None:
+    """Quantise one linear whose input `x` the caller computed (eh_proj, lm_head)."""
+    if config.scheme_for(name) is None:
+        return
+    obs = None
+    if _needs_data(config):
+        cal = config.calibration
+        obs = Observer(name, cal.max_rows, cal.bins, seed=cal.seed)
+        obs.observe(x)
+    _replace(parent, path, QuantLinear(quantize_target(_target(parent.get_submodule(path), name, config, obs))))
+
+
+def _quantize_head(model: DeepseekV3ForCausalLM, config: QuantConfig, hidden: Tensor) -> None:
+    if config.scheme_for("lm_head") is None:
+        return
+    with torch.no_grad():
+        x = model.model.norm(hidden)
+    _quantize_linear_on(model, "lm_head", "lm_head", config, x)
+    for mtp in model.mtp:  # the MTP head is the same module (shared, as in DeepSeek-V3)
+        mtp.shared_head.head = model.lm_head
+
+
+def _replace(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def quantized_names(model: nn.Module) -> dict[str, str]:
+    """{name: scheme} of every quantised matmul in a quantised model (expert parts by their weight name)."""
+    out = {}
+    for path, mod in model.named_modules(remove_duplicate=True):
+        if isinstance(mod, QuantLinear):
+            out[path] = mod.q.scheme
+        elif isinstance(mod, QuantExperts):
+            for part in ("gate_up", "down"):
+                holder = getattr(mod, part)
+                if holder is not None:
+                    out[f"{path}.{part}_proj"] = holder.q.scheme
+        elif isinstance(mod, QuantLatentNorm):
+            out[path] = "kv_int8"
+    return out

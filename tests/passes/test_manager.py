@@ -1,0 +1,134 @@
+"""Pass manager: switches, error naming, verify mode, invariants, dumps — on a small exported graph."""
+
+import pytest
+import torch
+
+from graphopt.passes.base import GraphPass, PassContext, PassResult, count_ops
+from graphopt.passes.dump import Dumper
+from graphopt.passes.eliminate_dead_code import EliminateDeadCodePass
+from graphopt.passes.invariants import InvariantError, check_invariants
+from graphopt.passes.manager import PassError, PassManager, Phase, disabled_from_env
+
+
+class Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x):
+        return torch.relu(x @ self.w.t()) + 1
+
+
+def toy_graph(dead: bool = True):
+    """The exported toy graph, plus (export removes dead code itself) a dead view and mul on x."""
+    gm = torch.export.export(Toy(), (torch.randn(4, 8),)).run_decompositions({}).module()
+    if dead:
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        with gm.graph.inserting_after(x):
+            view = gm.graph.call_function(torch.ops.aten.view.default, (x, [32]))
+        with gm.graph.inserting_after(view):
+            mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (view, 2))
+        view.meta["val"] = x.meta["val"].view(32)
+        mul.meta["val"] = view.meta["val"] * 2
+        gm.recompile()
+    return gm
+
+
+def ctx():
+    return PassContext(make_inputs=lambda seed: (torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)),))
+
+
+class SwapReluForSigmoid(GraphPass):
+    """A deliberately wrong pass: verify mode must catch it."""
+    name = "swap_relu"
+
+    def run(self, gm, c):
+        n = 0
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.relu.default:
+                node.target = torch.ops.aten.sigmoid.default
+                n += 1
+        return PassResult(gm, n > 0, n)
+
+
+class Explode(GraphPass):
+    name = "explode"
+
+    def run(self, gm, c):
+        raise RuntimeError("boom")
+
+
+def test_dce_removes_dead_view_and_keeps_numerics():
+    gm = toy_graph()
+    before = count_ops(gm)
+    x = torch.randn(4, 8)
+    ref = gm(x)
+    res = EliminateDeadCodePass().run(gm, ctx())
+    gm.recompile()
+    after = count_ops(gm)
+    assert res.modified and res.matches >= 2
+    assert before["aten.view.default"] == 1 and "aten.view.default" not in after
+    assert after["aten.relu.default"] == 1
+    torch.testing.assert_close(gm(x), ref)
+
+
+def test_dce_leaves_a_graph_without_dead_code_alone():
+    gm = toy_graph(dead=False)
+    assert not EliminateDeadCodePass().run(gm, ctx()).modified
+
+
+def test_verify_names_the_pass_that_changed_numerics():
+    phases = [Phase("normalise", "t", [EliminateDeadCodePass(), SwapReluForSigmoid()])]
+    with pytest.raises(PassError, match="pass 'swap_relu'.*tolerance.*passes before it: eliminate_dead_code"):
+        PassManager(phases, verify=True).run(toy_graph(), ctx())
+    # without verify the wrong pass goes through: verify is what catches it
+    PassManager(phases, verify=False).run(toy_graph(), ctx())
+
+
+def test_failing_pass_is_named_with_the_passes_before_it():
+    phases = [Phase("normalise", "t", [EliminateDeadCodePass()]), Phase("spec", "t", [Explode()])]
+    with pytest.raises(PassError, match="pass 'explode' \\(phase 'spec'\\).*after eliminate_dead_code.*boom"):
+        PassManager(phases).run(toy_graph(), ctx())
+
+
+def test_passes_can_be_switched_off_by_name(monkeypatch):
+    phases = [Phase("normalise", "t", [EliminateDeadCodePass(), Explode()])]
+    manager = PassManager(phases, disabled={"explode"})
+    manager.run(toy_graph(), ctx())
+    assert [(r.name, r.ran) for r in manager.records] == [("eliminate_dead_code", True), ("explode", False)]
+    monkeypatch.setenv("GRAPHOPT_DISABLE_PASSES", "explode, swap_relu")
+    assert disabled_from_env() == {"explode", "swap_relu"}
+    with pytest.raises(ValueError, match="unknown pass.*nope"):
+        PassManager(phases, disabled={"nope"})
+
+
+def test_invariants_reject_inplace_ops_and_missing_meta():
+    gm = toy_graph()
+    check_invariants(gm, "ok")
+    relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    relu.target = torch.ops.aten.relu_.default
+    with pytest.raises(InvariantError, match="in-place"):
+        check_invariants(gm, "x")
+    relu.target = torch.ops.aten.relu.default
+    del relu.meta["val"]
+    with pytest.raises(InvariantError, match="no meta"):
+        check_invariants(gm, "x")
+
+
+def test_dumps_are_written_in_pipeline_order(tmp_path):
+    phases = [Phase("normalise", "t", [EliminateDeadCodePass(), SwapReluForSigmoid()])]
+    dumper = Dumper(tmp_path)
+    manager = PassManager(phases, dumper=dumper)
+    gm = manager.run(toy_graph(), ctx())
+    dumper.write_final("main", gm)
+    md = dumper.write_report(manager.records, {"note": "x"})
+    names = sorted(p.name for p in (tmp_path / "main").iterdir())
+    assert names[:4] == ["00.eliminate_dead_code.after.py", "00.eliminate_dead_code.before.py",
+                         "01.swap_relu.after.py", "01.swap_relu.before.py"]
+    assert "sigmoid" in (tmp_path / "main" / "01.swap_relu.after.py").read_text()
+    assert "relu" in (tmp_path / "main" / "01.swap_relu.before.py").read_text()
+    assert "f32[4, 8]" in (tmp_path / "main" / "00.eliminate_dead_code.before.py").read_text()
+    assert "| main | normalise | swap_relu | changed | 1 |" in md
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
+    assert "aten.sigmoid.default | 0 | 1" in (tmp_path / "main" / "op_counts.md").read_text()
+    assert "digraph" in (tmp_path / "main" / "final.dot").read_text()
