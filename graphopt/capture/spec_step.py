@@ -102,8 +102,10 @@ class _Speculator(nn.Module):
                              "empty); load a checkpoint with MTP weights or use k = 0")
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        self.main_fn = main_fn
+        # registered MTP first: a weight both graphs hold (embedding, head, all of a captured model)
+        # is then named after the main graph in the fused graph's dumps
         self.mtp_fns = nn.ModuleList(mtp_fns if k > 0 else [])
+        self.main_fn = main_fn
         self.k, self.block_size, self.sampling, self.max_top_k = k, block_size, sampling, max_top_k
 
     def _probs(self, logits, temperature, top_k, top_p, min_p):
@@ -131,8 +133,8 @@ class _Speculator(nn.Module):
 
     def _draft(self, ids, at, emitted, hidden, positions, slots, block_tables, next_start, valid, mtp_caches):
         """Run the MTP over the main model's window with inputs shifted by one, then chain."""
-        shifted = torch.cat([ids[:, 1:], emitted[:, None]], dim=1)                # [B, T]: token p+1 at p
-        next_ids = shifted.scatter(1, at[:, None], emitted[:, None])
+        shifted = ids.roll(-1, dims=1)                                             # [B, T]: token p+1 at p
+        next_ids = shifted.scatter(1, at[:, None], emitted[:, None])              # the new token at `at`
         logits, mtp_hidden = self.mtp_fns[0](next_ids, hidden, positions, slots, block_tables, mtp_caches[0])
         return self._chain(logits, mtp_hidden, at, next_start, block_tables, valid, mtp_caches)
 

@@ -10,8 +10,8 @@ Objective (DeepSeek-V3 report, section 2.2): next-token cross-entropy plus
 There is ONE MTP module; depth d > 1 runs it again on its own previous output hidden state
 (`evaluate.multi_token_logits`), which is how it is used to draft k > 1 tokens at inference, so we
 train it that way (D = 2 by default). mtp_weight = 0.3 is DeepSeek-V3's value for the first 10T
-tokens; we keep it because drafting quality is what the model ships for, and 0.3 costs the main
-head little (the report finds MTP training helps the main model).
+tokens; we keep the larger value because drafting quality is what this model ships for (the report
+finds the MTP objective does not hurt, and mostly helps, the main model).
 
 Expert balance, the auxiliary-loss-free way (report 2.1.2): after every optimizer step each MoE
 router's `e_score_correction_bias` moves by `bias_gamma * sign(mean load - load_e)`, the load being
@@ -22,9 +22,12 @@ collapsing onto few experts; `--seq-aux-alpha 0` turns it off.
 
 Recipe: random windows of `seq_len` tokens from train.bin; AdamW (betas 0.9/0.95, weight decay 0.1 on
 matrices only); linear warm-up then cosine decay to `min_lr_ratio` of the peak; bf16 autocast on CUDA
-with float32 master weights; gradient clipping at 1.0. The train split is small (about 2.9M tokens),
-so the run is sized in epochs, the held-out loss is measured every `eval_every` steps and the
-weights of the best held-out point are kept (`--no-keep-best` ships the last step instead).
+with float32 master weights; gradient clipping at 1.0. The train split is small (about 2.9M tokens,
+176 steps of 32 x 512 tokens an epoch) and the model overfits it after about 6 epochs, so the
+held-out loss is measured every `eval_every` steps and the weights of the best held-out point are
+kept (`--no-keep-best` ships the last step instead). `--time-budget` cuts the step count after a
+short probe if the run would not fit (the cosine is then laid over the shorter run); the defaults
+are the shipped run's and take under 3 minutes of training on an H200 (docs/embedded_model.md).
 Seeded (weights, data order); CUDA kernels are not bitwise deterministic.
 
     python -m graphopt.models.corpus --out .cache/corpus     # once
@@ -50,7 +53,7 @@ from .config import DeepseekV3Config
 from .deepseek import DeepseekV3ForCausalLM, TopkRouter
 from .evaluate import heldout_prompts, mtp_acceptance, mtp_top1_accuracy, multi_token_logits, perplexity
 
-__all__ = ["RouterBalancer", "main", "micro_config", "tiny_config", "train", "training_loss"]
+__all__ = ["RouterBalancer", "main", "micro_config", "route_in_float32", "tiny_config", "train", "training_loss"]
 
 
 def tiny_config(**overrides) -> DeepseekV3Config:
@@ -104,7 +107,8 @@ class RouterBalancer:
     def _sequence_loss(self, router: TopkRouter, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         # L = alpha * sum_e f_e * P_e per sequence: f_e = E/(k T) * picks of e, P_e = mean normalised score
         E, k = router.weight.shape[0], ids.shape[1]
-        scores = torch.sigmoid(F.linear(x.float(), router.weight.float()))          # [N, E]
+        with torch.autocast(x.device.type, enabled=False):
+            scores = torch.sigmoid(F.linear(x.float(), router.weight.float()))      # [N, E]
         scores = (scores / scores.sum(-1, keepdim=True)).view(self.batch_size, -1, E)  # [B, T, E]
         T = scores.shape[1]
         picks = torch.zeros(self.batch_size, E, device=x.device).scatter_add_(
@@ -131,6 +135,20 @@ class RouterBalancer:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def route_in_float32(model: DeepseekV3ForCausalLM, device_type: str) -> None:
+    """Run every MoE router outside autocast (undone by `del router.forward`).
+
+    Why: noaux_tc compares biased sigmoid scores that bf16 cannot tell apart, and the routing
+    weights must stay float32 for the experts' dispatch (`routing.scatter` needs matching dtypes).
+    """
+    for router in model.modules():
+        if isinstance(router, TopkRouter):
+            def forward(x, _plain=router.forward):
+                with torch.autocast(device_type, enabled=False):
+                    return _plain(x)
+            router.forward = forward
 
 
 def training_loss(model: DeepseekV3ForCausalLM, ids: torch.Tensor, depths: int, mtp_weight: float
@@ -187,6 +205,7 @@ def train(args: argparse.Namespace) -> dict:
 
     model = DeepseekV3ForCausalLM(config).init_weights(args.seed).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
+    route_in_float32(model, device.type)
     balancer = RouterBalancer(model, args.seq_aux_alpha)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]                    # norms
@@ -202,10 +221,15 @@ def train(args: argparse.Namespace) -> dict:
     sums, n_sum, t_log = torch.zeros(args.mtp_depths + 2, device=device), 0, time.perf_counter()
     t_train = time.perf_counter()
 
+    eval_seconds = 0.0
+
     def evaluate_now(step: int) -> None:
+        nonlocal eval_seconds
+        t0 = time.perf_counter()
         model.eval()
         losses = heldout_losses(model, eval_windows, args.mtp_depths, args.batch_size, autocast)
         model.train()
+        eval_seconds += time.perf_counter() - t0
         evals.append({"step": step, "tokens": step * tokens_per_step, "heldout": losses})
         print(f"eval step {step}: held-out main {losses[0]:.4f} "
               + " ".join(f"mtp{d} {x:.4f}" for d, x in enumerate(losses[1:], 1)), flush=True)
@@ -260,11 +284,13 @@ def train(args: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - t_train
     balancer.remove()
+    for router in balancer.routers:
+        del router.forward  # back to the class's forward
 
-    if args.keep_best and best["step"] != steps:
+    shipped_step = best["step"] if args.keep_best and best["step"] is not None else steps
+    if shipped_step != steps:
         model.load_state_dict(best["state"])
-        print(f"restored the weights of step {best['step']} (best held-out loss {best['loss']:.4f})")
-    shipped_step = best["step"] if args.keep_best else steps
+        print(f"restored the weights of step {shipped_step} (best held-out loss {best['loss']:.4f})")
     log = {"config": config.to_dict(), "parameters": n_params, "seed": args.seed,
            "hyper_parameters": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "steps": steps, "shipped_step": shipped_step, "tokens_seen": steps * tokens_per_step,
@@ -272,7 +298,9 @@ def train(args: argparse.Namespace) -> dict:
            "final_train_losses": {"loss": history[-1]["loss"], "main": history[-1]["main"],
                                   "mtp": history[-1]["mtp"]},
            "heldout_at_shipped_step": next(e["heldout"] for e in evals if e["step"] == shipped_step),
-           "train_seconds": train_seconds, "tokens_per_s": steps * tokens_per_step / train_seconds,
+           "train_seconds": train_seconds, "heldout_eval_seconds": eval_seconds,
+           "tokens_per_s": steps * tokens_per_step / (train_seconds - eval_seconds),
+           "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "history": history, "evals": evals}
     _save(model, args, log)
@@ -357,12 +385,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--micro", action="store_true", help="toy-size model (CPU smoke runs)")
     p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=700)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=1450)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--mtp-depths", type=int, default=2, help="D: chained MTP depths in the loss")
     p.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss")

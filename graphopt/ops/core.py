@@ -181,8 +181,9 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: 
     Equals models.deepseek.Experts' dense dispatch (every token through every expert, then a routing-
     weighted sum in float32) up to float summation order: both run the expert matmuls in x.dtype and
     accumulate the weighted expert outputs in float32, but here only the top_k non-zero terms are
-    added, in expert order. The reference groups tokens by expert on the host (data-dependent sizes);
-    a backend kernel does the same grouping on the device.
+    added, in expert order. The experts of one token must be distinct (top-k ids are); a repeated id
+    would be added twice here but written once by the dense scatter. The reference groups tokens by
+    expert on the host (data-dependent sizes); a backend kernel does the same grouping on the device.
     """
     _check_moe_experts(x, weights, ids, gate_up, down)
     n_tokens, top_k = ids.shape

@@ -22,7 +22,7 @@ Conventions (shared with `graphopt.quant.schemes`, which produces the weights):
   * rounding is round-half-to-even (`torch.round`), then a saturating clamp; the reciprocal is never
     taken: q = round(x / scale). Scales are float32 and never zero (a zero row gets scale 1e-8 / qmax,
     the row quantises to zeros);
-  * integer matmuls accumulate in int32 exactly (int8 x int8 products summed over K < 2^17 cannot
+  * integer matmuls are exact int32 results (int8 x int8 products summed over K < 2^17 cannot
     overflow), so the reference result is the bit pattern a correct kernel must produce.
 
 Each op has a fake (meta) implementation so torch.export and FX see shapes and dtypes.
@@ -93,11 +93,20 @@ def _check_k(op: str, x: Tensor, w: Tensor) -> None:
                          f"has K={w.shape[-1]} (weights are [..., out, K])")
 
 
+_EXACT_FP32_K = (1 << 24) // (128 * 128)  # K up to which every partial sum of int8 products is < 2^24
+
+
 @torch.library.custom_op("graphopt::int8_matmul", mutates_args=())
 def int8_matmul(x_q: Tensor, w_q: Tensor) -> Tensor:
-    """int8 [..., N, K] x int8 [..., out, K] -> exact int32 [..., N, out] (x @ w^T, broadcasting)."""
+    """int8 [..., N, K] x int8 [..., out, K] -> exact int32 [..., N, out] (x @ w^T, broadcasting).
+
+    Computed with a float BLAS where that is provably exact: every partial sum is an integer of
+    magnitude <= K * 128^2, exactly representable in float32 for K <= 1024 (in float64 far beyond),
+    whatever the summation order, so the result is bit-identical to int32 accumulation.
+    """
     _check_k("int8_matmul", x_q, w_q)
-    return torch.matmul(x_q.to(torch.int32), w_q.to(torch.int32).transpose(-1, -2))
+    dtype = torch.float32 if x_q.shape[-1] <= _EXACT_FP32_K else torch.float64
+    return torch.matmul(x_q.to(dtype), w_q.to(dtype).transpose(-1, -2)).to(torch.int32)
 
 
 @int8_matmul.register_fake
@@ -191,16 +200,16 @@ def fp8_linear(x_q: Tensor, x_scale: Tensor, w_q: Tensor, w_scale: Tensor, bias:
     """e4m3 x [..., N, K] and w [..., out, K] -> [..., N, out], fp32 accumulation.
 
     Per channel: x_scale [..., N, 1], w_scale [..., out, 1]. DeepSeek blocks: x_scale [..., N, K/128],
-    w_scale [..., ceil(out/128), K/128]; every 128-wide K slice is scaled before it is summed.
+    w_scale [..., ceil(out/128), K/128] (square blocks, the last row-block may be ragged); every 128-wide K slice is scaled before it is summed.
     """
     _check_k("fp8_linear", x_q, w_q)
     x, w = x_q.float(), w_q.float()
-    if x_scale.shape[-1] == 1 and w_scale.shape[-1] == 1:
+    if x_scale.shape[-1] == 1 and w_scale.shape[-1] == 1 and w_scale.shape[-2] == w.shape[-2]:  # per channel
         y = torch.matmul(x, w.transpose(-1, -2)) * x_scale.float() * w_scale.float().transpose(-1, -2)
     else:
         nb = x_scale.shape[-1]
-        rows = -(-w.shape[-2] // w_scale.shape[-2])                              # ragged last row-block
-        ws = w_scale.float().repeat_interleave(rows, dim=-2)[..., : w.shape[-2], :]  # [..., out, nb]
+        block = w.shape[-1] // nb                                                # square weight blocks
+        ws = w_scale.float().repeat_interleave(block, dim=-2)[..., : w.shape[-2], :]  # [..., out, nb]
         xt, wt = x.unflatten(-1, (nb, -1)), w.unflatten(-1, (nb, -1))            # [..., N, nb, b], [..., out, nb, b]
         partial = torch.matmul(xt.transpose(-2, -3), wt.transpose(-2, -3).transpose(-1, -2))  # [..., nb, N, out]
         scaled = partial * x_scale.float().transpose(-1, -2).unsqueeze(-1) * ws.transpose(-1, -2).unsqueeze(-2)

@@ -272,6 +272,8 @@ def rewrite(gm: fx.GraphModule, matches: Sequence[Match],
         if len(new) != len(m.outputs):
             raise ValueError(f"{m.pattern.name}: replacement gave {len(new)} values for {len(m.outputs)} outputs")
         for old, repl in zip(m.outputs, new):
+            if old.meta.get("stack_trace"):   # dumps show the source line of what was fused
+                repl.meta.setdefault("stack_trace", old.meta["stack_trace"])
             old.replace_all_uses_with(repl)
             replaced[old] = repl
         for gn in sorted(m.nodes.values(), key=order.__getitem__, reverse=True):

@@ -37,13 +37,16 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
     config = resolve(quant)
     if config is None:
         raise ValueError("quantize_model needs a quant preset or QuantConfig, got None")
-    if data is None:
+    if data is None and (_needs_data(config) or config.mixed_precision is not None):
         data = calibration_tokens(config.calibration, model.config.vocab_size, tokenizer)
-    check_vocab(data, model.config.vocab_size, "calibration data")
+    if data is not None:
+        check_vocab(data, model.config.vocab_size, "calibration data")
     if config.mixed_precision is not None:
         from .mixed_precision import choose_mixed_precision
         config = choose_mixed_precision(model, config, data, progress=progress)
     model = model if inplace else copy.deepcopy(model)
+    if not _needs_data(config):                     # RTN / HQQ weights, dynamic activations: no data pass
+        return _quantize_without_data(model, config)
     runner = LayerRunner(model, data, batch=batch, progress=progress)
     try:
         for i, layer in enumerate(model.model.layers):
@@ -61,6 +64,18 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
             hidden = runner.run(mtp, update=False, hidden=h)
     finally:
         runner.close()
+    model.quant_config = config
+    return model
+
+
+def _quantize_without_data(model: DeepseekV3ForCausalLM, config: QuantConfig) -> DeepseekV3ForCausalLM:
+    layers = [(f"model.layers.{i}", layer) for i, layer in enumerate(model.model.layers)]
+    layers += [(f"mtp.{d}", mtp) for d, mtp in enumerate(model.mtp)]
+    for prefix, layer in layers:
+        _quantize_layer(None, layer, prefix, config, None)
+        if prefix.startswith("mtp."):
+            _quantize_linear_on(layer, "eh_proj", f"{prefix}.eh_proj", config, None)
+    _quantize_head(model, config, None)
     model.quant_config = config
     return model
 
@@ -139,7 +154,7 @@ def _quantize_head(model: DeepseekV3ForCausalLM, config: QuantConfig, hidden: Te
     if config.scheme_for("lm_head") is None:
         return
     with torch.no_grad():
-        x = model.model.norm(hidden)
+        x = model.model.norm(hidden) if hidden is not None else None
     _quantize_linear_on(model, "lm_head", "lm_head", config, x)
     for mtp in model.mtp:  # the MTP head is the same module (shared, as in DeepSeek-V3)
         mtp.shared_head.head = model.lm_head

@@ -55,6 +55,12 @@ class QuantizedLinear:
     def stacked(self) -> bool:
         return self.tensors["weight"].dim() == 3
 
+    def expert(self, e: int, tensors: dict[str, Tensor] | None = None) -> tuple["QuantizedLinear", dict[str, Tensor]]:
+        """Expert e of a stacked linear: 3-d tensors ([E, ...]) indexed, shared ones ([K], 0-d) kept."""
+        tensors = {k: (t[e] if t.dim() == 3 else t) for k, t in (tensors or self.tensors).items()}
+        return QuantizedLinear(self.scheme, tensors, self.rotate_block, self.act_block, self.input_zero,
+                               self.meta), tensors
+
     def spec(self) -> dict[str, Any]:
         """The non-tensor part, JSON-friendly (saved next to the tensors)."""
         return {"scheme": self.scheme, "rotate_block": self.rotate_block, "act_block": self.act_block,
@@ -122,9 +128,12 @@ class QuantLinear(_Holder):
 
 
 class QuantExperts(nn.Module):
-    """Drop-in for deepseek.Experts: the same dense dispatch, with either stacked matmul quantised.
+    """Drop-in for deepseek.Experts with either stacked matmul quantised (None: keep it in float).
 
-    gate_up / down: a QuantizedLinear over [E, out, K], or None to keep that matmul in float.
+    Eager runs are sparse (each expert on its routed tokens only, like graphopt::moe_experts): every
+    quantiser here is row-wise (per token, or a fixed static scale), so a token's result does not
+    depend on which other tokens share the batch, and sparse equals the dense dispatch up to float
+    summation order, at top_k / E of the expert work. Under torch.export the dense form is kept.
     """
 
     def __init__(self, experts: nn.Module, gate_up: QuantizedLinear | None, down: QuantizedLinear | None):
@@ -137,15 +146,37 @@ class QuantExperts(nn.Module):
         if down is None:
             self.down_proj = experts.down_proj
 
-    def _matmul(self, part: str, x: Tensor) -> Tensor:
+    def _matmul(self, part: str, x: Tensor, e: int | None = None) -> Tensor:
         holder = getattr(self, part)
         if holder is None:
             w = getattr(self, f"{part}_proj")
-            return torch.matmul(x, w.transpose(1, 2))
-        return holder(x)
+            return torch.matmul(x, w.transpose(-1, -2) if e is None else w[e].t())
+        if e is None:
+            return holder(x)
+        q, tensors = holder.q.expert(e, holder.tensors())
+        return emit_linear(eager_call, x, q, tensors, x.dtype)
 
     def forward(self, x, weights, ids):
         # x: [N, H]; weights/ids: [N, k] -> [N, H]
+        if torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)():
+            return self._dense(x, weights, ids)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)             # [N, H]
+        flat = ids.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            picked = order[start:start + count]                                      # [c] of N * k
+            start += count
+            tokens = picked // ids.shape[1]
+            gate, up = self._matmul("gate_up", x[tokens], e).chunk(2, dim=-1)          # [c, I] each
+            y = self._matmul("down", F.silu(gate) * up, e)                            # [c, H]
+            out.index_add_(0, tokens, y.float() * weights.reshape(-1)[picked, None].float())
+        return out.to(x.dtype)
+
+    def _dense(self, x, weights, ids):
         routing = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)
         routing = routing.scatter(1, ids, weights)                                 # [N, E]
         gate, up = self._matmul("gate_up", x).chunk(2, dim=-1)                    # [E, N, I] each

@@ -115,7 +115,7 @@ def quantize_w4a8(w: Tensor, groups: int, clip: Tensor | None = None) -> dict[st
 
 
 def quantize_fp8(w: Tensor, block: int | None) -> dict[str, Tensor]:
-    """e4m3 per output channel (block None) or per `block` x `block` tile (ragged last row-block)."""
+    """e4m3 per output channel (block None) or per square tile of min(block, K) (ragged last row-block)."""
     if block is None:
         scale = w.float().abs().amax(dim=-1, keepdim=True).clamp_min(qops.SCALE_FLOOR) / qops.FP8_MAX
         return {"weight": (w.float() / scale).to(qops.FP8_DTYPE), "scale": scale}
@@ -123,7 +123,7 @@ def quantize_fp8(w: Tensor, block: int | None) -> dict[str, Tensor]:
     bk = min(block, k)
     if k % bk:
         raise QuantError(f"fp8_block needs the input dimension ({k}) to be a multiple of the block ({bk})")
-    br = min(block, out)
+    br = bk                       # square blocks: kernels read the block size off K / scale columns
     rows = math.ceil(out / br)
     pad = rows * br - out
     wp = torch.nn.functional.pad(w.float(), (0, 0, 0, pad))                # [..., rows*br, K]
@@ -169,9 +169,8 @@ def dequantize(t: dict[str, Tensor]) -> Tensor:
         s = t["scale"]
         if s.shape[-1] == 1 and s.shape[-2] == w.shape[-2]:
             return w.float() * s
-        rows, nb = s.shape[-2], s.shape[-1]
-        br, bk = math.ceil(w.shape[-2] / rows), w.shape[-1] // nb
-        full = s.repeat_interleave(br, dim=-2)[..., : w.shape[-2], :].repeat_interleave(bk, dim=-1)
+        bk = w.shape[-1] // s.shape[-1]                                     # square blocks
+        full = s.repeat_interleave(bk, dim=-2)[..., : w.shape[-2], :].repeat_interleave(bk, dim=-1)
         return w.float() * full
     if "group_scale" in t:
         w = qops.widen_int4(w, t["group_scale"])

@@ -40,6 +40,7 @@ class Engine:
     else enough for max_batch_size full-length requests, at most DEFAULT_CACHE_BUDGET bytes.
     `tokenizer` (anything with .decode(ids) -> str) is needed for stop strings and fills
     `RequestOutput.text`. debug=True checks the cache invariants after every step.
+    A finished request's output is kept until `take_output`, `run_until_done` or `generate` collects it.
     """
 
     def __init__(self, provider: StepProvider, *, max_batch_size: int = 16, prefill_chunk_size: int = 256,

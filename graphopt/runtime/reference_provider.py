@@ -33,7 +33,12 @@ def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, block_size
 
 
 class ReferenceStepProvider:
-    """`StepProvider` over `DeepseekV3ForCausalLM` for k = 0 (greedy and sampled plain decoding)."""
+    """`StepProvider` over `DeepseekV3ForCausalLM` for k = 0 (greedy and sampled plain decoding).
+
+    `model` may be anything with the model's paged forward signature `model(ids, positions, kv_caches,
+    slot_mapping, block_tables) -> logits` plus `.config` and `.new_kv_caches` (e.g. a compiled main
+    graph behind a thin wrapper).
+    """
 
     def __init__(self, model: DeepseekV3ForCausalLM, num_speculative_tokens: int = 0, block_size: int = 16,
                  cache_dtype: torch.dtype | None = None, max_top_k: int = DEFAULT_MAX_TOP_K):

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
-from graphopt.models.train_tiny import (RouterBalancer, learning_rate, main, micro_config, tiny_config,
-                                        training_loss)
+from graphopt.models.train_tiny import (RouterBalancer, learning_rate, main, micro_config, route_in_float32,
+                                        tiny_config, training_loss)
 
 
 def _micro_model(seed=0, **overrides):
@@ -48,6 +48,22 @@ def test_loss_falls_on_a_repeated_batch():
         losses.append(loss.item())
         assert loss.item() == pytest.approx(parts[0].item() + 0.3 * (parts[1].item() + parts[2].item()) / 2)
     assert losses[-1] < losses[0] - 0.3
+
+
+def test_bf16_autocast_step_with_float32_routers():
+    # under autocast the router would return bf16 weights, which the experts' dispatch cannot scatter
+    model = _micro_model(seed=3)
+    balancer = RouterBalancer(model, seq_aux_alpha=1e-4)
+    route_in_float32(model, "cpu")
+    balancer.active, balancer.batch_size = True, 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = training_loss(model, torch.randint(3, 64, (2, 16)), depths=2, mtp_weight=0.3)
+    (loss + balancer.take_aux_loss()).backward()
+    router = balancer.routers[0]
+    assert torch.isfinite(loss) and router.weight.grad.abs().sum() > 0
+    assert balancer.counts[0].sum() == 2 * 16 * 2
+    del router.forward
+    assert router.forward.__func__ is type(router).forward
 
 
 def test_mtp_loss_targets_the_token_after_next():

@@ -114,11 +114,11 @@ def test_step_preparation_never_reads_a_device_value_on_the_host():
     meta = lambda t: t.to("meta")  # noqa: E731
     B = 2
     fields = {k: meta(v) for k, v in _fields(B, temperature=0.7).items()}
+    tables = meta(torch.ones(B, 2, dtype=torch.int64))
     out = provider.prefill(SpecPrefillInputs(ids=meta(torch.zeros(B, 3, dtype=torch.int64)),
-                                             lengths=meta(torch.tensor([3, 1])), start_pos=meta(torch.zeros(B, dtype=torch.int64)),
-                                             block_tables=meta(torch.ones(B, 2, dtype=torch.int64)), kv_caches=caches, **fields))
-    out = provider.decode(SpecStepInputs(tokens=out.next_tokens, start_pos=out.next_start_pos,
-                                         block_tables=meta(torch.ones(B, 2, dtype=torch.int64)),
+                                             lengths=meta(torch.tensor([3, 1])), start_pos=meta(torch.tensor([0, 0])),
+                                             block_tables=tables, kv_caches=caches, **fields))
+    out = provider.decode(SpecStepInputs(tokens=out.next_tokens, start_pos=out.next_start_pos, block_tables=tables,
                                          active=meta(torch.tensor([True, False])), kv_caches=caches, **fields))
     assert out.out_tokens.is_meta and out.out_tokens.shape == (B, 1) and out.finished.shape == (B,)
     with pytest.raises(Exception):             # the check has teeth: a host read fails on meta

@@ -37,7 +37,8 @@ def test_bad_field_is_named(field, bad, message):
 def test_prefill_flag_must_be_a_python_bool():
     B = 1
     inputs = SpecPrefillInputs(
-        ids=torch.zeros(B, 4, dtype=torch.int64), lengths=torch.full((B,), 4), start_pos=torch.zeros(B, dtype=torch.int64),
+        ids=torch.zeros(B, 4, dtype=torch.int64), lengths=torch.full((B,), 4),
+        start_pos=torch.zeros(B, dtype=torch.int64),
         block_tables=torch.ones(B, 1, dtype=torch.int64), temperature=torch.zeros(B),
         top_k=torch.zeros(B, dtype=torch.int64), top_p=torch.ones(B), min_p=torch.zeros(B),
         seed=torch.zeros(B, dtype=torch.int64), eos_token_id=torch.full((B,), -1), max_pos=torch.full((B,), 9),

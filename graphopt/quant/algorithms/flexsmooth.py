@@ -15,7 +15,7 @@ import torch
 from ..config import FlexSmoothConfig
 from ..qlinear import QuantizedLinear, eager_call, emit_linear
 from ..schemes import quantize_weight
-from .base import Target, Transformed
+from .base import Target, Transformed, rows_in_basis
 
 __all__ = ["flexsmooth", "quantized_output_error"]
 
@@ -28,10 +28,10 @@ def quantized_output_error(target: Target, t: Transformed) -> float:
     if t.smooth_inv is not None:
         tensors["smooth_inv"] = t.smooth_inv
     if target.scheme.activation == "int8_static":
-        x_s = (x * t.smooth_inv if t.smooth_inv is not None else x).abs().amax() / 127
+        x_s = rows_in_basis(x, t).abs().amax() / 127
         tensors["input_scale"] = x_s.clamp_min(1e-8)
-    q = QuantizedLinear(target.scheme.name, tensors, act_block=min(cfg.fp8_block, target.k)
-                        if target.scheme.blocked else 0)
+    q = QuantizedLinear(target.scheme.name, tensors, rotate_block=t.rotate_block,
+                        act_block=min(cfg.fp8_block, target.k) if target.scheme.blocked else 0)
     ref = torch.matmul(x, target.weight.transpose(-1, -2))
     got = emit_linear(eager_call, x, q, tensors, torch.float32)
     return float((got - ref).square().mean())

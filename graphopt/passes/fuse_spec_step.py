@@ -1,0 +1,157 @@
+"""Fuse the main step, the MTP step(s) and the acceptance into ONE step graph (and one prefill graph).
+
+Input: the captured (and already normalised / rewritten) main-step graph, plus the captured MTP-step
+graphs in `ctx.state["mtp_graphs"]` (one per MTP layer, depth order). Output: the graph of
+`capture.spec_step.SpecStep` with those graphs as its main_fn / mtp_fns, obtained by torch.export-ing
+the module and flattening it (`run_decompositions({})`, `.module()`): the main model's layers, the
+acceptance op, the token shift and the MTP layer(s) all sit in one graph, so the host never looks
+at a value between the main model and the draft. The prefill graph (`SpecPrefill`) is built the same
+way and left in `ctx.state["spec_prefill_graph"]`.
+
+Handles: k = ctx.options["spec"] (a SpecConfig; None -> k = 0, plain decoding with device-side
+sampling), any number of MTP layers (drafts beyond the last layer chain it again), dynamic batch,
+block-table width and cache size; block_size is read from the graphs' cache inputs.
+The graph signature changes (SpecStepInputs fields in, SpecStepOutputs fields out), so this pass
+declares `changes_signature`: verify mode compares it with the eager SpecStep, not with the input graph.
+
+Before (the main step graph's signature and its last nodes):
+    def forward(self, input_ids, positions, slot_mapping, block_tables, kv_caches):
+        ...
+        linear_26: "f32[s5, s18, 97]" = torch.ops.aten.linear.default(mul_1234, model_mtp_0_shared_head_head_weight)
+        return pytree.tree_unflatten((linear_26, add_1540), self._out_spec)
+After (k = 1; the lines that join main model, acceptance and MTP):
+    def forward(self, tokens, start_pos, block_tables, temperature, top_k, top_p, min_p, seed, eos_token_id, max_pos, active, kv_caches, mtp_caches):
+        sampling_probs: "f32[2*s30, 97]" = torch.ops.graphopt.sampling_probs.default(view_22, view_23, view_24, view_25, view_26, 256)
+        rejection_accept = torch.ops.graphopt.rejection_accept.default(view_27, slice_14, None, seed, start_pos)
+        scatter: "i64[s30, 2]" = torch.ops.aten.scatter.src(cat_6, 1, unsqueeze_23, unsqueeze_24)
+        embedding_1: "f32[s30, 2, 64]" = torch.ops.aten.embedding.default(main_fn_model_model_embed_tokens_weight, scatter)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from ..capture.spec_step import SpecPrefill, SpecStep
+from ..capture.step import CaptureError
+from ..ops import sampling as _sampling  # noqa: F401  registers the sampling / acceptance ops
+from ..ops.sampling import DEFAULT_MAX_TOP_K
+from ..spec import SpecConfig
+from .base import GraphPass, PassContext, PassResult
+
+__all__ = ["FuseSpecStepPass", "build_spec_step", "cache_layout", "fuse"]
+
+
+def cache_layout(gm: fx.GraphModule) -> tuple[int, int, int, torch.dtype, torch.device]:
+    """(number of cache inputs, block_size, kv_cache_dim, dtype, device) from a step graph's
+    placeholders: caches are its 3-d floating-point inputs [num_blocks, block_size, kv_cache_dim]."""
+    caches = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+              and n.meta["val"].dim() == 3 and n.meta["val"].dtype.is_floating_point]
+    if not caches:
+        raise ValueError("step graph has no cache input [num_blocks, block_size, kv_cache_dim]; "
+                         "expected a graph from graphopt.capture.step.capture_main / capture_mtp")
+    c = caches[-1]
+    if not isinstance(c.shape[1], int):
+        raise ValueError(f"cache input has a symbolic block size {c.shape[1]}; capture with a fixed block_size")
+    return len(caches), c.shape[1], int(c.shape[2]), c.dtype, c.device
+
+
+def _examples(n_main: int, n_mtp: int, k: int, block_size: int, dim: int, dtype, device, vocab: int, prefill: bool):
+    """Small valid inputs to trace with: 2 rows (so the batch stays symbolic), 3 blocks per row."""
+    B, M = 2, 3
+    g = torch.Generator().manual_seed(0)
+    n_blocks = 1 + B * M
+    tables = (1 + torch.arange(B * M)).view(B, M)
+    rows = [torch.full((B,), 0.5), torch.full((B,), 3), torch.full((B,), 0.9), torch.zeros(B),
+            torch.arange(B), torch.full((B,), -1), torch.full((B,), 40)]
+    caches = lambda n: [torch.zeros(n_blocks, block_size, dim, dtype=dtype, device=device) for _ in range(n)]
+    if prefill:
+        head = [torch.randint(0, vocab, (B, 3), generator=g), torch.tensor([3, 2]), torch.zeros(B, dtype=torch.int64),
+                tables]
+        tail = [torch.tensor(True)]
+    else:
+        head = [torch.randint(0, vocab, (B, 1 + k), generator=g), torch.tensor([2, 4]), tables]
+        tail = [torch.ones(B, dtype=torch.bool)]
+    args = [t.to(device) for t in head + rows + tail]
+    return tuple(args) + (caches(n_main), caches(n_mtp))
+
+
+def _dynamic(n_main: int, n_mtp: int, prefill: bool):
+    B, M, N = Dim("batch", min=1, max=4096), Dim("blocks_per_seq", max=65536), Dim("num_blocks", max=1 << 24)
+    rows = [{0: B}] * 7
+    head = [{0: B, 1: Dim("tokens", min=1, max=65536)}, {0: B}, {0: B}, {0: B, 1: M}] if prefill \
+        else [{0: B}, {0: B}, {0: B, 1: M}]
+    tail = [None] if prefill else [{0: B}]
+    return tuple(head + rows + tail) + ([{0: N}] * n_main, [{0: N}] * n_mtp)
+
+
+def _export(module: torch.nn.Module, args: tuple, dynamic, what: str) -> fx.GraphModule:
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
+            return ep.run_decompositions({}).module()
+    except Exception as e:
+        first = "\n".join(str(e).strip().splitlines()[:12])
+        raise CaptureError(f"torch.export failed while fusing {what}: {type(e).__name__}: {first}") from e
+
+
+def fuse(module: SpecStep | SpecPrefill, model_config) -> fx.GraphModule:
+    """torch.export one SpecStep / SpecPrefill built over captured graphs into one flat graph."""
+    n_main, bs, dim, dtype, device = cache_layout(module.main_fn)
+    if bs != module.block_size:
+        raise ValueError(f"block_size = {module.block_size} but the main graph was captured with block_size {bs}; "
+                         "capture and fuse with the same block size")
+    if n_main != model_config.num_hidden_layers:
+        raise ValueError(f"main graph has {n_main} cache inputs, the config {model_config.num_hidden_layers} layers")
+    for i, g in enumerate(module.mtp_fns):
+        if cache_layout(g)[1:3] != (bs, dim):
+            raise ValueError(f"MTP graph {i}: cache layout {cache_layout(g)[1:3]} differs from the main "
+                             f"graph's (block_size, kv_cache_dim) = {(bs, dim)}")
+    prefill, n_mtp = isinstance(module, SpecPrefill), len(module.mtp_fns)
+    args = _examples(n_main, n_mtp, module.k, bs, dim, dtype, device, model_config.vocab_size, prefill)
+    what = f"the speculative {'prefill' if prefill else 'step'} (k = {module.k}, {n_mtp} MTP graph(s))"
+    return _export(module, args, _dynamic(n_main, n_mtp, prefill), what)
+
+
+def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.GraphModule], model_config,
+                    spec_config: SpecConfig | None, block_size: int, sampling: bool = True,
+                    max_top_k: int = DEFAULT_MAX_TOP_K) -> tuple[fx.GraphModule, fx.GraphModule]:
+    """(step graph, prefill graph): SpecStep / SpecPrefill over the captured graphs, exported flat.
+
+    Call them with `capture.spec_step.decode_args(SpecStepInputs)` / `prefill_args(SpecPrefillInputs)`;
+    they return the SpecStepOutputs fields in order (`capture.spec_step.as_outputs`), or wrap both in
+    `capture.spec_step.SpecStepProvider`. sampling=False builds the greedy-only variant (every row must
+    have temperature 0); spec_config None is k = 0 (plain decoding, sampling on the device).
+    """
+    if spec_config is not None and not isinstance(spec_config, SpecConfig):
+        raise TypeError(f"spec_config must be a graphopt.SpecConfig or None, got {type(spec_config).__name__}")
+    k = 0 if spec_config is None else spec_config.num_speculative_tokens
+    mtp = list(captured_mtp_gms or []) if k > 0 else []
+    if k > 0 and not mtp:
+        raise ValueError(f"num_speculative_tokens = {k} needs the captured MTP graph(s) (ctx.state['mtp_graphs'] / "
+                         "captured_mtp_gms is empty); the checkpoint must have MTP weights")
+    kw = dict(sampling=sampling, max_top_k=max_top_k)
+    return (fuse(SpecStep(captured_main_gm, mtp, k, block_size, **kw), model_config),
+            fuse(SpecPrefill(captured_main_gm, mtp, k, block_size, **kw), model_config))
+
+
+class FuseSpecStepPass(GraphPass):
+    """main step graph -> fused speculative step graph; the prefill graph goes to ctx.state."""
+
+    name = "fuse_spec_step"
+    changes_signature = True
+    rtol = atol = 0.0   # the fused graph runs the same ops as SpecStep over the input graphs
+
+    def __init__(self, sampling: bool = True, max_top_k: int = DEFAULT_MAX_TOP_K):
+        self.sampling, self.max_top_k = sampling, max_top_k
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        spec = ctx.options.get("spec")
+        mtp = ctx.state.get("mtp_graphs", [])
+        block_size = ctx.options.get("block_size") or cache_layout(gm)[1]
+        step, prefill = build_spec_step(gm, mtp, ctx.model_config, spec, block_size, self.sampling, self.max_top_k)
+        ctx.state["spec_prefill_graph"] = prefill
+        k = 0 if spec is None else spec.num_speculative_tokens
+        return PassResult(step, modified=True, matches=1,
+                          notes=[f"fused main + {len(mtp) if k else 0} MTP graph(s) + acceptance, k = {k}"])

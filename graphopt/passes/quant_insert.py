@@ -1,0 +1,115 @@
+"""Insert quantisation: each site becomes explicit quantize -> integer matmul -> dequantize graphopt ops.
+
+Cases (sites: graphopt/quant/graph_sites.py; schemes and their op sequences: quant/qlinear.py):
+  * aten.linear(x, W[, b]) with a get_attr weight            -> the scheme's op sequence on x
+  * aten.matmul(x, transpose(W [E, out, K]))  stacked experts -> the same sequence, broadcast over E
+    (x [N, K] shared by all experts, or [E, N, K] per expert with per-expert smoothing / scales)
+  * C8: the kv_a_layernorm output                              -> quantize_kv -> dequantize_kv
+The quantised tensors come from the same algorithms as quantize_model (quant.algorithms.quantize_target,
+with ctx.state["quant_observers"] from quant_calibrate) and are registered on the GraphModule as
+buffers `_quant.<site name with __>.<field>`, read by new get_attr nodes; the float weight is dropped
+from the module when nothing else reads it. Not matched (negative cases): linears the config skips
+(router gate, lm_head, kv_b_proj by default) and linears whose weight is computed (a cast) rather
+than a get_attr.
+
+Before (w8a8, `capture_main(random_model())`, layer 0):
+    linear: "f32[s18, s5, 32]" = torch.ops.aten.linear.default(mul_46, model_model_layers_0_self_attn_q_a_proj_weight)
+After:
+    quantize_per_token = torch.ops.graphopt.quantize_per_token.default(mul_46, None, 127)
+    getitem_36: "i8[s18, s5, 64]" = quantize_per_token[0]
+    getitem_37: "f32[s18, s5, 1]" = quantize_per_token[1]
+    int8_matmul: "i32[s18, s5, 32]" = torch.ops.graphopt.int8_matmul.default(getitem_36, _quant_model__layers__0__self_attn__q_a_proj_weight)
+    dequantize_int32: "f32[s18, s5, 32]" = torch.ops.graphopt.dequantize_int32.default(int8_matmul, getitem_37, _quant_model__layers__0__self_attn__q_a_proj_scale, None, torch.float32)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ..ops import quant as _quant_ops  # noqa: F401  registers torch.ops.graphopt.* quant ops
+from ..quant.algorithms import Target, quantize_target
+from ..quant.config import resolve
+from ..quant.graph_sites import Site, attr_tensor, find_sites
+from ..quant.qlinear import emit_linear
+from .base import GraphPass, PassContext, PassResult
+from .patterns import call_op, fake_mode_of
+
+__all__ = ["QuantInsertPass"]
+
+OPS = torch.ops.graphopt
+
+
+class QuantInsertPass(GraphPass):
+    name = "quant_insert"
+    rtol = 0.1   # verify mode compares against the float graph: quantisation error, not a bug, is
+    atol = 0.1   # expected; exact numerics are tested against the eager quantised model instead
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        config = resolve(ctx.options.get("quant"))
+        if config is None:
+            return PassResult(gm, modified=False)
+        sites = find_sites(gm, config)
+        observers = ctx.state.get("quant_observers", {})
+        fake = fake_mode_of(gm)
+        old_weights = set()
+        for site in sites:
+            if site.kind == "latent":
+                _insert_kv(gm, site, observers, fake)
+                continue
+            weight = attr_tensor(gm, site.weight.target).detach().float()
+            bias = attr_tensor(gm, site.bias.target).detach().float() if site.bias is not None else None
+            q = quantize_target(Target(site.name, weight, bias, config.scheme_for(site.name), config,
+                                       observers.get(site.name)))
+            out_dtype = site.node.meta["val"].dtype
+            with gm.graph.inserting_before(site.node):
+                tensors = {k: _buffer(gm, site.name, k, t, fake) for k, t in q.tensors.items()}
+                call = lambda op, *args: call_op(gm.graph, fake, op, args)
+                y = emit_linear(call, site.x, q, tensors, out_dtype)
+            y.meta.setdefault("stack_trace", site.node.meta.get("stack_trace"))
+            site.node.replace_all_uses_with(y)
+            gm.graph.erase_node(site.node)
+            old_weights |= {site.weight, site.bias} - {None}
+        _drop_unused_attrs(gm, old_weights)
+        return PassResult(gm, modified=bool(sites), matches=len(sites))
+
+
+def _buffer(gm: fx.GraphModule, site: str, field: str, tensor: torch.Tensor, fake) -> fx.Node:
+    name = f"_quant_{site.replace('.', '__')}_{field}"
+    gm.register_buffer(name, tensor)
+    node = gm.graph.get_attr(name)
+    if fake is not None:
+        node.meta["val"] = fake.from_tensor(tensor, static_shapes=True)
+    return node
+
+
+def _insert_kv(gm: fx.GraphModule, site: Site, observers: dict, fake) -> None:
+    obs = observers.get(site.name)
+    if obs is None:
+        raise RuntimeError(f"{site.name}: C8 needs the latent's calibrated abs-max; run quant_calibrate first")
+    latent = site.node
+    users = list(latent.users)
+    with gm.graph.inserting_after(latent):
+        scale = _buffer(gm, site.name, "kv_scale", obs.channel_amax().clamp_min(1e-8) / 127, fake)
+    with gm.graph.inserting_after(scale):
+        q = call_op(gm.graph, fake, OPS.quantize_kv.default, (latent, scale))
+    with gm.graph.inserting_after(q):
+        back = call_op(gm.graph, fake, OPS.dequantize_kv.default, (q, scale, latent.meta["val"].dtype))
+    for u in users:
+        u.replace_input_with(latent, back)
+
+
+def _drop_unused_attrs(gm: fx.GraphModule, nodes: set[fx.Node]) -> None:
+    """Erase float weight get_attrs nobody reads any more, and the tensor if no get_attr names it."""
+    for node in nodes:
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is torch.ops.aten.transpose.int and not user.users:
+                gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
+    still = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for target in {n.target for n in nodes} - still:
+        owner, _, leaf = target.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        if hasattr(mod, leaf):
+            delattr(mod, leaf)

@@ -1,0 +1,188 @@
+"""Quantised checkpoints: save and load a model produced by quantize_model, bit-exact.
+
+A directory with three files, each written atomically (temporary name in the same folder, then
+os.replace); `quant_model.json` is written last, so its presence means the others are complete:
+
+    config.json          the model's HF config (graphopt.models.config)
+    model.safetensors    every tensor of the quantised model under its module path:
+                           model.layers.0.self_attn.q_a_proj.weight        int8  [out, K]
+                           model.layers.0.self_attn.q_a_proj.scale         fp32  [out, 1]
+                           model.layers.0.self_attn.q_a_proj.smooth_inv    fp32  [K]
+                           model.layers.1.mlp.experts.gate_up.weight       int8  [E, 2I, H]
+                           model.layers.0.self_attn.kv_a_layernorm.kv_scale fp32 [R]    (C8)
+                           ... and the 16-bit tensors that stayed float.
+                         int4 weights are packed two per byte along K (uint8, low nibble first,
+                         value + 8 for signed int4) so the file is the size the scheme promises.
+    quant_model.json     {"format": "graphopt-quant", "version": 1, "quant_config": QuantConfig.to_dict(),
+                          "modules": {path: {"kind": "linear" | "experts" | "kv", scheme, rotate_block,
+                          act_block, input_zero, meta (searched alpha/beta, clip ratios...), shape}},
+                          "packed_int4": {tensor name: unpacked dtype}, "aliases": {name: same tensor's saved name}}
+
+Loading rebuilds the reference model on the meta device, swaps in the quantised modules the JSON
+lists and assigns every tensor (strict: a missing or unexpected tensor is an error that names it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+from torch import Tensor, nn
+
+from graphopt.models.config import DeepseekV3Config
+from graphopt.models.deepseek import DeepseekV3ForCausalLM
+
+from .config import QuantConfig
+from .qlinear import QuantExperts, QuantizedLinear, QuantLatentNorm, QuantLinear
+from .schemes import QuantError
+
+__all__ = ["save_quantized", "load_quantized", "write_atomically", "FORMAT", "DESCRIPTION_FILE"]
+
+FORMAT, VERSION = "graphopt-quant", 1
+DESCRIPTION_FILE, WEIGHTS_FILE = "quant_model.json", "model.safetensors"
+
+
+def write_atomically(path: Path, write) -> None:
+    """`write(tmp_path)` then os.replace onto `path`: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike) -> None:
+    if not hasattr(model, "quant_config"):
+        raise QuantError("save_quantized needs a model from quantize_model / load_quantized "
+                         "(it has no quant_config); quantise it first")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tensors, aliases, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
+        if key is not None and key in seen:
+            aliases[name] = seen[key]                  # MTP's shared embedding / head
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    modules = _describe(model)
+    packed = {n: str(tensors[n].dtype).removeprefix("torch.") for n in _int4_weights(modules)
+              if n in tensors and tensors[n].shape[-1] % 2 == 0}
+    for n in packed:
+        tensors[n] = pack_int4(tensors[n])
+    description = {"format": FORMAT, "version": VERSION, "quant_config": model.quant_config.to_dict(),
+                   "modules": modules, "packed_int4": packed, "aliases": aliases}
+    write_atomically(root / "config.json", lambda p: p.write_text(model.config.to_json_string()))
+    write_atomically(root / WEIGHTS_FILE, lambda p: safetensors.torch.save_file(tensors, str(p)))
+    write_atomically(root / DESCRIPTION_FILE, lambda p: p.write_text(json.dumps(description, indent=1) + "\n"))
+
+
+def _describe(model: nn.Module) -> dict:
+    out = {}
+    for path, mod in model.named_modules():
+        if isinstance(mod, QuantLinear):
+            out[path] = {"kind": "linear", **mod.q.spec()}
+        elif isinstance(mod, QuantExperts):
+            out[path] = {"kind": "experts", **{part: (getattr(mod, part).q.spec() if getattr(mod, part) else None)
+                                               for part in ("gate_up", "down")}}
+        elif isinstance(mod, QuantLatentNorm):
+            out[path] = {"kind": "kv"}
+    return out
+
+
+def _int4_weights(modules: dict) -> list[str]:
+    names = []
+    for path, d in modules.items():
+        specs = [(path, d)] if d["kind"] == "linear" else \
+            [(f"{path}.{p}", d[p]) for p in ("gate_up", "down") if d["kind"] == "experts" and d[p]]
+        names += [f"{p}.weight" for p, s in specs if s["scheme"] in ("w4a8", "w4a16")]
+    return names
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """int4 values [..., K] (int8 in [-8, 7] or uint8 in [0, 15]) -> uint8 [..., K/2], low nibble first."""
+    u = (q.to(torch.int16) + (8 if q.dtype == torch.int8 else 0)).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p: Tensor, signed: bool) -> Tensor:
+    lo, hi = p & 0xF, p >> 4
+    u = torch.stack([lo, hi], dim=-1).flatten(-2)
+    return (u.to(torch.int16) - 8).to(torch.int8) if signed else u
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
+    root = Path(path)
+    desc = _read_description(root)
+    config = DeepseekV3Config.from_json(root / "config.json")
+    try:
+        tensors = safetensors.torch.load_file(str(root / WEIGHTS_FILE), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise QuantError(f"corrupt or unreadable quantised weights {root / WEIGHTS_FILE}: {e}") from None
+    for n, dtype in desc["packed_int4"].items():
+        if n not in tensors:
+            raise QuantError(f"{root / WEIGHTS_FILE}: packed int4 tensor {n} is missing")
+        tensors[n] = unpack_int4(tensors[n], signed=dtype == "int8")
+    for alias, original in desc["aliases"].items():
+        tensors[alias] = tensors[original]
+    with torch.device("meta"):
+        model = DeepseekV3ForCausalLM(config)
+    for mpath, d in desc["modules"].items():
+        _install(model, mpath, d, tensors)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        raise QuantError(f"{root / WEIGHTS_FILE} does not match its description {DESCRIPTION_FILE}: {e}") from None
+    model.model.rotary_emb.reset_parameters(device)
+    model.quant_config = QuantConfig.from_dict(desc["quant_config"])
+    return model.eval()
+
+
+def _read_description(root: Path) -> dict:
+    f = root / DESCRIPTION_FILE
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: not a graphopt quantised checkpoint (or an interrupted save)")
+    try:
+        desc = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise QuantError(f"corrupt {f}: not valid JSON ({e})") from None
+    if desc.get("format") != FORMAT or desc.get("version") != VERSION:
+        raise QuantError(f"{f}: format {desc.get('format')!r} version {desc.get('version')!r}; "
+                         f"this graphopt reads {FORMAT!r} version {VERSION}")
+    for key in ("quant_config", "modules", "packed_int4", "aliases"):
+        if key not in desc:
+            raise QuantError(f"{f}: missing key {key!r}")
+    return desc
+
+
+def _qlinear(prefix: str, spec: dict, tensors: dict[str, Tensor]) -> QuantizedLinear:
+    own = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")
+           and "." not in k[len(prefix) + 1:]}
+    if "weight" not in own or "scale" not in own:
+        raise QuantError(f"quantised module {prefix}: tensors {prefix}.weight / .scale are missing")
+    return QuantizedLinear(spec["scheme"], own, spec["rotate_block"], spec["act_block"], spec["input_zero"],
+                           spec.get("meta", {}))
+
+
+def _install(model: nn.Module, path: str, d: dict, tensors: dict[str, Tensor]) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    old = getattr(parent, leaf)
+    if d["kind"] == "linear":
+        new = QuantLinear(_qlinear(path, d, tensors))
+    elif d["kind"] == "experts":
+        parts = [_qlinear(f"{path}.{p}", d[p], tensors) if d[p] else None for p in ("gate_up", "down")]
+        new = QuantExperts(old, *parts)
+    elif d["kind"] == "kv":
+        new = QuantLatentNorm(old, tensors[f"{path}.kv_scale"])
+    else:
+        raise QuantError(f"{DESCRIPTION_FILE}: module {path} has unknown kind {d['kind']!r}")
+    setattr(parent, leaf, new)

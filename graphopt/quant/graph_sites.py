@@ -1,0 +1,104 @@
+"""Where quantisation applies in a captured step graph: the sites both quant passes work on.
+
+A site is one node of the graph with a model-level name (the same names QuantConfig.scheme_for and
+quantize_model use, so one config drives both paths):
+
+    linear   aten.linear(x, get_attr W [out, K], [bias])            q_a_proj, o_proj, mlp.*_proj, eh_proj, ...
+    experts  aten.matmul(x, aten.transpose(get_attr W [E, out, K], 1, 2))   the stacked expert matmuls
+             (x [N, K] shared by every expert for gate_up; [E, N, K] per expert for down_proj)
+    latent   the output of self_attn.kv_a_layernorm: aten.mul(get_attr norm weight, ...) or
+             graphopt.rms_norm(x, weight, eps): the normalised latent a C8 cache stores
+
+Names come from get_attr targets, whatever wrapper the capture put around the model:
+`model.model.layers.0.self_attn.q_a_proj.weight` -> `model.layers.0.self_attn.q_a_proj`,
+`model.mtp.0.eh_proj.weight` -> `mtp.0.eh_proj`. Linears whose weight is not a plain get_attr (the
+router casts its weight to float32 first) are not sites.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from .config import QuantConfig
+
+__all__ = ["Site", "find_sites", "module_name", "attr_tensor"]
+
+aten = torch.ops.aten
+_NAME = re.compile(r"(model\.layers\.\d+\..*|mtp\.\d+\..*|lm_head)$")
+_TRANSPOSES = (aten.transpose.int, aten.permute.default)
+
+
+@dataclass
+class Site:
+    name: str
+    kind: str                 # "linear" | "experts" | "latent"
+    node: fx.Node             # the linear / matmul, or the node producing the latent
+    x: fx.Node | None         # the activation input (linear, experts)
+    weight: fx.Node | None    # get_attr of the weight (linear, experts)
+    bias: fx.Node | None = None
+
+    @property
+    def per_expert(self) -> bool:
+        return self.kind == "experts" and self.x.meta["val"].dim() == 3
+
+
+def module_name(target: str) -> str | None:
+    """Model-level name of a get_attr target (weight suffix dropped), or None outside layers / mtp / lm_head."""
+    m = _NAME.search(target.removesuffix(".weight"))
+    return m[1] if m else None
+
+
+def attr_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _get_attr(node) -> fx.Node | None:
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def find_sites(gm: fx.GraphModule, config: QuantConfig) -> list[Site]:
+    sites = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is aten.linear.default and (w := _get_attr(node.args[1])) is not None:
+            name = module_name(w.target)
+            bias = node.args[2] if len(node.args) > 2 else None
+            if name and config.scheme_for(name) is not None and (bias is None or _get_attr(bias)):
+                sites.append(Site(name, "linear", node, node.args[0], w, bias))
+        elif node.target is aten.matmul.default and _is_expert_matmul(node):
+            w = node.args[1].args[0]
+            name = module_name(w.target)
+            if name and config.scheme_for(name) is not None:
+                sites.append(Site(name, "experts", node, node.args[0], w))
+        elif config.kv_cache == "int8" and (latent := _latent_norm(node)) is not None:
+            sites.append(Site(latent, "latent", node, None, None))
+    return sites
+
+
+def _is_expert_matmul(node: fx.Node) -> bool:
+    t = node.args[1]
+    if not (isinstance(t, fx.Node) and t.op == "call_function" and t.target in _TRANSPOSES):
+        return False
+    w = _get_attr(t.args[0])
+    if w is None or not w.target.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return False
+    dims = list(t.args[1:]) if t.target is aten.transpose.int else list(t.args[1])
+    return dims in ([1, 2], [2, 1], [-1, -2], [-2, -1], [0, 2, 1])
+
+
+def _latent_norm(node: fx.Node) -> str | None:
+    """Name of the kv_a_layernorm whose output `node` is, if it is one."""
+    weights = [a for a in node.args if (w := _get_attr(a)) is not None
+               and w.target.endswith("self_attn.kv_a_layernorm.weight")]
+    rms_norm = getattr(getattr(torch.ops.graphopt, "rms_norm", None), "default", None)
+    if not weights or node.target not in (aten.mul.Tensor, rms_norm):
+        return None
+    return module_name(weights[0].target)

@@ -1,0 +1,81 @@
+"""quant_insert: targeted linears and expert matmuls become quantize -> int matmul -> dequantize ops that
+compute exactly what the eager quantised model computes; skipped linears stay; C8 writes int8-grid latents."""
+
+import pytest
+import torch
+
+from graphopt.passes.base import count_ops
+from graphopt.passes.quant_calibrate import QuantCalibratePass
+from graphopt.passes.quant_insert import QuantInsertPass
+from graphopt.quant import PRESETS, QuantConfig, quantize_model
+from graphopt.quant.graph_sites import find_sites
+
+
+def _opts(config, inputs=None):
+    return {"quant": config, "progress": False, **({"calibration_inputs": inputs} if inputs else {})}
+
+
+def test_w8a8_rewrites_every_site_and_matches_the_eager_quantised_model(main_fp32, run):
+    config = PRESETS["w8a8"]
+    sites = find_sites(main_fp32.fresh(), config)
+    linears = sum(s.kind == "linear" for s in sites)
+    before = count_ops(main_fp32.step.graph_module)
+    ran = run(main_fp32, [QuantInsertPass()], options=_opts(config))           # verify mode: invariants too
+    after = count_ops(ran.graph_module)
+    assert ran.record("quant_insert").matches == len(sites) == linears + 2   # + gate_up and down of the MoE layer
+    assert after["graphopt.int8_matmul.default"] == after["graphopt.quantize_per_token.default"] == len(sites)
+    assert after["graphopt.dequantize_int32.default"] == len(sites)
+    # negative: the router gate and kv_b_proj (skipped by default) keep their float linears
+    assert after["aten.linear.default"] == before["aten.linear.default"] - linears == 2 + 2
+    assert after.get("aten.matmul.default", 0) == before["aten.matmul.default"] - 2
+    gm = ran.graph_module
+    assert not hasattr(gm.get_submodule("model.model.layers.0.self_attn.q_a_proj"), "weight")  # float weight dropped
+
+    eager = quantize_model(main_fp32.model, config, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    args, args_eager = main_fp32.step.make_inputs(3), main_fp32.step.make_inputs(3)
+    with torch.no_grad():
+        logits, hidden = gm(*args)
+        ids, pos, slots, blocks, caches = args_eager
+        want_logits, want_hidden = eager(ids, pos, caches, slots, blocks, return_hidden=True)
+    assert torch.equal(logits, want_logits) and torch.equal(hidden, want_hidden)
+    assert all(torch.equal(a, b) for a, b in zip(args[4], caches))           # same cache writes
+
+
+@pytest.mark.parametrize("preset", ["w4a8", "fp8_block", "w4a16", "w8a8_static"])
+def test_other_schemes_write_their_own_op_sequence(main_fp32, run, outputs, preset):
+    config = PRESETS[preset].replace(group_size=16)
+    inputs = [main_fp32.step.make_inputs(s) for s in range(2)]
+    ran = run(main_fp32, [QuantCalibratePass(), QuantInsertPass()], verify=False, options=_opts(config, inputs))
+    ops = count_ops(ran.graph_module)
+    n = ran.record("quant_insert").matches
+    expect = {"w4a8": "graphopt.w4a8_matmul.default", "fp8_block": "graphopt.fp8_linear.default",
+              "w4a16": "graphopt.dequantize_weight.default", "w8a8_static": "graphopt.quantize_per_tensor.default"}
+    assert n > 0 and ops[expect[preset]] == n
+    ref, got = outputs(main_fp32.step.graph_module, ran.graph_module, main_fp32.step.make_inputs)
+    rel = float((got[0] - ref[0]).norm() / ref[0].norm())                    # logits
+    assert 0 < rel < 0.15
+
+
+def test_c8_writes_latents_on_the_int8_grid(main_fp32, run):
+    inputs = [main_fp32.step.make_inputs(s) for s in range(2)]
+    ran = run(main_fp32, [QuantCalibratePass(), QuantInsertPass()], verify=False,
+              options=_opts(PRESETS["c8"], inputs))
+    gm = ran.graph_module
+    layers = main_fp32.config.num_hidden_layers
+    ops = count_ops(gm)
+    assert ops["graphopt.quantize_kv.default"] == ops["graphopt.dequantize_kv.default"] == layers
+    assert "graphopt.int8_matmul.default" not in ops                          # c8 alone: linears untouched
+    ids, pos, slots, blocks, caches = main_fp32.step.make_inputs(9)
+    with torch.no_grad():
+        gm(ids, pos, slots, blocks, caches)
+    R = main_fp32.config.kv_lora_rank
+    scale = getattr(gm, "_quant_model__layers__0__self_attn__kv_a_layernorm_kv_scale")
+    written = caches[0].view(-1, caches[0].shape[-1])[slots.flatten(), :R]    # latents written this step
+    steps = written / scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+def test_nothing_to_quantise_is_not_a_rewrite(main_fp32, run):
+    ran = run(main_fp32, [QuantInsertPass()], options=_opts(QuantConfig("bf16")))
+    assert not ran.record("quant_insert").modified
+    assert count_ops(ran.graph_module) == count_ops(main_fp32.step.graph_module)

@@ -1,0 +1,48 @@
+"""Accuracy measures (quant.eval) and the `graphopt calibrate` / `graphopt eval` entry points."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from graphopt.models import checkpoint
+from graphopt.models.evaluate import perplexity
+from graphopt.models.random import random_model
+from graphopt.quant import load_quantized, quantize_model
+from graphopt.quant.cli import calibrate_main, eval_main
+from graphopt.quant.eval import compare, windows_from
+
+
+def test_a_model_against_itself_and_against_a_quantised_copy():
+    model = random_model()
+    ids = torch.randint(0, 97, (200,), generator=torch.Generator().manual_seed(0))
+    windows = windows_from(ids, 25)
+    q = quantize_model(model, "w4a16", windows[:4], progress=False)
+    stats = compare(model, {"same": model, "w4a16": q}, windows, batch=3)
+    same, w4 = stats["same"], stats["w4a16"]
+    assert abs(same.kl) < 1e-6 and same.top1 == 1.0 and same.ppl == same.base_ppl
+    assert same.mtp_accept == same.base_mtp_accept and 0 <= same.mtp_accept <= 1
+    assert w4.kl > 1e-6 and w4.top1 < 1.0 and w4.ppl != w4.base_ppl
+    assert same.base_ppl == pytest.approx(perplexity(model, ids, window=25), rel=1e-5)   # same definition
+    assert same.tokens == 8 * 24
+
+
+def test_calibrate_then_eval_from_the_command_line(tmp_path, capsys):
+    model = random_model()
+    ckpt, out = tmp_path / "ckpt", tmp_path / "q"
+    checkpoint.save(model, ckpt)
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 97, 4000).astype("<u2").tofile(tokens)
+    assert calibrate_main(["--model", str(ckpt), "--quant", "w8a8", "--algorithm", "smoothquant:alpha=0.6",
+                           "--data", f"tokens:{tokens}@1", "--samples", "4", "--seq-len", "16",
+                           "--dtype", "float32", "--quiet", "--out", str(out)]) == 0
+    assert "quantised" in capsys.readouterr().out
+    q = load_quantized(out)
+    assert q.quant_config.algorithms[0].alpha == 0.6 and q.quant_config.calibration.num_samples == 4
+    assert eval_main(["--model", str(ckpt), "--quantized", str(out), "--eval-data", f"tokens:{tokens}",
+                      "--windows", "4", "--eval-seq-len", "32", "--dtype", "float32", "--quiet", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["tokens"] == 4 * 31 and 0 < stats["kl"] < 0.01
+    with pytest.raises(SystemExit):
+        calibrate_main(["--quant", "w8a8"])                      # --out is required
