@@ -115,7 +115,14 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes, what: str) -> torch.
     except Exception as e:  # export errors are long; keep the first lines and name the step
         first = "\n".join(str(e).strip().splitlines()[:12])
         raise CaptureError(f"torch.export failed while capturing {what}: {type(e).__name__}: {first}") from e
-    return ep.module()
+    gm = ep.module()
+    # export re-checks the dtype of every .to() at run time; meta["val"] already records those
+    # dtypes, and the checks would sit between the ops every pattern has to match
+    for node in list(gm.graph.nodes):
+        if node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def capture_main(model: DeepseekV3ForCausalLM, block_size: int = 16) -> CapturedGraph:

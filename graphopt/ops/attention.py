@@ -20,7 +20,8 @@ dn qk_nope_head_dim, r qk_rope_head_dim, dv v_head_dim):
     kv_b_weight [H * (dn + dv), R]   (kv_b_proj.weight: per head, dn rows of W_UK then dv rows of W_UV)
     w_uk [H, dn, R]   w_uv [H, dv, R]  (the same numbers, split per head; views are fine)
     attn_mask: None, bool (True = may attend) or float (added to the scores), broadcastable to
-               [B, H, T, S]; the causal mask inside a block of 1+k speculative queries is part of it
+               [B, H, T, S] (e.g. [B, 1, T, S] or [T, S]); for 1+k speculative queries it holds the
+               causal mask inside the block
     -> out [B, T, H, dv] in q_nope's dtype
 
 Numerics follow graphopt's reference attention (`models/deepseek.py`, MLAttention): scores are formed
@@ -67,8 +68,8 @@ def _check(q_nope: Tensor, q_pe: Tensor, latent: Tensor, k_pe: Tensor, kv_b_weig
              f"got {tuple(kv_b_weight.shape)}")
     _require(q_pe.shape[2] == H and q_pe.shape[3] == k_pe.shape[2],
              f"{op}: q_pe [B, T, H, r] and k_pe [B, S, r] disagree: {tuple(q_pe.shape)} vs {tuple(k_pe.shape)}")
-    _require(attn_mask is None or attn_mask.dim() == 4,
-             f"{op}: attn_mask must be None or 4-d (broadcastable to [B, H, T, S]), "
+    _require(attn_mask is None or attn_mask.dim() <= 4,
+             f"{op}: attn_mask must be None or broadcastable to [B, H, T, S] (at most 4-d), "
              f"got shape {None if attn_mask is None else tuple(attn_mask.shape)}")
     _require(attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dtype.is_floating_point,
              f"{op}: attn_mask must be bool (True = attend) or floating point (added), got {attn_mask.dtype}"

@@ -2,25 +2,28 @@
 
 Handles any pure ATen subgraph whose inputs are all get_attr tensors (weights and buffers): casts of
 weights (`gate.weight.float()` in a bf16 model, the rotary `inv_freq.float()`), arithmetic on
-weights and buffers, and view chains that end in such an op (`_to_copy(t(w))`). Each folded
-subgraph becomes a new get_attr buffer `_folded_<node>` on the module; the folded nodes are erased.
+weights and buffers (`w.t() * 2`, `w.sum(0)`), and view chains that end in such an op. Each folded
+subgraph becomes a new get_attr buffer (`<weight>_folded`, or `folded_<node>` when several weights
+feed it) holding the value with the strides the graph computed, so its readers run bit for bit as
+before; the folded nodes are erased and `matches` counts them.
 Never folded: anything depending on a placeholder or a size, random ops, in-place / impure ops.
 
 Memory: a folded constant is new memory; the weights it was computed from stay alive (the user's
 model owns them). Folding trades that memory for per-step work, so:
   * a pure view of a weight (`transpose`, `t`, `permute`, `view` ...) is left alone: it costs no
-    per-step work, and folding it would store a contiguous copy of the whole weight;
+    per-step work, and folding it would store a second copy of the whole weight (a permute folded
+    with an op after it does become a materialised copy: that is the trade, and why the cap exists);
   * a result equal to one of its source weights (same dtype, shape, strides and values) reuses that
     weight instead of a copy;
   * a constant larger than `ctx.options["fold_max_bytes"]` (default 64 MiB) is skipped and named in
     the notes; PassResult.notes also give the number and bytes of the new constants.
 
-Before (bf16 model, from `capture_main(random_model().to(torch.bfloat16))`, the router of layer 1):
+Before (bf16, from `capture_main(random_model().to(torch.bfloat16))`, the router of layer 1):
     _to_copy_25: "f32[8, 64]" = torch.ops.aten._to_copy.default(model_model_layers_1_mlp_gate_weight, dtype = torch.float32);  model_model_layers_1_mlp_gate_weight = None
     linear_13: "f32[s18*s5, 8]" = torch.ops.aten.linear.default(_to_copy_24, _to_copy_25);  _to_copy_24 = _to_copy_25 = None
 After:
-    _folded__to_copy_25: "f32[8, 64]" = self._folded__to_copy_25
-    linear_13: "f32[s18*s5, 8]" = torch.ops.aten.linear.default(_to_copy_24, _folded__to_copy_25);  _to_copy_24 = _folded__to_copy_25 = None
+    model_model_layers_1_mlp_gate_weight_folded: "f32[8, 64]" = self.model_model_layers_1_mlp_gate_weight_folded
+    linear_13: "f32[s18*s5, 8]" = torch.ops.aten.linear.default(_to_copy_24, model_model_layers_1_mlp_gate_weight_folded);  _to_copy_24 = model_model_layers_1_mlp_gate_weight_folded = None
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ def _constant_nodes(gm: fx.GraphModule) -> set[fx.Node]:
     return const
 
 
-def _only_views(node: fx.Node, const: set[fx.Node]) -> bool:
+def _only_views(node: fx.Node) -> bool:
     """The node is a view chain over a weight: no op in its constant subgraph computes anything."""
     stack, seen = [node], set()
     while stack:
@@ -121,7 +124,7 @@ class FoldConstantsPass(GraphPass):
         values: dict[fx.Node, torch.Tensor] = {}
         new_bytes, new_constants, skipped, folded_roots = 0, 0, [], []
         for node in frontier:
-            if _only_views(node, const):
+            if _only_views(node):
                 continue
             value = self._evaluate(gm, node, values)
             values.pop(node)   # only shared intermediates stay memoised

@@ -17,21 +17,22 @@ down_proj [E, H, I]):
 Not matched: a routing matrix scattered into a non-zero tensor, a weighted sum over a different index
 order, weights whose shapes do not fit [E, 2I, H] / [E, H, I].
 
-Before (float32, from `capture_main(random_model())`, layer 1):
+Before (float32, `capture_main(random_model())` after the earlier normalise passes, layer 1; asserts elided):
     zeros: "f32[s18*s5, 8]" = torch.ops.aten.zeros.default([mul_197, 8], dtype = torch.float32, device = device(type='cpu'), pin_memory = False)
-    scatter_1: "f32[s18*s5, 8]" = torch.ops.aten.scatter.src(zeros, 1, getitem_21, mul_741);  zeros = getitem_21 = mul_741 = None
-    transpose: "f32[8, 64, 64]" = torch.ops.aten.transpose.int(model_model_layers_1_mlp_experts_gate_up_proj, 1, 2)
+    scatter_1: "f32[s18*s5, 8]" = torch.ops.aten.scatter.src(zeros, 1, getitem_41, getitem_40);  zeros = getitem_41 = getitem_40 = None
+    transpose: "f32[8, 64, 64]" = torch.ops.aten.transpose.int(model_model_layers_1_mlp_experts_gate_up_proj, 1, 2);  model_model_layers_1_mlp_experts_gate_up_proj = None
     matmul: "f32[8, s18*s5, 64]" = torch.ops.aten.matmul.default(view_16, transpose);  view_16 = transpose = None
     split = torch.ops.aten.split.Tensor(matmul, 32, -1);  matmul = None
     getitem_22: "f32[8, s18*s5, 32]" = split[0]
     getitem_23: "f32[8, s18*s5, 32]" = split[1];  split = None
-    silu_1: "f32[8, s18*s5, 32]" = torch.ops.aten.silu.default(getitem_22);  getitem_22 = None
-    mul_760: "f32[8, s18*s5, 32]" = torch.ops.aten.mul.Tensor(silu_1, getitem_23);  silu_1 = getitem_23 = None
-    transpose_1: "f32[8, 32, 64]" = torch.ops.aten.transpose.int(model_model_layers_1_mlp_experts_down_proj, 1, 2)
-    matmul_1: "f32[8, s18*s5, 64]" = torch.ops.aten.matmul.default(mul_760, transpose_1);  mul_760 = transpose_1 = None
+    swiglu_default_1: "f32[8, s18*s5, 32]" = torch.ops.graphopt.swiglu.default(getitem_22, getitem_23);  getitem_22 = getitem_23 = None
+    transpose_1: "f32[8, 32, 64]" = torch.ops.aten.transpose.int(model_model_layers_1_mlp_experts_down_proj, 1, 2);  model_model_layers_1_mlp_experts_down_proj = None
+    matmul_1: "f32[8, s18*s5, 64]" = torch.ops.aten.matmul.default(swiglu_default_1, transpose_1);  swiglu_default_1 = transpose_1 = None
     einsum_6: "f32[s18*s5, 64]" = torch.ops.aten.einsum.default('enh,ne->nh', [matmul_1, scatter_1]);  matmul_1 = scatter_1 = None
+    view_18: "f32[s5, s18, 64]" = torch.ops.aten.view.default(einsum_6, [sym_size_int_70, sym_size_int_67, 64]);  einsum_6 = None
 After:
-    moe_experts: "f32[s18*s5, 64]" = torch.ops.graphopt.moe_experts.default(view_16, mul_741, getitem_21, model_model_layers_1_mlp_experts_gate_up_proj, model_model_layers_1_mlp_experts_down_proj)
+    moe_experts_default: "f32[s18*s5, 64]" = torch.ops.graphopt.moe_experts.default(view_16, getitem_40, getitem_41, model_model_layers_1_mlp_experts_gate_up_proj, model_model_layers_1_mlp_experts_down_proj);  view_16 = getitem_40 = getitem_41 = model_model_layers_1_mlp_experts_gate_up_proj = model_model_layers_1_mlp_experts_down_proj = None
+    view_18: "f32[s5, s18, 64]" = torch.ops.aten.view.default(moe_experts_default, [sym_size_int_70, sym_size_int_67, 64]);  moe_experts_default = None
 """
 
 from __future__ import annotations

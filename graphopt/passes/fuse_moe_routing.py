@@ -13,12 +13,14 @@ Given `ctx.model_config`, only that configuration's pattern is traced; without i
 Not matched: a linear + softmax + top-k that is not a router (e.g. no gather of the chosen scores,
 or a top-k over another dimension); a grouped view whose sizes do not multiply to the expert count.
 
-Before (float32, from `capture_main(random_model())`, layer 1; the grouped-masking lines elided):
-    linear_13: "f32[s18*s5, 8]" = torch.ops.aten.linear.default(view_16, model_model_layers_1_mlp_gate_weight)
+Before (float32, from `capture_main(random_model())`, layer 1; the group-masking lines elided):
+    linear_13: "f32[s18*s5, 8]" = torch.ops.aten.linear.default(view_16, model_model_layers_1_mlp_gate_weight);  model_model_layers_1_mlp_gate_weight = None
     sigmoid: "f32[s18*s5, 8]" = torch.ops.aten.sigmoid.default(linear_13);  linear_13 = None
-    add_858: "f32[s18*s5, 8]" = torch.ops.aten.add.Tensor(sigmoid, model_model_layers_1_mlp_gate_e_score_correction_bias)
+    add_858: "f32[s18*s5, 8]" = torch.ops.aten.add.Tensor(sigmoid, model_model_layers_1_mlp_gate_e_score_correction_bias);  model_model_layers_1_mlp_gate_e_score_correction_bias = None
     view_17: "f32[s18*s5, 4, 2]" = torch.ops.aten.view.default(add_858, [-1, 4, 2])
+    topk = torch.ops.aten.topk.default(view_17, 2);  view_17 = None
     ...
+    masked_fill_2: "f32[s18*s5, 8]" = torch.ops.aten.masked_fill.Scalar(add_858, eq_488, -inf);  add_858 = eq_488 = None
     topk_2 = torch.ops.aten.topk.default(masked_fill_2, 2);  masked_fill_2 = None
     getitem_21: "i64[s18*s5, 2]" = topk_2[1];  topk_2 = None
     gather: "f32[s18*s5, 2]" = torch.ops.aten.gather.default(sigmoid, 1, getitem_21);  sigmoid = None
@@ -27,9 +29,9 @@ Before (float32, from `capture_main(random_model())`, layer 1; the grouped-maski
     div: "f32[s18*s5, 2]" = torch.ops.aten.div.Tensor(gather, add_922);  gather = add_922 = None
     mul_741: "f32[s18*s5, 2]" = torch.ops.aten.mul.Tensor(div, 2.5);  div = None
 After:
-    moe_route = torch.ops.graphopt.moe_route.default(view_16, model_model_layers_1_mlp_gate_weight, model_model_layers_1_mlp_gate_e_score_correction_bias, 2, 4, 2, 'noaux_tc', 'sigmoid', True, 2.5)
-    getitem_40: "f32[s18*s5, 2]" = moe_route[0]
-    getitem_41: "i64[s18*s5, 2]" = moe_route[1]
+    moe_route_default = torch.ops.graphopt.moe_route.default(view_16, model_model_layers_1_mlp_gate_weight, model_model_layers_1_mlp_gate_e_score_correction_bias, 2, 4, 2, 'noaux_tc', 'sigmoid', True, 2.5);  model_model_layers_1_mlp_gate_weight = model_model_layers_1_mlp_gate_e_score_correction_bias = None
+    getitem_40: "f32[s18*s5, 2]" = moe_route_default[0]
+    getitem_41: "i64[s18*s5, 2]" = moe_route_default[1];  moe_route_default = None
 """
 
 from __future__ import annotations

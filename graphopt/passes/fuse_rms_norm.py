@@ -8,15 +8,15 @@ Handles the norm as the reference model, HF DeepSeek and most Llama-style code w
 Not matched: a mean over another dimension, a norm without the trailing weight multiply, a weight
 that is not one value per channel ([hidden]), an epsilon added outside the rsqrt.
 
-Before (float32, from `capture_main(random_model())`):
+Before (float32, from `capture_main(random_model())`, layer 0's input norm; capture's dtype asserts elided):
     pow_1: "f32[s5, s18, 64]" = torch.ops.aten.pow.Tensor_Scalar(embedding, 2)
     mean: "f32[s5, s18, 1]" = torch.ops.aten.mean.dim(pow_1, [-1], True);  pow_1 = None
     add_40: "f32[s5, s18, 1]" = torch.ops.aten.add.Tensor(mean, 1e-06);  mean = None
     rsqrt: "f32[s5, s18, 1]" = torch.ops.aten.rsqrt.default(add_40);  add_40 = None
     mul_42: "f32[s5, s18, 64]" = torch.ops.aten.mul.Tensor(embedding, rsqrt);  rsqrt = None
-    mul_46: "f32[s5, s18, 64]" = torch.ops.aten.mul.Tensor(model_model_layers_0_input_layernorm_weight, mul_42)
+    mul_46: "f32[s5, s18, 64]" = torch.ops.aten.mul.Tensor(model_model_layers_0_input_layernorm_weight, mul_42);  model_model_layers_0_input_layernorm_weight = mul_42 = None
 After:
-    rms_norm: "f32[s5, s18, 64]" = torch.ops.graphopt.rms_norm.default(embedding, model_model_layers_0_input_layernorm_weight, 1e-06)
+    rms_norm_default: "f32[s5, s18, 64]" = torch.ops.graphopt.rms_norm.default(embedding, model_model_layers_0_input_layernorm_weight, 1e-06);  model_model_layers_0_input_layernorm_weight = None
 """
 
 from __future__ import annotations

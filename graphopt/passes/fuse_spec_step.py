@@ -87,6 +87,8 @@ def _dynamic(n_main: int, n_mtp: int, prefill: bool):
 
 
 def _export(module: torch.nn.Module, args: tuple, dynamic, what: str) -> fx.GraphModule:
+    # run_decompositions functionalises: with k >= 2 the MTP graph runs twice, and the first run's cache
+    # write-back (a copy_ inside the graph) must become a functional value the chained draft reads.
     try:
         with torch.no_grad():
             ep = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)

@@ -7,12 +7,14 @@ Not matched: a silu whose result is used elsewhere too (it would have to be comp
 not multiplied (`silu(a) + b`), operands of different shapes (a broadcasting multiply) or dtypes.
 
 Before (from `capture_main(random_model())`, the dense MLP of layer 0):
+    linear_5: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(rms_norm_default_3, model_model_layers_0_mlp_gate_proj_weight);  model_model_layers_0_mlp_gate_proj_weight = None
     silu: "f32[s5, s18, 96]" = torch.ops.aten.silu.default(linear_5);  linear_5 = None
-    linear_6: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(mul_382, model_model_layers_0_mlp_up_proj_weight)
+    linear_6: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(rms_norm_default_3, model_model_layers_0_mlp_up_proj_weight);  rms_norm_default_3 = model_model_layers_0_mlp_up_proj_weight = None
     mul_357: "f32[s5, s18, 96]" = torch.ops.aten.mul.Tensor(silu, linear_6);  silu = linear_6 = None
 After:
-    linear_6: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(mul_382, model_model_layers_0_mlp_up_proj_weight)
-    swiglu: "f32[s5, s18, 96]" = torch.ops.graphopt.swiglu.default(linear_5, linear_6);  linear_5 = linear_6 = None
+    linear_5: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(rms_norm_default_3, model_model_layers_0_mlp_gate_proj_weight);  model_model_layers_0_mlp_gate_proj_weight = None
+    linear_6: "f32[s5, s18, 96]" = torch.ops.aten.linear.default(rms_norm_default_3, model_model_layers_0_mlp_up_proj_weight);  rms_norm_default_3 = model_model_layers_0_mlp_up_proj_weight = None
+    swiglu_default: "f32[s5, s18, 96]" = torch.ops.graphopt.swiglu.default(linear_5, linear_6);  linear_5 = linear_6 = None
 """
 
 from __future__ import annotations

@@ -61,13 +61,6 @@ class Match:
     def outputs(self) -> list[fx.Node]:
         return [self.nodes[p] for p in self.pattern.outputs]
 
-    def node(self, target) -> fx.Node:
-        """The (first) graph node of the match calling `target`, for reading its meta."""
-        for p, n in self.nodes.items():
-            if p.target == target:
-                return n
-        raise KeyError(f"{self.pattern.name}: no {target} in the match")
-
 
 # -- tracing ----------------------------------------------------------------------------------------
 
@@ -82,9 +75,10 @@ class _AsModule(torch.nn.Module):
 
 def trace_pattern(name: str, fn: Callable, example_inputs: dict[str, Any], wildcards: dict[str, Any] | None = None,
                   dynamic: Sequence[bool] | None = None) -> Pattern:
-    """Trace `fn(**example_inputs)` to the captured graphs' ATen level (inputs in the dict's order).
+    """Trace `fn(*example_inputs.values())` to the captured graphs' ATen level.
 
-    Matches bind graph nodes to the input names: match.inputs["x"].
+    example_inputs: name -> example, in fn's argument order; matches bind graph nodes to these names
+      (match.inputs["x"]).
     wildcards: name -> the sentinel value `fn` was given for it (baked in with functools.partial);
       each sentinel must be unique and appear in the trace, else the pattern would silently not work.
     dynamic: per input, whether its dim 0 (tokens) is dynamic (default: the first input's only), so
@@ -113,9 +107,9 @@ def trace_pattern(name: str, fn: Callable, example_inputs: dict[str, Any], wildc
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     out = next(n for n in graph.nodes if n.op == "output")
     outputs = list(out.args[0]) if isinstance(out.args[0], (tuple, list)) else [out.args[0]]
-    if len(placeholders) != len(names):
-        raise ValueError(f"pattern {name}: {len(names)} inputs given but the trace uses {len(placeholders)}; "
-                         "every input must be used by the pattern")
+    unused = [n for p, n in zip(placeholders, names) if not p.users]
+    if len(placeholders) != len(names) or unused:
+        raise ValueError(f"pattern {name}: every input must be used by the pattern; unused: {unused}")
     pattern = Pattern(name, graph, {p: n for p, n in zip(placeholders, names)}, outputs,
                       {(type(v), v): k for k, v in wildcards.items()})
     seen = {lit for n in graph.nodes if n.op == "call_function" for lit in _literals((n.args, n.kwargs))}
@@ -196,9 +190,13 @@ def _match_arg(pa, ga, m: Match) -> bool:
                 and all(_match_arg(pa[k], ga[k], m) for k in pa))
     if isinstance(pa, torch.device):
         return isinstance(ga, torch.device)
-    if isinstance(ga, fx.Node) or type(pa) is not type(ga):
+    if isinstance(ga, fx.Node):
         return False
     name = m.pattern.wildcards.get((type(pa), pa)) if _hashable(pa) else None
+    if name is not None and type(pa) is float and type(ga) is int:
+        ga = float(ga)   # a float constant written as an int in a config (routed_scaling_factor: 1)
+    if type(pa) is not type(ga):
+        return False
     if name is not None:
         return m.literals.setdefault(name, ga) == ga
     return pa == ga

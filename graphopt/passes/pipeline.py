@@ -13,12 +13,24 @@ Each phase is a list of passes with a one-line why. Every pass can be switched o
 from __future__ import annotations
 
 from .eliminate_dead_code import EliminateDeadCodePass
+from .fold_constants import FoldConstantsPass
+from .fuse_moe_experts import FuseMoeExpertsPass
+from .fuse_moe_routing import FuseMoeRoutingPass
+from .fuse_rms_norm import FuseRmsNormPass
+from .fuse_swiglu import FuseSwigluPass
 from .manager import Phase
+from .remove_noop_views import RemoveNoopViewsPass
 
 
 def normalise_phase() -> Phase:
     return Phase("normalise", "small, canonical graphs so that patterns match one way", [
-        EliminateDeadCodePass(),        # capture leaves unused views/casts behind
+        RemoveNoopViewsPass(),     # same-shape views, same-type casts/copies: patterns see one form
+        FoldConstantsPass(),       # weight-only work (bf16 router weight.float()) done once at compile time
+        FuseRmsNormPass(),         # pow/mean/rsqrt/mul (+ casts) -> graphopt.rms_norm
+        FuseSwigluPass(),          # silu(gate) * up -> graphopt.swiglu
+        FuseMoeRoutingPass(),      # scores, group top-k, gather, normalise -> graphopt.moe_route
+        FuseMoeExpertsPass(),      # dense all-experts dispatch -> sparse graphopt.moe_experts
+        EliminateDeadCodePass(),   # always last in the phase: drops what the rewrites left unused
     ])
 
 

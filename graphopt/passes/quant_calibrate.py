@@ -11,7 +11,8 @@ so it never reaches a backend), the graph runs over the calibration inputs with 
 the call nodes are erased again. Statistics go to ctx.state["quant_observers"][site name], shared
 by all graphs of a compile, where quant_insert reads them.
 
-Calibration inputs: ctx.options["calibration_inputs"], a callable (graph name -> iterable of input
+The config: ctx.state["quant"] (what graphopt.compile puts there) or ctx.options["quant"].
+Calibration inputs: ctx.state (or ctx.options) ["calibration_inputs"], a callable (graph name -> iterable of input
 tuples for this graph) or a list of tuples; without it, `ctx.make_inputs(seed)` for
 calibration.num_samples seeds (valid random steps: fine for weight-only RTN/HQQ, a poor sample of
 real activations, hence a note in the pass record). Passes nothing if the config needs no data.
@@ -29,26 +30,20 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from ..quant.config import HQQConfig, RTNConfig, resolve
+from ..quant.config import resolve
 from ..quant.graph_sites import find_sites
 from ..quant.observers import Observer
 from .base import GraphPass, PassContext, PassResult
 
-__all__ = ["QuantCalibratePass", "needs_calibration"]
-
-
-def needs_calibration(config) -> bool:
-    return (config.transform is not None or config.kv_cache is not None
-            or not isinstance(config.weight_method, (RTNConfig, HQQConfig))
-            or any(s.activation == "int8_static" for s in config.used_schemes()))
+__all__ = ["QuantCalibratePass"]
 
 
 class QuantCalibratePass(GraphPass):
     name = "quant_calibrate"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.options.get("quant"))
-        if config is None or not needs_calibration(config):
+        config = resolve(ctx.state.get("quant") or ctx.options.get("quant"))
+        if config is None or not config.needs_calibration:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
         if not sites:
@@ -77,7 +72,7 @@ class QuantCalibratePass(GraphPass):
 
 
 def _calibration_inputs(ctx: PassContext, n: int):
-    given = ctx.options.get("calibration_inputs")
+    given = ctx.state.get("calibration_inputs", ctx.options.get("calibration_inputs"))
     if callable(given):
         return list(given(ctx.graph_name)), None
     if given is not None:

@@ -10,7 +10,8 @@ with ctx.state["quant_observers"] from quant_calibrate) and are registered on th
 buffers `_quant.<site name with __>.<field>`, read by new get_attr nodes; the float weight is dropped
 from the module when nothing else reads it. Not matched (negative cases): linears the config skips
 (router gate, lm_head, kv_b_proj by default) and linears whose weight is computed (a cast) rather
-than a get_attr.
+than a get_attr. Routed experts already fused into graphopt.moe_experts (fuse_moe_experts ran
+first) are not rewritten: the pass record gets a note saying so.
 
 Before (w8a8, `capture_main(random_model())`, layer 0):
     linear: "f32[s18, s5, 32]" = torch.ops.aten.linear.default(mul_46, model_model_layers_0_self_attn_q_a_proj_weight)
@@ -30,7 +31,7 @@ from torch import fx
 from ..ops import quant as _quant_ops  # noqa: F401  registers torch.ops.graphopt.* quant ops
 from ..quant.algorithms import Target, quantize_target
 from ..quant.config import resolve
-from ..quant.graph_sites import Site, attr_tensor, find_sites
+from ..quant.graph_sites import Site, attr_tensor, find_sites, module_name
 from ..quant.qlinear import emit_linear
 from .base import GraphPass, PassContext, PassResult
 from .patterns import call_op, fake_mode_of
@@ -46,7 +47,7 @@ class QuantInsertPass(GraphPass):
     atol = 0.1   # expected; exact numerics are tested against the eager quantised model instead
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.options.get("quant"))
+        config = resolve(ctx.state.get("quant") or ctx.options.get("quant"))
         if config is None:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
@@ -71,7 +72,18 @@ class QuantInsertPass(GraphPass):
             gm.graph.erase_node(site.node)
             old_weights |= {site.weight, site.bias} - {None}
         _drop_unused_attrs(gm, old_weights)
-        return PassResult(gm, modified=bool(sites), matches=len(sites))
+        notes = _fused_experts_left(gm, config)
+        return PassResult(gm, modified=bool(sites), matches=len(sites), notes=notes)
+
+
+def _fused_experts_left(gm: fx.GraphModule, config) -> list[str]:
+    """graphopt.moe_experts nodes (fuse_moe_experts ran first) hide their matmuls: say so, never silently."""
+    fused = getattr(getattr(OPS, "moe_experts", None), "default", None)
+    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fused and any(
+        a.op == "get_attr" and (name := module_name(a.target)) and config.scheme_for(name)
+        for a in n.args[3:5] if isinstance(a, fx.Node))]
+    return [f"{len(left)} fused graphopt.moe_experts node(s) left in 16 bit: run the quant phase before "
+            "fuse_moe_experts to quantise routed experts"] if left else []
 
 
 def _buffer(gm: fx.GraphModule, site: str, field: str, tensor: torch.Tensor, fake) -> fx.Node:

@@ -10,13 +10,13 @@ Copies whose value the graph returns stay: removing them could make an output al
 Sizes are compared statically and conservatively: equal ints, or the same symbolic expression (the
 ShapeEnv proves it without adding a guard). `s0` vs `s1` that merely happen to be equal are kept.
 
-Before (from a graph exported with dynamic batch, `x.view(B, T, H).to(torch.float32).clone()`):
-    view: "f32[s0, 3, 8]" = torch.ops.aten.view.default(x, [sym_size_int, 3, 8]);  x = sym_size_int = None
-    _to_copy: "f32[s0, 3, 8]" = torch.ops.aten._to_copy.default(view, dtype = torch.float32);  view = None
-    clone: "f32[s0, 3, 8]" = torch.ops.aten.clone.default(_to_copy);  _to_copy = None
-    mul: "f32[s0, 3, 8]" = torch.ops.aten.mul.Tensor(clone, 2);  clone = None
+Before (exported `torch.ops.aten._to_copy(x.view(b, 3, 8), dtype=torch.float32).clone()` + 1, x: [b, 3, 8]):
+    view: "f32[s77, 3, 8]" = torch.ops.aten.view.default(x, [sym_size_int_2, 3, 8]);  x = None
+    _to_copy: "f32[s77, 3, 8]" = torch.ops.aten._to_copy.default(view, dtype = torch.float32);  view = None
+    clone: "f32[s77, 3, 8]" = torch.ops.aten.clone.default(_to_copy);  _to_copy = None
+    add_16: "f32[s77, 3, 8]" = torch.ops.aten.add.Tensor(clone, 1);  clone = None
 After:
-    mul: "f32[s0, 3, 8]" = torch.ops.aten.mul.Tensor(x, 2);  x = None
+    add_16: "f32[s77, 3, 8]" = torch.ops.aten.add.Tensor(x, 1);  x = None
 """
 
 from __future__ import annotations

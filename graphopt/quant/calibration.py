@@ -23,6 +23,7 @@ through every expert (routing only weights the outputs), so no expert is left wi
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +39,7 @@ from .observers import Observer
 from .schemes import QuantError
 
 __all__ = ["calibration_tokens", "source_tokens", "heldout_tokens", "check_vocab", "LayerRunner",
-           "attach_observers", "observe_layer", "EVAL_FRACTION", "HELDOUT_TEXT"]
+           "attach_observers", "observe_layer", "step_inputs", "EVAL_FRACTION", "HELDOUT_TEXT"]
 
 EVAL_FRACTION = 0.5
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "models" / "data" / "heldout.txt"
@@ -47,12 +48,17 @@ HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "models" / "data" / "hel
 # -- data ------------------------------------------------------------------------------------------
 def heldout_tokens(tokenizer=None) -> tuple[Tensor, Tensor]:
     """The shipped held-out text as ids, split into (evaluation slice, calibration remainder)."""
-    tok = tokenizer or _default_tokenizer()
-    ids = torch.tensor(tok.encode(HELDOUT_TEXT.read_text(encoding="utf-8")), dtype=torch.long)
+    ids = _encoded_heldout(tokenizer or _default_tokenizer())
     cut = int(len(ids) * EVAL_FRACTION)
     return ids[:cut], ids[cut:]
 
 
+@functools.lru_cache(maxsize=4)
+def _encoded_heldout(tokenizer) -> Tensor:  # 1.2 MB of text: tokenize once per tokenizer
+    return torch.tensor(tokenizer.encode(HELDOUT_TEXT.read_text(encoding="utf-8")), dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=1)
 def _default_tokenizer():
     from graphopt.models.tokenizer import load_tokenizer
     return load_tokenizer()
@@ -213,3 +219,33 @@ def observe_layer(runner: LayerRunner, layer: nn.Module, targets: dict, hidden: 
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def step_inputs(model: nn.Module, tokens: Tensor, block_size: int = 16, batch: int = 4) -> dict[str, list]:
+    """Calibration inputs for the captured step graphs: {"main": [...], "mtp0": [...], ...}.
+
+    Each entry is one prefill of `batch` windows, in the capture signatures (graphopt/capture/step.py):
+    main (input_ids, positions, slot_mapping, block_tables, kv_caches) and MTP depth d (next_ids,
+    hidden, positions, slot_mapping, block_tables, mtp_cache), with fresh zeroed caches (block 0 is
+    the padding sink) and the MTP hidden states from the eager model. For quant_calibrate:
+    `PassContext.state["calibration_inputs"] = step_inputs(model, tokens, block_size).__getitem__`.
+    """
+    out: dict[str, list] = {"main": [], **{f"mtp{d}": [] for d in range(len(model.mtp))}}
+    dev = model.lm_head.weight.device
+    for i in range(0, len(tokens), batch):
+        ids = tokens[i: i + batch].to(dev)
+        B, T = ids.shape
+        n_blocks = -(-T // block_size)
+        tables = 1 + torch.arange(B * n_blocks, device=dev).view(B, n_blocks)           # [B, M]
+        positions = torch.arange(T, device=dev).expand(B, T)
+        slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
+        fresh = lambda mtp=False: model.new_kv_caches(1 + B * n_blocks, block_size, mtp=mtp)
+        out["main"].append((ids, positions, slots, tables, fresh()))
+        hidden = model(ids, positions, fresh(), slots, tables, return_hidden=True)[1]
+        for d in range(len(model.mtp)):
+            n = T - 1 - d
+            args = (ids[:, 1 + d:], hidden[:, :n], positions[:, :n], slots[:, :n], tables)
+            out[f"mtp{d}"].append((*args, fresh(mtp=True)[0]))
+            hidden = model.mtp_forward(d, *args, fresh(mtp=True)[0])[1]
+    return out

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .calibration import check_vocab, heldout_tokens, source_tokens
-from .config import CalibrationConfig, QuantConfig, _algorithm_from, resolve
+from .config import CalibrationConfig, QuantConfig, parse_algorithm, resolve
 from .eval import compare, windows_from
 from .formats import load_quantized, save_quantized
 from .model_quant import quantize_model, quantized_names
@@ -47,7 +47,7 @@ def _quant_config(args) -> QuantConfig:
         config = resolve(args.quant)
     changes = {}
     if args.algorithm:
-        changes["algorithms"] = tuple(_algorithm_from(a) for a in args.algorithm)
+        changes["algorithms"] = tuple(parse_algorithm(a) for a in args.algorithm)
     if args.kv_cache:
         changes["kv_cache"] = None if args.kv_cache == "none" else args.kv_cache
     if args.mtp_scheme:

@@ -30,7 +30,7 @@ from .schemes import SCHEMES, QuantError, Scheme, get_scheme
 __all__ = [
     "QuantConfig", "CalibrationConfig", "MixedPrecisionConfig", "RTNConfig", "SmoothQuantConfig",
     "FlexSmoothConfig", "ClippingConfig", "LearnableClippingConfig", "HQQConfig", "HadamardConfig",
-    "PRESETS", "resolve", "DEFAULT_SKIP", "KV_CACHE_TYPES",
+    "PRESETS", "resolve", "resolve_quant_config", "parse_algorithm", "DEFAULT_SKIP", "KV_CACHE_TYPES",
 ]
 
 DEFAULT_SKIP = ("*.mlp.gate", "lm_head", "*kv_b_proj", "*shared_head.head")
@@ -104,8 +104,8 @@ class LearnableClippingConfig:
     """Clip ratios learnt by gradient descent on the output error (straight-through rounding),
     started from the grid search's answer."""
     kind = "weight"
-    steps: int = 60
-    lr: float = 5e-3
+    steps: int = 30
+    lr: float = 0.05
     grid: tuple[float, ...] = ClippingConfig.grid
 
     def __post_init__(self):
@@ -224,6 +224,13 @@ class QuantConfig:
     def weight_method(self):
         return next((a for a in self.algorithms if a.kind == "weight"), RTNConfig())
 
+    @property
+    def needs_calibration(self) -> bool:
+        """False for RTN / HQQ weights with dynamic activations and no C8: nothing to observe."""
+        return (self.transform is not None or self.kv_cache is not None
+                or not isinstance(self.weight_method, (RTNConfig, HQQConfig))
+                or any(s.activation == "int8_static" for s in self.used_schemes()))
+
     def used_schemes(self) -> list[Scheme]:
         names = {self.scheme, *(s for _, s in self.overrides)}
         if self.mtp_scheme:
@@ -255,7 +262,7 @@ class QuantConfig:
         data = dict(data)
         _check_keys("QuantConfig", data, cls)
         if "algorithms" in data:
-            data["algorithms"] = tuple(_algorithm_from(a) for a in data["algorithms"])
+            data["algorithms"] = tuple(parse_algorithm(a) for a in data["algorithms"])
         if "skip" in data:
             data["skip"] = tuple(data["skip"])
         if data.get("mixed_precision") is not None:
@@ -275,7 +282,7 @@ class QuantConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _algorithm_from(spec: Any):
+def parse_algorithm(spec: Any):
     """{"type": "SmoothQuantConfig", "alpha": 0.5}, or a short string "smoothquant" / "smoothquant:alpha=0.6"."""
     if isinstance(spec, str):
         name, _, args = spec.partition(":")
@@ -328,6 +335,10 @@ PRESETS: dict[str, QuantConfig] = {
     "fp8_block": QuantConfig("fp8_block"),
     "c8": QuantConfig("bf16", kv_cache="int8"),
 }
+
+
+def resolve_quant_config(quant: str | QuantConfig | dict | None) -> QuantConfig | None:
+    return resolve(quant)
 
 
 def resolve(quant: str | QuantConfig | dict | None) -> QuantConfig | None:

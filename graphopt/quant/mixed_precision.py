@@ -3,9 +3,9 @@
 Unit: a main decoder layer (`model.layers.{i}`; all its targeted matmuls share a scheme). MTP modules
 follow `scheme` / `mtp_scheme` (their cost is acceptance, measured separately: see docs).
 
-  1. sensitivity[i][c] = KL(float || model with only layer i quantised to candidate c) on the first
-     calibration windows: one quantisation + forward per (layer, candidate), cheap next to the
-     calibration itself;
+  1. sensitivity[i][c] = KL(float || model with only layer i quantised to candidate c, RTN grids) on
+     the first calibration windows: one quantisation + forward per (layer, candidate), cheap next to
+     the calibration itself (static-activation candidates still calibrate);
   2. start every layer at the most precise candidate (candidates[0]) and, while the average bits per
      targeted weight exceed the budget, move one layer one candidate down: the move with the least
      added KL per bit saved (greedy knapsack);
@@ -51,7 +51,9 @@ def choose_mixed_precision(model: nn.Module, config: QuantConfig, data: Tensor, 
     windows = data[:SENSITIVITY_WINDOWS]
     with torch.no_grad():
         ref = model(windows)
-    probe = config.replace(mixed_precision=None, mtp_scheme="bf16")
+    # probes use plain RTN grids and no C8: they rank layers by how much the grid alone costs, and the
+    # calibration-free path makes each probe one quantisation (no data pass) plus one forward
+    probe = config.replace(mixed_precision=None, mtp_scheme="bf16", algorithms=(), kv_cache=None)
     sens = {}
     for i in tqdm(range(n_layers), desc="sensitivity", disable=not progress):
         for c in cands:

@@ -24,7 +24,7 @@ from graphopt.models.deepseek import DeepseekV3ForCausalLM, Experts
 
 from .algorithms import Target, quantize_target
 from .calibration import LayerRunner, calibration_tokens, check_vocab, observe_layer
-from .config import HQQConfig, QuantConfig, RTNConfig, resolve
+from .config import QuantConfig, resolve
 from .observers import Observer
 from .qlinear import QuantExperts, QuantLatentNorm, QuantLinear
 
@@ -37,7 +37,7 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
     config = resolve(quant)
     if config is None:
         raise ValueError("quantize_model needs a quant preset or QuantConfig, got None")
-    if data is None and (_needs_data(config) or config.mixed_precision is not None):
+    if data is None and (config.needs_calibration or config.mixed_precision is not None):
         data = calibration_tokens(config.calibration, model.config.vocab_size, tokenizer)
     if data is not None:
         check_vocab(data, model.config.vocab_size, "calibration data")
@@ -45,7 +45,7 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
         from .mixed_precision import choose_mixed_precision
         config = choose_mixed_precision(model, config, data, progress=progress)
     model = model if inplace else copy.deepcopy(model)
-    if not _needs_data(config):                     # RTN / HQQ weights, dynamic activations: no data pass
+    if not config.needs_calibration:                     # RTN / HQQ weights, dynamic activations: no data pass
         return _quantize_without_data(model, config)
     runner = LayerRunner(model, data, batch=batch, progress=progress)
     try:
@@ -100,18 +100,11 @@ def _targets(layer: nn.Module, prefix: str, config: QuantConfig, seed: int) -> d
     return hooks
 
 
-def _needs_data(config: QuantConfig) -> bool:
-    schemes = config.used_schemes()
-    return (config.transform is not None or config.kv_cache is not None
-            or not isinstance(config.weight_method, (RTNConfig, HQQConfig))
-            or any(s.activation == "int8_static" for s in schemes))
-
-
 def _quantize_layer(runner: LayerRunner, layer: nn.Module, prefix: str, config: QuantConfig, hidden) -> None:
     hooks = _targets(layer, prefix, config, config.calibration.seed)
     if not hooks:
         return
-    if _needs_data(config):
+    if config.needs_calibration:
         observe_layer(runner, layer, hooks, hidden)
     else:  # calibration-free: no observers needed
         hooks = {p: (k, None if k != "experts" else (None, None)) for p, (k, _) in hooks.items()}
@@ -143,7 +136,7 @@ def _quantize_linear_on(parent: nn.Module, path: str, name: str, config: QuantCo
     if config.scheme_for(name) is None:
         return
     obs = None
-    if _needs_data(config):
+    if config.needs_calibration:
         cal = config.calibration
         obs = Observer(name, cal.max_rows, cal.bins, seed=cal.seed)
         obs.observe(x)

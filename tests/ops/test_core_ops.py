@@ -3,7 +3,6 @@ and clear errors on bad input."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.export import Dim
 
 from graphopt.models.deepseek import MLP, Experts, RMSNorm, TopkRouter

@@ -47,3 +47,16 @@ def test_without_calibration_inputs_it_says_it_used_random_steps(main_fp32, run)
     config = PRESETS["w8a8_smooth"].replace(calibration=PRESETS["w8a8"].calibration.__class__(num_samples=2))
     ran = run(main_fp32, [QuantCalibratePass()], options=_ctx_options(config))
     assert "random valid steps" in ran.record("quant_calibrate").notes[0]
+
+
+def test_step_inputs_feed_real_windows_to_the_main_graph(main_fp32):
+    from graphopt.passes.base import PassContext
+    from graphopt.quant.calibration import step_inputs
+    windows = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(4))
+    inputs = step_inputs(main_fp32.model, windows, block_size=16, batch=2)
+    assert len(inputs["main"]) == 2 and len(inputs["mtp0"]) == 2
+    config = PRESETS["w8a8_smooth"]
+    ctx = PassContext(main_fp32.config, {"progress": False}, None, "main",
+                      state={"quant": config, "calibration_inputs": inputs.__getitem__})
+    QuantCalibratePass().run(main_fp32.fresh(), ctx)
+    assert ctx.state["quant_observers"]["model.layers.0.self_attn.q_a_proj"].tokens == windows.numel()

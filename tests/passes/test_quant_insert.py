@@ -79,3 +79,11 @@ def test_nothing_to_quantise_is_not_a_rewrite(main_fp32, run):
     ran = run(main_fp32, [QuantInsertPass()], options=_opts(QuantConfig("bf16")))
     assert not ran.record("quant_insert").modified
     assert count_ops(ran.graph_module) == count_ops(main_fp32.step.graph_module)
+
+
+def test_experts_fused_before_quantisation_are_reported_not_silently_skipped(main_fp32, run):
+    from graphopt.passes.fuse_moe_experts import FuseMoeExpertsPass
+    ran = run(main_fp32, [FuseMoeExpertsPass(), QuantInsertPass()], verify=False, options=_opts(PRESETS["w8a8"]))
+    notes = ran.record("quant_insert").notes
+    assert len(notes) == 1 and "1 fused graphopt.moe_experts node(s) left in 16 bit" in notes[0]
+    assert count_ops(ran.graph_module)["graphopt.moe_experts.default"] == 1

@@ -81,3 +81,14 @@ def test_mixed_precision_meets_the_size_budget(setup):
     with pytest.raises(ValueError, match="below the smallest reachable"):
         quantize_model(model, cfg.replace(mixed_precision=MixedPrecisionConfig(("w8a8", "w4a8"), 3.0)), data,
                        progress=False)
+
+
+def test_sparse_expert_dispatch_equals_the_dense_form(setup):
+    model, data, _, _ = setup
+    q = quantize_model(model, PRESETS["w8a8_static"], data, progress=False)    # per-expert static scales too
+    moe = q.model.layers[1].mlp
+    x = torch.randn(9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    weights, ids = moe.gate(x)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.experts(x, weights, ids), moe.experts._dense(x, weights, ids),
+                                   rtol=1e-5, atol=1e-6)

@@ -1,0 +1,160 @@
+"""rewrite_mla_absorbed: graphopt's reference MLA, transformers' DeepseekV3Attention and an older
+transformers layout become graphopt.mla_attention (numerics, op counts); Llama-style attention and an
+MLA variant with its own value projection do not."""
+
+import copy
+
+import pytest
+import torch
+from torch.export import Dim
+
+from graphopt.capture.step import StepInputFactory, capture_main
+from graphopt.models.random import random_model
+from graphopt.passes.base import PassContext, count_ops
+from graphopt.passes.invariants import check_invariants
+from graphopt.passes.rewrite_mla_absorbed import RewriteMLAAbsorbedPass
+
+transformers = pytest.importorskip("transformers")
+MLA_OP = "graphopt.mla_attention.default"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def captured():
+    model = random_model(0, num_hidden_layers=1)
+    return model, capture_main(model, block_size=4)
+
+
+def rewrite(gm):
+    gm = copy.deepcopy(gm)
+    before = count_ops(gm)
+    result = RewriteMLAAbsorbedPass().run(gm, PassContext())
+    gm.recompile()
+    return gm, result, before, count_ops(gm)
+
+
+def changed(before, after):
+    return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after) if before.get(k, 0) != after.get(k, 0)}
+
+
+def export(module, args, dynamic=None):
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False).run_decompositions({}).module()
+
+
+def test_reference_model_graph(captured):
+    model, cap = captured
+    gm, result, before, after = rewrite(cap.graph_module)
+    assert result.matches == 1 and not result.notes
+    # kv_b_proj's linear, its split, two score einsums + add + scale, the mask, softmax and the value einsum
+    # become one op, plus two slices of a view of the kv_b weight (W_UK, W_UV: views, no copies)
+    assert changed(before, after) == {
+        MLA_OP: 1, "aten.softmax.int": -1, "aten.einsum.default": -3, "aten.linear.default": -1,
+        "aten.split_with_sizes.default": -1, "getitem": -2, "aten.add.Tensor": -1, "aten.mul.Tensor": -1,
+        "aten.masked_fill.Scalar": -1, "aten.bitwise_not.default": -1, "aten.slice.Tensor": 2,
+        "aten._assert_tensor_metadata.default": -2}
+    check_invariants(gm, "after rewrite_mla_absorbed")
+    # T = 3 queries: the absorbed form; T = 12: the expanded form (prefill); outputs and written caches agree
+    for tokens in (3, 12):
+        factory = StepInputFactory(model, 4, batch=3, tokens=tokens)
+        ref_args, got_args = factory.main(7), factory.main(7)
+        with torch.no_grad():
+            ref, got = cap.graph_module(*ref_args), gm(*got_args)
+        for a, b in zip([*ref, *ref_args[4]], [*got, *got_args[4]]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+def hf_deepseek():
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None, kv_lora_rank=32, qk_nope_head_dim=16,
+        qk_rope_head_dim=8, v_head_dim=12, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=4,
+        topk_group=2, first_k_dense_replace=1, max_position_embeddings=256, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.DeepseekV3ForCausalLM(cfg).eval()
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids, use_cache=False).logits
+
+
+def test_transformers_deepseek_v3_attention():
+    model = Logits(hf_deepseek())
+    gm = export(model, (torch.randint(0, 97, (2, 6)),), ({1: Dim("seq", min=2, max=64)},))
+    new, result, before, after = rewrite(gm)
+    assert result.matches == 1 and not result.notes
+    delta = changed(before, after)
+    assert delta[MLA_OP] == 1 and delta["aten.softmax.int"] == -1 and delta["aten.matmul.default"] == -2
+    assert delta["aten.linear.default"] == -1 and delta["aten.new_empty.default"] == -1
+    check_invariants(new, "after rewrite_mla_absorbed")
+    for T in (5, 12):   # absorbed and expanded branches, one graph (the sequence length is symbolic)
+        ids = torch.randint(0, 97, (2, T))
+        with torch.no_grad():
+            torch.testing.assert_close(new(ids), model(ids), rtol=1e-4, atol=1e-5)
+
+
+class OlderLayoutMLA(torch.nn.Module):
+    """MLA as earlier transformers releases wrote it (keys by torch.cat, heads before tokens, additive
+    causal mask); `own_values=True` gives values their own projection: not MLA any more."""
+
+    def __init__(self, own_values=False, H=4, dn=16, r=8, dv=12, R=32, D=64):
+        super().__init__()
+        self.H, self.dn, self.r, self.dv = H, dn, r, dv
+        self.q_proj = torch.nn.Linear(D, H * (dn + r), bias=False)
+        self.kv_a = torch.nn.Linear(D, R + r, bias=False)
+        self.kv_b = torch.nn.Linear(R, H * (dn + dv), bias=False)
+        self.v_proj = torch.nn.Linear(R, H * dv, bias=False) if own_values else None
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.H, -1).transpose(1, 2)
+        q_pass, q_rot = torch.split(q, [self.dn, self.r], dim=-1)
+        latent, k_rot = torch.split(self.kv_a(x), [self.kv_b.in_features, self.r], dim=-1)
+        kv = self.kv_b(latent).view(B, T, self.H, -1).transpose(1, 2)
+        k_pass, v = torch.split(kv, [self.dn, self.dv], dim=-1)
+        if self.v_proj is not None:
+            v = self.v_proj(latent).view(B, T, self.H, self.dv).transpose(1, 2)
+        k_rot = k_rot.view(B, 1, T, self.r).expand(-1, self.H, -1, -1)
+        query, key = torch.cat((q_pass, q_rot), dim=-1), torch.cat((k_pass, k_rot), dim=-1)
+        mask = torch.full((T, T), float("-inf")).triu(1)
+        scores = torch.matmul(query, key.transpose(2, 3)) * 0.2 + mask
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs, v).transpose(1, 2).reshape(B, T, -1)
+
+
+def test_older_transformers_layout_with_cat_keys():
+    torch.manual_seed(1)
+    module, x = OlderLayoutMLA().eval(), torch.randn(2, 5, 64)
+    new, result, before, after = rewrite(export(module, (x,)))
+    assert result.matches == 1 and changed(before, after)[MLA_OP] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), module(x), rtol=1e-4, atol=1e-5)
+
+
+def test_llama_attention_is_not_rewritten():
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    gm = export(Logits(transformers.LlamaForCausalLM(cfg).eval()), (torch.randint(0, 97, (2, 6)),))
+    new, result, before, after = rewrite(gm)
+    assert result.matches == 0 and not result.modified and before == after
+    assert len(result.notes) == 1 and "is not a concatenation of a no-rope and a rope part" in result.notes[0]
+
+
+def test_values_with_their_own_projection_are_not_mla():
+    gm = export(OlderLayoutMLA(own_values=True).eval(), (torch.randn(2, 5, 64),))
+    new, result, before, after = rewrite(gm)
+    assert result.matches == 0 and before == after
+    assert "is not one half of a split of expanded keys/values" in result.notes[0]   # the values
