@@ -10,6 +10,8 @@ and register any new tensors (folded or quantised weights) on those graphs, neve
 
 from __future__ import annotations
 
+import copy
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +55,7 @@ class CompiledModel:
         self._device = model.lm_head.weight.device
         self._dtype = model.lm_head.weight.dtype
         self._model = model  # read-only: shapes, new_kv_caches; never modified
+        self._step_provider = None
 
     @property
     def main_graph(self) -> torch.fx.GraphModule:
@@ -104,8 +107,23 @@ class CompiledModel:
         return Engine(self._provider(), **kwargs)
 
     def _provider(self):
-        from .runtime.reference_provider import ReferenceStepProvider
-        return ReferenceStepProvider(_GraphForward(self.main_graph, self._model), block_size=self.options.block_size)
+        if self._step_provider is None:
+            if "step" in self.graphs:
+                from .capture.spec_step import SpecStepProvider
+                k = self.spec.num_speculative_tokens if self.spec is not None else 0
+                self._step_provider = SpecStepProvider(self.graphs["step"], self.graphs["prefill"], self.config, k,
+                                                       self.options.block_size, self._dtype, self._device)
+            else:  # fuse_spec_step switched off: plain decoding over the main graph, bookkeeping in eager ops
+                from .runtime.reference_provider import ReferenceStepProvider
+                self._step_provider = ReferenceStepProvider(_GraphForward(self.main_graph, self._model),
+                                                            block_size=self.options.block_size)
+        return self._step_provider
+
+    @property
+    def stats(self) -> dict | None:
+        """Speculative decoding statistics over every generate call so far (None without spec)."""
+        provider = self._provider()
+        return provider.stats.summary() if self.spec is not None and hasattr(provider, "stats") else None
 
 
 class _GraphForward:
@@ -128,7 +146,6 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     spec_config = _resolve_spec(spec, ref)
     quant_config = _resolve_quant(quant)
     verify = verify or verify_from_env()
-    import os
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     dumper = Dumper(dump_dir) if dump_dir else None
     report = CompileReport()
@@ -140,16 +157,25 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
             captured[f"mtp{d}"] = capture_mtp(ref, d, opts.block_size)
     report.seconds["capture"] = time.perf_counter() - t0
 
-    phases = pipeline.build_pipeline(spec=spec_config is not None, quant=quant_config is not None)
-    manager = PassManager(phases, set(opts.disable_passes) | disabled_from_env(), verify, dumper)
+    per_graph, step_phases = pipeline.build_pipeline(quant=quant_config is not None)
+    manager = PassManager(per_graph + step_phases, set(opts.disable_passes) | disabled_from_env(), verify, dumper)
+    options = {**vars(opts), "spec": spec_config, "quant": quant_config}
+    state = {"spec": spec_config, "quant": quant_config}   # shared by all graphs (calibration statistics)
     graphs: dict[str, torch.fx.GraphModule] = {}
     t0 = time.perf_counter()
-    for name, cap in captured.items():
+    for name in sorted(captured, key=lambda n: n != "main"):  # mtp graphs after main, before the fusion
+        cap = captured[name]
         if dumper:
             dumper.write_captured(name, cap.graph_module)
-        ctx = PassContext(ref.config, vars(opts), cap.make_inputs, name,
-                          state={"spec": spec_config, "quant": quant_config})
-        graphs[name] = manager.run(cap.graph_module, ctx)
+        ctx = PassContext(ref.config, options, cap.make_inputs, name, state=state)
+        graphs[name] = manager.run(cap.graph_module, ctx, per_graph)
+    state["mtp_graphs"] = [graphs[f"mtp{d}"] for d in range(len(ref.mtp)) if f"mtp{d}" in graphs]
+    step_ctx = PassContext(ref.config, options, captured["main"].make_inputs, "step", state=state)
+    step = manager.run(copy.deepcopy(graphs["main"]), step_ctx, step_phases)
+    if "spec_prefill_graph" in state:
+        graphs["step"], graphs["prefill"] = step, state["spec_prefill_graph"]
+    elif spec_config is not None:
+        raise ValueError("spec= needs the fuse_spec_step pass; it was disabled")
     report.seconds["passes"] = time.perf_counter() - t0
     report.records = manager.records
 
@@ -174,11 +200,8 @@ def _backend_lowering(backend: str):
 def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
     if spec is None:
         return None
-    from .spec import SpecConfig
-    if spec == "mtp":
-        spec = SpecConfig(method="mtp", num_speculative_tokens=1)
-    if not isinstance(spec, SpecConfig):
-        raise ValueError(f"spec must be None, 'mtp' or graphopt.SpecConfig(...), got {spec!r}")
+    from .spec import resolve_spec
+    spec = resolve_spec(spec)
     if len(model.mtp) == 0:
         raise ValueError("spec='mtp' needs MTP weights, but the model has no MTP module "
                          "(num_nextn_predict_layers = 0); load a checkpoint that has them "

@@ -52,7 +52,7 @@ def test_dump_report_lists_every_pass(compiled_random):
     (dict(backend="tensorrt"), "unknown backend 'tensorrt'; accepted: auto, eager"),
     (dict(block_sizes=16), "unknown compile option.*block_sizes.*accepted options"),
     (dict(block_size=12), "power of two"),
-    (dict(spec="medusa"), "spec must be None, 'mtp' or graphopt.SpecConfig"),
+    (dict(spec="medusa"), "spec = 'medusa' is not supported; accepted values: None, 'mtp'"),
     (dict(disable_passes=["no_such_pass"]), "unknown pass"),
 ])
 def test_bad_compile_arguments_are_clear_errors(kwargs, match):

@@ -108,6 +108,26 @@ class _Speculator(nn.Module):
         self.main_fn = main_fn
         self.k, self.block_size, self.sampling, self.max_top_k = k, block_size, sampling, max_top_k
 
+    def _main(self, ids, positions, slots, block_tables, kv_caches):
+        """-> logits, hidden, the caches as written (functional graphs return them; the eager model
+        writes in place and returns two values, so its caches are the written ones)."""
+        out = self.main_fn(ids, positions, slots, block_tables, kv_caches)
+        return (*out[:2], list(out[2]) if len(out) > 2 else kv_caches)
+
+    def _mtp(self, depth, next_ids, hidden, positions, slots, block_tables, mtp_caches):
+        """Runs MTP layer `depth`; replaces mtp_caches[depth] by the cache as written."""
+        out = self.mtp_fns[depth](next_ids, hidden, positions, slots, block_tables, mtp_caches[depth])
+        if len(out) > 2:
+            mtp_caches[depth] = out[2]
+        return out[0], out[1]
+
+    @staticmethod
+    def _write_back(inputs: list[torch.Tensor], written: list[torch.Tensor]) -> None:
+        """One copy per cache at the very end: the graph stays functional until its last nodes."""
+        for cache, new in zip(inputs, written):
+            if new is not cache:
+                cache.copy_(new)
+
     def _probs(self, logits, temperature, top_k, top_p, min_p):
         # logits [B, T, V] -> the per-row filtered target distribution [B, T, V]
         B, T, V = logits.shape
@@ -125,8 +145,7 @@ class _Speculator(nn.Module):
             pos = (next_start + j)[:, None]                                        # [B, 1]
             slots = slot_mapping(pos, block_tables, self.block_size, valid[:, None])
             pos = torch.where(valid[:, None], pos, torch.zeros_like(pos))
-            logits, hidden = self.mtp_fns[depth](draft[:, None], hidden, pos, slots, block_tables,
-                                                 mtp_caches[depth])
+            logits, hidden = self._mtp(depth, draft[:, None], hidden, pos, slots, block_tables, mtp_caches)
             draft = logits[:, 0].argmax(dim=-1)
             drafts.append(draft)
         return torch.stack(drafts, dim=1)
@@ -135,7 +154,7 @@ class _Speculator(nn.Module):
         """Run the MTP over the main model's window with inputs shifted by one, then chain."""
         shifted = ids.roll(-1, dims=1)                                             # [B, T]: token p+1 at p
         next_ids = shifted.scatter(1, at[:, None], emitted[:, None])              # the new token at `at`
-        logits, mtp_hidden = self.mtp_fns[0](next_ids, hidden, positions, slots, block_tables, mtp_caches[0])
+        logits, mtp_hidden = self._mtp(0, next_ids, hidden, positions, slots, block_tables, mtp_caches)
         return self._chain(logits, mtp_hidden, at, next_start, block_tables, valid, mtp_caches)
 
 
@@ -144,8 +163,11 @@ class SpecStep(_Speculator):
 
     main_fn(input_ids, positions, slot_mapping, block_tables, kv_caches) -> (logits, hidden) and
     mtp_fns[d](next_ids, hidden, positions, slot_mapping, block_tables, mtp_cache) -> (logits, hidden):
-    the captured graphs (capture/step.py) or the eager model (`from_model`). sampling=False builds the
-    greedy-only step (temperature and the filters are ignored; use it when every row is greedy).
+    the eager model (`from_model`, caches written in place) or captured graphs, which may also return
+    the written caches as a third value instead of writing them (`passes.fuse_spec_step.FunctionalStep`);
+    those are threaded through the step and copied into the cache inputs once, at the end.
+    sampling=False builds the greedy-only step (temperature and the filters are ignored; use it when
+    every row is greedy).
     """
 
     @classmethod
@@ -161,7 +183,8 @@ class SpecStep(_Speculator):
         positions = start_pos[:, None] + offs                                      # [B, 1+k]
         slots = slot_mapping(positions, block_tables, self.block_size, valid)
         positions = torch.where(valid, positions, torch.zeros_like(positions))
-        logits, hidden = self.main_fn(tokens, positions, slots, block_tables, kv_caches)
+        logits, hidden, kv_written = self._main(tokens, positions, slots, block_tables, kv_caches)
+        mtp_written = list(mtp_caches)
         drafts = tokens[:, 1:]
         if self.sampling:
             probs = self._probs(logits, temperature, top_k, top_p, min_p)
@@ -177,8 +200,10 @@ class SpecStep(_Speculator):
         if self.k > 0:
             emitted = out.gather(1, accepted[:, None]).squeeze(1)                   # correction / bonus
             drafts = self._draft(tokens, accepted, emitted, hidden, positions, slots, block_tables, next_start,
-                                 active, mtp_caches)
+                                 active, mtp_written)
             next_tokens = torch.cat([next_tokens, drafts], dim=1)
+        self._write_back(kv_caches, kv_written)
+        self._write_back(mtp_caches, mtp_written)
         return out_tokens, num_emitted, next_tokens, next_start, finished
 
 
@@ -203,7 +228,8 @@ class SpecPrefill(_Speculator):
         valid = offs < lengths[:, None]                                            # [B, T] right padding
         positions = torch.where(valid, start_pos[:, None] + offs, torch.zeros_like(offs))
         slots = slot_mapping(positions, block_tables, self.block_size, valid)
-        logits, hidden = self.main_fn(ids, positions, slots, block_tables, kv_caches)
+        logits, hidden, kv_written = self._main(ids, positions, slots, block_tables, kv_caches)
+        mtp_written = list(mtp_caches)
         at = (lengths - 1).clamp(min=0)
         end = start_pos + lengths                                                  # the first token's position
         last_logits = _at(logits, at)                                              # [B, V]
@@ -218,8 +244,10 @@ class SpecPrefill(_Speculator):
         out_tokens = torch.cat([torch.where(emit, first, out[:, 0])[:, None], out[:, 1:]], dim=1)
         next_tokens = first[:, None]
         if self.k > 0:
-            drafts = self._draft(ids, at, first, hidden, positions, slots, block_tables, end, emit, mtp_caches)
+            drafts = self._draft(ids, at, first, hidden, positions, slots, block_tables, end, emit, mtp_written)
             next_tokens = torch.cat([next_tokens, drafts], dim=1)
+        self._write_back(kv_caches, kv_written)
+        self._write_back(mtp_caches, mtp_written)
         next_tokens = torch.where(emit[:, None], next_tokens, torch.full_like(next_tokens, -1))
         return out_tokens, num_emitted, next_tokens, end, finished & emit
 

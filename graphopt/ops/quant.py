@@ -247,6 +247,34 @@ def _(q, scale, out_dtype):
     return q.new_empty(q.shape, dtype=out_dtype)
 
 
+# -- routed experts ----------------------------------------------------------------------------------
+@torch.library.custom_op("graphopt::quantized_moe_experts", mutates_args=())
+def quantized_moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: list[Optional[Tensor]],
+                          down: list[Optional[Tensor]], gate_up_scheme: str, down_scheme: str,
+                          params: list[int]) -> Tensor:
+    """graphopt::moe_experts (sparse routed experts) with quantised stacked matmuls.
+
+    x [N, H]; weights / ids [N, top_k]; gate_up / down: the tensors of a quantised [E, out, K] matmul in
+    graphopt.quant.qlinear.TENSOR_FIELDS order (None where the scheme has none; scheme "bf16": just
+    the float weight); params [rotate_block, act_block, input_zero] of gate_up
+    then down. Each expert runs only on its routed tokens, through the same op sequence as a
+    quantised linear (every quantiser is row-wise, so this equals the dense dispatch up to float
+    summation order). Out: [N, H] in x.dtype, accumulated in float32.
+    """
+    from graphopt.quant.qlinear import TENSOR_FIELDS, QuantizedLinear, sparse_moe  # the op sequence's home
+
+    parts = []
+    for i, (tensors, scheme) in enumerate(((gate_up, gate_up_scheme), (down, down_scheme))):
+        t = {k: v for k, v in zip(TENSOR_FIELDS, tensors) if v is not None}
+        parts.append(QuantizedLinear(scheme, t, *params[3 * i: 3 * i + 3]))
+    return sparse_moe(x, weights, ids, *parts)
+
+
+@quantized_moe_experts.register_fake
+def _(x, weights, ids, gate_up, down, gate_up_scheme, down_scheme, params):
+    return torch.empty_like(x)
+
+
 # -- rotation ----------------------------------------------------------------------------------------
 def hadamard_matrix(n: int) -> Tensor:
     """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two), fp32."""

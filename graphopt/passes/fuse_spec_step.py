@@ -2,8 +2,9 @@
 
 Input: the captured (and already normalised / rewritten) main-step graph, plus the captured MTP-step
 graphs in `ctx.state["mtp_graphs"]` (one per MTP layer, depth order). Output: the graph of
-`capture.spec_step.SpecStep` with those graphs as its main_fn / mtp_fns, obtained by torch.export-ing
-the module and flattening it (`run_decompositions({})`, `.module()`): the main model's layers, the
+`capture.spec_step.SpecStep` with those graphs as its main_fn / mtp_fns (as `FunctionalStep`s, which
+return their cache writes), obtained by torch.export-ing the module and flattening it (`.module()`;
+the captured graphs are decomposed ATen already, see FunctionalStep): the main model's layers, the
 acceptance op, the token shift and the MTP layer(s) all sit in one graph, so the host never looks
 at a value between the main model and the draft. The prefill graph (`SpecPrefill`) is built the same
 way and left in `ctx.state["spec_prefill_graph"]`.
@@ -12,7 +13,8 @@ Handles: k = ctx.options["spec"] (a SpecConfig; None -> k = 0, plain decoding wi
 sampling), any number of MTP layers (drafts beyond the last layer chain it again), dynamic batch,
 block-table width and cache size; block_size is read from the graphs' cache inputs.
 The graph signature changes (SpecStepInputs fields in, SpecStepOutputs fields out), so this pass
-declares `changes_signature`: verify mode compares it with the eager SpecStep, not with the input graph.
+declares `changes_signature` (verify mode cannot compare it with its input graph; the tests compare
+it with the eager SpecStep) and replaces ctx.make_inputs by the fused graph's input factory.
 
 Before (the main step graph's signature and its last nodes):
     def forward(self, input_ids, positions, slot_mapping, block_tables, kv_caches):
@@ -29,6 +31,9 @@ After (k = 1; the lines that join main model, acceptance and MTP):
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 from torch import fx
 from torch.export import Dim
@@ -40,7 +45,7 @@ from ..ops.sampling import DEFAULT_MAX_TOP_K
 from ..spec import SpecConfig
 from .base import GraphPass, PassContext, PassResult
 
-__all__ = ["FuseSpecStepPass", "build_spec_step", "cache_layout", "fuse"]
+__all__ = ["FuseSpecStepPass", "FunctionalStep", "build_spec_step", "cache_layout", "example_inputs", "fuse"]
 
 
 def cache_layout(gm: fx.GraphModule) -> tuple[int, int, int, torch.dtype, torch.device]:
@@ -57,24 +62,31 @@ def cache_layout(gm: fx.GraphModule) -> tuple[int, int, int, torch.dtype, torch.
     return len(caches), c.shape[1], int(c.shape[2]), c.dtype, c.device
 
 
-def _examples(n_main: int, n_mtp: int, k: int, block_size: int, dim: int, dtype, device, vocab: int, prefill: bool):
-    """Small valid inputs to trace with: 2 rows (so the batch stays symbolic), 3 blocks per row."""
+def example_inputs(layout: tuple, n_mtp: int, k: int, vocab: int, prefill: bool, seed: int = 0) -> tuple:
+    """Valid random arguments of the fused step (or prefill) graph, fresh caches each call.
+
+    layout = cache_layout(main graph). 2 rows (the batch stays symbolic when traced), 3 blocks each,
+    ragged start positions, a shuffled block table, random cache contents, one greedy row and one
+    sampling row: what export traces with and what verify mode / calibration run (ctx.make_inputs).
+    """
+    n_main, bs, dim, dtype, device = layout
     B, M = 2, 3
-    g = torch.Generator().manual_seed(0)
-    n_blocks = 1 + B * M
-    tables = (1 + torch.arange(B * M)).view(B, M)
-    rows = [torch.full((B,), 0.5), torch.full((B,), 3), torch.full((B,), 0.9), torch.zeros(B),
-            torch.arange(B), torch.full((B,), -1), torch.full((B,), 40)]
-    caches = lambda n: [torch.zeros(n_blocks, block_size, dim, dtype=dtype, device=device) for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    tables = (1 + torch.randperm(B * M, generator=g)).view(B, M)                   # never block 0
+    rows = [torch.tensor([0.0, 0.8]), torch.tensor([0, 5]), torch.tensor([1.0, 0.9]), torch.zeros(B),
+            torch.randint(0, 1 << 40, (B,), generator=g), torch.full((B,), -1), torch.full((B,), M * bs - 1)]
+    caches = lambda n: [(torch.randn(1 + B * M, bs, dim, generator=g) * 0.5).to(dtype) for _ in range(n)]
     if prefill:
-        head = [torch.randint(0, vocab, (B, 3), generator=g), torch.tensor([3, 2]), torch.zeros(B, dtype=torch.int64),
-                tables]
+        lengths = torch.randint(1, 4, (B,), generator=g)
+        head = [torch.randint(0, vocab, (B, 3), generator=g), lengths,
+                torch.randint(0, bs, (B,), generator=g), tables]
         tail = [torch.tensor(True)]
     else:
-        head = [torch.randint(0, vocab, (B, 1 + k), generator=g), torch.tensor([2, 4]), tables]
+        start = torch.randint(0, max(1, M * bs - max(1, 2 * k)), (B,), generator=g)
+        head = [torch.randint(0, vocab, (B, 1 + k), generator=g), start, tables]
         tail = [torch.ones(B, dtype=torch.bool)]
-    args = [t.to(device) for t in head + rows + tail]
-    return tuple(args) + (caches(n_main), caches(n_mtp))
+    move = lambda ts: [t.to(device) for t in ts]
+    return tuple(move(head + rows + tail)) + (move(caches(n_main)), move(caches(n_mtp)))
 
 
 def _dynamic(n_main: int, n_mtp: int, prefill: bool):
@@ -86,32 +98,75 @@ def _dynamic(n_main: int, n_mtp: int, prefill: bool):
     return tuple(head + rows + tail) + ([{0: N}] * n_main, [{0: N}] * n_mtp)
 
 
+class FunctionalStep(torch.nn.Module):
+    """A captured step graph that returns the caches it wrote instead of copying them into its inputs.
+
+    Same arguments as the captured graph (main: a list of caches; MTP: one cache); returns
+    (logits, hidden, written caches). SpecStep threads the written caches from call to call (the
+    chained drafts read what the MTP window just wrote) and copies them into its inputs once at the
+    end, so the fused graph is functional as traced and needs no second, functionalising trace
+    (`run_decompositions`), which would double the fusion time. The captured graphs are already
+    decomposed ATen, so the fused graph is at their level.
+    """
+
+    def __init__(self, gm: fx.GraphModule):
+        super().__init__()
+        graph = copy.deepcopy(gm.graph)
+        writes = {n.args[0].name: n.args[1] for n in graph.nodes
+                  if n.op == "call_function" and n.target is torch.ops.aten.copy_.default and n.args[0].op == "placeholder"}
+        caches = [n for n in graph.nodes if n.op == "placeholder" and n.name in writes]
+        for node in [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default and n.args[0] in caches]:
+            graph.erase_node(node)
+        out = next(n for n in graph.nodes if n.op == "output")
+        values = out.args[0] if isinstance(out.args[0], (tuple, list)) else (out.args[0],)
+        out.args = (tuple(values[:2]) + tuple(writes[c.name] for c in caches),)
+        graph._codegen = fx.graph.CodeGen()            # flat arguments, a flat tuple out
+        self.graph_module = fx.GraphModule(gm, graph)  # shares gm's weights and guard module
+        self.num_caches = len(caches)
+
+    def forward(self, *args):
+        caches = args[-1]
+        many = isinstance(caches, (list, tuple))
+        out = self.graph_module(*args[:-1], *(caches if many else [caches]))
+        written = list(out[2:])
+        return out[0], out[1], written if many else written[0]
+
+
 def _export(module: torch.nn.Module, args: tuple, dynamic, what: str) -> fx.GraphModule:
-    # run_decompositions functionalises: with k >= 2 the MTP graph runs twice, and the first run's cache
-    # write-back (a copy_ inside the graph) must become a functional value the chained draft reads.
     try:
         with torch.no_grad():
-            ep = torch.export.export(module, args, dynamic_shapes=dynamic, strict=False)
-            return ep.run_decompositions({}).module()
+            return torch.export.export(module, args, dynamic_shapes=dynamic, strict=False).module()
     except Exception as e:
         first = "\n".join(str(e).strip().splitlines()[:12])
         raise CaptureError(f"torch.export failed while fusing {what}: {type(e).__name__}: {first}") from e
 
 
+def _functional(fn) -> FunctionalStep:
+    if isinstance(fn, FunctionalStep):
+        return fn
+    if not isinstance(fn, fx.GraphModule):
+        raise TypeError(f"fuse needs captured graphs (fx.GraphModule) as main_fn / mtp_fns, got {type(fn).__name__}")
+    return FunctionalStep(fn)
+
+
 def fuse(module: SpecStep | SpecPrefill, model_config) -> fx.GraphModule:
-    """torch.export one SpecStep / SpecPrefill built over captured graphs into one flat graph."""
-    n_main, bs, dim, dtype, device = cache_layout(module.main_fn)
+    """torch.export one SpecStep / SpecPrefill built over captured graphs into one flat graph.
+
+    The module's captured graphs are wrapped in FunctionalStep (in place) first."""
+    module.main_fn = _functional(module.main_fn)
+    module.mtp_fns = torch.nn.ModuleList(_functional(f) for f in module.mtp_fns)
+    n_main, bs, dim, dtype, device = cache_layout(module.main_fn.graph_module)
     if bs != module.block_size:
         raise ValueError(f"block_size = {module.block_size} but the main graph was captured with block_size {bs}; "
                          "capture and fuse with the same block size")
     if n_main != model_config.num_hidden_layers:
         raise ValueError(f"main graph has {n_main} cache inputs, the config {model_config.num_hidden_layers} layers")
-    for i, g in enumerate(module.mtp_fns):
-        if cache_layout(g)[1:3] != (bs, dim):
-            raise ValueError(f"MTP graph {i}: cache layout {cache_layout(g)[1:3]} differs from the main "
+    for i, f in enumerate(module.mtp_fns):
+        if cache_layout(f.graph_module)[1:3] != (bs, dim):
+            raise ValueError(f"MTP graph {i}: cache layout {cache_layout(f.graph_module)[1:3]} differs from the main "
                              f"graph's (block_size, kv_cache_dim) = {(bs, dim)}")
     prefill, n_mtp = isinstance(module, SpecPrefill), len(module.mtp_fns)
-    args = _examples(n_main, n_mtp, module.k, bs, dim, dtype, device, model_config.vocab_size, prefill)
+    args = example_inputs((n_main, bs, dim, dtype, device), n_mtp, module.k, model_config.vocab_size, prefill)
     what = f"the speculative {'prefill' if prefill else 'step'} (k = {module.k}, {n_mtp} MTP graph(s))"
     return _export(module, args, _dynamic(n_main, n_mtp, prefill), what)
 
@@ -134,8 +189,9 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
         raise ValueError(f"num_speculative_tokens = {k} needs the captured MTP graph(s) (ctx.state['mtp_graphs'] / "
                          "captured_mtp_gms is empty); the checkpoint must have MTP weights")
     kw = dict(sampling=sampling, max_top_k=max_top_k)
-    return (fuse(SpecStep(captured_main_gm, mtp, k, block_size, **kw), model_config),
-            fuse(SpecPrefill(captured_main_gm, mtp, k, block_size, **kw), model_config))
+    main, mtp = FunctionalStep(captured_main_gm), [FunctionalStep(g) for g in mtp]
+    return (fuse(SpecStep(main, mtp, k, block_size, **kw), model_config),
+            fuse(SpecPrefill(main, mtp, k, block_size, **kw), model_config))
 
 
 class FuseSpecStepPass(GraphPass):
@@ -155,5 +211,8 @@ class FuseSpecStepPass(GraphPass):
         step, prefill = build_spec_step(gm, mtp, ctx.model_config, spec, block_size, self.sampling, self.max_top_k)
         ctx.state["spec_prefill_graph"] = prefill
         k = 0 if spec is None else spec.num_speculative_tokens
+        # later passes (quant calibration, verify mode) run the fused graph: give them its inputs
+        ctx.make_inputs = functools.partial(example_inputs, cache_layout(gm), len(mtp) if k else 0, k,
+                                            ctx.model_config.vocab_size, False)
         return PassResult(step, modified=True, matches=1,
                           notes=[f"fused main + {len(mtp) if k else 0} MTP graph(s) + acceptance, k = {k}"])

@@ -2,7 +2,9 @@
 
 Cases (sites, graphopt/quant/graph_sites.py): `aten.linear` with a get_attr weight; the stacked expert
 `aten.matmul(x, transpose(get_attr W))` (every token reaches every expert in the dense dispatch, so
-each expert is observed on all tokens); the kv_a_layernorm output when kv_cache="int8" (C8).
+each expert is observed on all tokens); a fused `graphopt.moe_experts` (its experts' inputs are
+recomputed densely from x and the float gate_up weight, so there too every expert sees every token
+while the graph's own output stays routed); the kv_a_layernorm output when kv_cache="int8" (C8).
 Not sites: the router (its weight is cast to float32 first), and anything QuantConfig.skip keeps in
 16 bit (lm_head, kv_b_proj by default).
 
@@ -31,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..quant.config import resolve
+from ..quant.calibration import observe_expert_inputs
 from ..quant.graph_sites import find_sites
 from ..quant.observers import Observer
 from .base import GraphPass, PassContext, PassResult
@@ -51,12 +54,18 @@ class QuantCalibratePass(GraphPass):
         observers = ctx.state.setdefault("quant_observers", {})
         cal = config.calibration
         hooks = []
+        new = lambda name, per_expert=False: observers.setdefault(
+            name, Observer(name, cal.max_rows, cal.bins, per_expert=per_expert, seed=cal.seed))
         for site in sites:
-            obs = observers.setdefault(site.name, Observer(site.name, cal.max_rows, cal.bins,
-                                                           per_expert=site.per_expert, seed=cal.seed))
-            watched = site.node if site.kind == "latent" else site.x
-            with gm.graph.inserting_after(watched):
-                hooks.append(gm.graph.call_function(obs.observe, (watched,)))
+            if site.kind == "moe":  # fused experts: every expert's input on every token, computed densely
+                gate_up, down = new(f"{site.name}.gate_up_proj"), new(f"{site.name}.down_proj", True)
+                hook, args = _moe_observer(gate_up, down), (site.x, site.weight)
+            else:
+                watched = site.node if site.kind == "latent" else site.x
+                hook, args = new(site.name, site.per_expert).observe, (watched,)
+            where = gm.graph.inserting_after if site.kind == "latent" else gm.graph.inserting_before
+            with where(site.node):                     # the latent is the node's output, the rest its input
+                hooks.append(gm.graph.call_function(hook, args))
         gm.recompile()
         inputs, note = _calibration_inputs(ctx, cal.num_samples)
         try:
@@ -69,6 +78,12 @@ class QuantCalibratePass(GraphPass):
                 gm.graph.erase_node(h)
             gm.recompile()
         return PassResult(gm, modified=False, matches=len(sites), notes=[note] if note else [])
+
+
+def _moe_observer(gate_up: Observer, down: Observer):
+    def observe_moe_inputs(x, gate_up_weight):
+        observe_expert_inputs(x, gate_up_weight, gate_up, down)
+    return observe_moe_inputs
 
 
 def _calibration_inputs(ctx: PassContext, n: int):

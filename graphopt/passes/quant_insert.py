@@ -4,23 +4,24 @@ Cases (sites: graphopt/quant/graph_sites.py; schemes and their op sequences: qua
   * aten.linear(x, W[, b]) with a get_attr weight            -> the scheme's op sequence on x
   * aten.matmul(x, transpose(W [E, out, K]))  stacked experts -> the same sequence, broadcast over E
     (x [N, K] shared by all experts, or [E, N, K] per expert with per-expert smoothing / scales)
+  * graphopt.moe_experts (fused by fuse_moe_experts)          -> graphopt.quantized_moe_experts: the same
+    sparse dispatch, each stacked matmul through its quantised op sequence
   * C8: the kv_a_layernorm output                              -> quantize_kv -> dequantize_kv
 The quantised tensors come from the same algorithms as quantize_model (quant.algorithms.quantize_target,
 with ctx.state["quant_observers"] from quant_calibrate) and are registered on the GraphModule as
 buffers `_quant.<site name with __>.<field>`, read by new get_attr nodes; the float weight is dropped
 from the module when nothing else reads it. Not matched (negative cases): linears the config skips
 (router gate, lm_head, kv_b_proj by default) and linears whose weight is computed (a cast) rather
-than a get_attr. Routed experts already fused into graphopt.moe_experts (fuse_moe_experts ran
-first) are not rewritten: the pass record gets a note saying so.
+than a get_attr.
 
 Before (w8a8, `capture_main(random_model())`, layer 0):
     linear: "f32[s18, s5, 32]" = torch.ops.aten.linear.default(mul_46, model_model_layers_0_self_attn_q_a_proj_weight)
 After:
-    quantize_per_token = torch.ops.graphopt.quantize_per_token.default(mul_46, None, 127)
-    getitem_36: "i8[s18, s5, 64]" = quantize_per_token[0]
-    getitem_37: "f32[s18, s5, 1]" = quantize_per_token[1]
-    int8_matmul: "i32[s18, s5, 32]" = torch.ops.graphopt.int8_matmul.default(getitem_36, _quant_model__layers__0__self_attn__q_a_proj_weight)
-    dequantize_int32: "f32[s18, s5, 32]" = torch.ops.graphopt.dequantize_int32.default(int8_matmul, getitem_37, _quant_model__layers__0__self_attn__q_a_proj_scale, None, torch.float32)
+    quantize_per_token_default = torch.ops.graphopt.quantize_per_token.default(mul_46, None, 127)
+    getitem_40: "i8[s5, s18, 64]" = quantize_per_token_default[0]
+    getitem_41: "f32[s5, s18, 1]" = quantize_per_token_default[1]
+    int8_matmul_default: "i32[s5, s18, 32]" = torch.ops.graphopt.int8_matmul.default(getitem_40, _quant_model__layers__0__self_attn__q_a_proj_weight)
+    dequantize_int32_default: "f32[s5, s18, 32]" = torch.ops.graphopt.dequantize_int32.default(int8_matmul_default, getitem_41, _quant_model__layers__0__self_attn__q_a_proj_scale, None, torch.float32)
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from torch import fx
 from ..ops import quant as _quant_ops  # noqa: F401  registers torch.ops.graphopt.* quant ops
 from ..quant.algorithms import Target, quantize_target
 from ..quant.config import resolve
-from ..quant.graph_sites import Site, attr_tensor, find_sites, module_name
-from ..quant.qlinear import emit_linear
+from ..quant.graph_sites import Site, attr_tensor, find_sites
+from ..quant.qlinear import QuantizedLinear, emit_linear, moe_op_args
 from .base import GraphPass, PassContext, PassResult
 from .patterns import call_op, fake_mode_of
 
@@ -58,6 +59,10 @@ class QuantInsertPass(GraphPass):
             if site.kind == "latent":
                 _insert_kv(gm, site, observers, fake)
                 continue
+            if site.kind == "moe":
+                _insert_moe(gm, site, config, observers, fake)
+                old_weights |= {site.weight, site.down}
+                continue
             weight = attr_tensor(gm, site.weight.target).detach().float()
             bias = attr_tensor(gm, site.bias.target).detach().float() if site.bias is not None else None
             q = quantize_target(Target(site.name, weight, bias, config.scheme_for(site.name), config,
@@ -72,18 +77,30 @@ class QuantInsertPass(GraphPass):
             gm.graph.erase_node(site.node)
             old_weights |= {site.weight, site.bias} - {None}
         _drop_unused_attrs(gm, old_weights)
-        notes = _fused_experts_left(gm, config)
-        return PassResult(gm, modified=bool(sites), matches=len(sites), notes=notes)
+        return PassResult(gm, modified=bool(sites), matches=len(sites))
 
 
-def _fused_experts_left(gm: fx.GraphModule, config) -> list[str]:
-    """graphopt.moe_experts nodes (fuse_moe_experts ran first) hide their matmuls: say so, never silently."""
-    fused = getattr(getattr(OPS, "moe_experts", None), "default", None)
-    left = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fused and any(
-        a.op == "get_attr" and (name := module_name(a.target)) and config.scheme_for(name)
-        for a in n.args[3:5] if isinstance(a, fx.Node))]
-    return [f"{len(left)} fused graphopt.moe_experts node(s) left in 16 bit: run the quant phase before "
-            "fuse_moe_experts to quantise routed experts"] if left else []
+def _insert_moe(gm: fx.GraphModule, site: Site, config, observers: dict, fake) -> None:
+    """graphopt.moe_experts -> graphopt.quantized_moe_experts with the stacked matmuls quantised."""
+    parts, tensors = [], []
+    for part, node in (("gate_up_proj", site.weight), ("down_proj", site.down)):
+        name, w = f"{site.name}.{part}", attr_tensor(gm, node.target)
+        scheme = config.scheme_for(name)
+        with gm.graph.inserting_before(site.node):
+            if scheme is None:                  # this matmul stays in 16 bit: pass the float weight on
+                parts.append(QuantizedLinear("bf16", {"weight": w}))
+                tensors.append({"weight": node})
+                continue
+            q = quantize_target(Target(name, w.detach().float(), None, scheme, config, observers.get(name)))
+            parts.append(q)
+            tensors.append({k: _buffer(gm, name, k, t, fake) for k, t in q.tensors.items()})
+    x, weights, ids = site.node.args[:3]
+    with gm.graph.inserting_before(site.node):
+        y = call_op(gm.graph, fake, OPS.quantized_moe_experts.default,
+                    (x, weights, ids, *moe_op_args(parts[0], parts[1], *tensors)))
+    y.meta.setdefault("stack_trace", site.node.meta.get("stack_trace"))
+    site.node.replace_all_uses_with(y)
+    gm.graph.erase_node(site.node)
 
 
 def _buffer(gm: fx.GraphModule, site: str, field: str, tensor: torch.Tensor, fake) -> fx.Node:

@@ -39,7 +39,7 @@ from .observers import Observer
 from .schemes import QuantError
 
 __all__ = ["calibration_tokens", "source_tokens", "heldout_tokens", "check_vocab", "LayerRunner",
-           "attach_observers", "observe_layer", "step_inputs", "EVAL_FRACTION", "HELDOUT_TEXT"]
+           "attach_observers", "observe_expert_inputs", "observe_layer", "step_inputs", "EVAL_FRACTION", "HELDOUT_TEXT"]
 
 EVAL_FRACTION = 0.5
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "models" / "data" / "heldout.txt"
@@ -154,16 +154,18 @@ def attach_observers(module: nn.Module, targets: dict[str, tuple[str, Observer]]
         elif kind == "experts":
             gate_up, down = obs
             handles.append(sub.register_forward_pre_hook(
-                lambda m, args, g=gate_up, d=down: _observe_experts(m, args[0], g, d)))
+                lambda m, args, g=gate_up, d=down: observe_expert_inputs(args[0], m.gate_up_proj, g, d)))
     return handles
 
 
 @torch.no_grad()
-def _observe_experts(experts: nn.Module, x: Tensor, gate_up: Observer | None, down: Observer | None) -> None:
+def observe_expert_inputs(x: Tensor, gate_up_weight: Tensor, gate_up: Observer | None, down: Observer | None) -> None:
+    """gate_up sees x [N, H]; down sees every expert's input on every token, silu(gate) * up [E, N, I]
+    from the float stacked weight [E, 2I, H], whatever the routing chose."""
     if gate_up is not None:
         gate_up.observe(x)
     if down is not None:
-        gate, up = torch.matmul(x, experts.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I]
+        gate, up = torch.matmul(x, gate_up_weight.transpose(1, 2)).chunk(2, dim=-1)      # [E, N, I]
         down.observe(F.silu(gate) * up)
 
 
@@ -245,7 +247,7 @@ def step_inputs(model: nn.Module, tokens: Tensor, block_size: int = 16, batch: i
         hidden = model(ids, positions, fresh(), slots, tables, return_hidden=True)[1]
         for d in range(len(model.mtp)):
             n = T - 1 - d
-            args = (ids[:, 1 + d:], hidden[:, :n], positions[:, :n], slots[:, :n], tables)
-            out[f"mtp{d}"].append((*args, fresh(mtp=True)[0]))
-            hidden = model.mtp_forward(d, *args, fresh(mtp=True)[0])[1]
+            nxt, hid, pos, slt = ids[:, 1 + d:], hidden[:, :n], positions[:, :n], slots[:, :n]
+            out[f"mtp{d}"].append((nxt, hid, pos, slt, tables, fresh(mtp=True)[0]))
+            hidden = model.mtp_forward(d, nxt, hid, pos, fresh(mtp=True)[0], slt, tables)[1]
     return out

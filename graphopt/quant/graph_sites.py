@@ -6,6 +6,8 @@ quantize_model use, so one config drives both paths):
     linear   aten.linear(x, get_attr W [out, K], [bias])            q_a_proj, o_proj, mlp.*_proj, eh_proj, ...
     experts  aten.matmul(x, aten.transpose(get_attr W [E, out, K], 1, 2))   the stacked expert matmuls
              (x [N, K] shared by every expert for gate_up; [E, N, K] per expert for down_proj)
+    moe      graphopt.moe_experts(x, weights, ids, get_attr gate_up, get_attr down): routed experts
+             already fused by fuse_moe_experts; named after the experts module (`...mlp.experts`)
     latent   the output of self_attn.kv_a_layernorm: aten.mul(get_attr norm weight, ...) or
              graphopt.rms_norm(x, weight, eps): the normalised latent a C8 cache stores
 
@@ -35,11 +37,12 @@ _TRANSPOSES = (aten.transpose.int, aten.permute.default)
 @dataclass
 class Site:
     name: str
-    kind: str                 # "linear" | "experts" | "latent"
-    node: fx.Node             # the linear / matmul, or the node producing the latent
-    x: fx.Node | None         # the activation input (linear, experts)
-    weight: fx.Node | None    # get_attr of the weight (linear, experts)
+    kind: str                 # "linear" | "experts" | "moe" | "latent"
+    node: fx.Node             # the linear / matmul / moe_experts, or the node producing the latent
+    x: fx.Node | None         # the activation input (linear, experts, moe)
+    weight: fx.Node | None    # get_attr of the weight (linear, experts; moe: gate_up)
     bias: fx.Node | None = None
+    down: fx.Node | None = None   # moe: get_attr of the stacked down_proj
 
     @property
     def per_expert(self) -> bool:
@@ -78,9 +81,19 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> list[Site]:
             name = module_name(w.target)
             if name and config.scheme_for(name) is not None:
                 sites.append(Site(name, "experts", node, node.args[0], w))
+        elif node.target is _op("moe_experts") and all(_get_attr(a) is not None for a in node.args[3:5]):
+            gate_up, down = node.args[3], node.args[4]
+            name = (module_name(gate_up.target) or "").removesuffix(".gate_up_proj")
+            if name and any(config.scheme_for(f"{name}.{p}") for p in ("gate_up_proj", "down_proj")):
+                sites.append(Site(name, "moe", node, node.args[0], gate_up, down=down))
         elif config.kv_cache == "int8" and (latent := _latent_norm(node)) is not None:
             sites.append(Site(latent, "latent", node, None, None))
     return sites
+
+
+def _op(name: str):
+    """torch.ops.graphopt.<name>.default, or None while that op's module is not registered."""
+    return getattr(getattr(torch.ops.graphopt, name, None), "default", None)
 
 
 def _is_expert_matmul(node: fx.Node) -> bool:
@@ -98,7 +111,6 @@ def _latent_norm(node: fx.Node) -> str | None:
     """Name of the kv_a_layernorm whose output `node` is, if it is one."""
     weights = [a for a in node.args if (w := _get_attr(a)) is not None
                and w.target.endswith("self_attn.kv_a_layernorm.weight")]
-    rms_norm = getattr(getattr(torch.ops.graphopt, "rms_norm", None), "default", None)
-    if not weights or node.target not in (aten.mul.Tensor, rms_norm):
+    if not weights or node.target not in (aten.mul.Tensor, _op("rms_norm")):
         return None
     return module_name(weights[0].target)

@@ -29,7 +29,7 @@ from graphopt.ops import quant as _ops  # noqa: F401  registers torch.ops.grapho
 from .schemes import SCHEMES
 
 __all__ = ["QuantizedLinear", "emit_linear", "QuantLinear", "QuantExperts", "QuantLatentNorm", "eager_call",
-           "TENSOR_FIELDS"]
+           "TENSOR_FIELDS", "sparse_moe", "moe_op_args"]
 
 OPS = torch.ops.graphopt
 TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias")
@@ -127,13 +127,52 @@ class QuantLinear(_Holder):
         return f"{self.q.scheme}, in_features={w.shape[-1]}, out_features={w.shape[-2]}"
 
 
+def _expert_matmul(q: QuantizedLinear, x: Tensor, e: int) -> Tensor:
+    """x [c, K] through expert e of a stacked (quantised or "bf16") matmul -> [c, out]."""
+    if q.scheme == "bf16":
+        return torch.matmul(x, q.tensors["weight"][e].t())
+    qe, tensors = q.expert(e)
+    return emit_linear(eager_call, x, qe, tensors, x.dtype)
+
+
+def sparse_moe(x: Tensor, weights: Tensor, ids: Tensor, gate_up: QuantizedLinear, down: QuantizedLinear) -> Tensor:
+    """Routed experts, each on its routed tokens only: x [N, H], weights / ids [N, k] -> [N, H].
+
+    The reference of graphopt::quantized_moe_experts. Every quantiser is row-wise (per token, or a fixed
+    static scale), so a token's result does not depend on which others share the batch: this equals
+    the dense dispatch up to float summation order, at top_k / E of the expert work.
+    """
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)             # [N, H]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=gate_up.tensors["weight"].shape[0]).tolist()
+    start = 0
+    for e, count in enumerate(counts):
+        if count == 0:
+            continue
+        picked = order[start:start + count]                                      # [c] of N * k
+        start += count
+        tokens = picked // ids.shape[1]
+        gate, up = _expert_matmul(gate_up, x[tokens], e).chunk(2, dim=-1)         # [c, I] each
+        y = _expert_matmul(down, F.silu(gate) * up, e)                            # [c, H]
+        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[picked, None].float())
+    return out.to(x.dtype)
+
+
+def moe_op_args(gate_up: QuantizedLinear, down: QuantizedLinear, t_gate_up: dict, t_down: dict) -> tuple:
+    """(gate_up list, down list, gate_up scheme, down scheme, params) for graphopt::quantized_moe_experts; t_* map
+    TENSOR_FIELDS to tensors (eager) or get_attr nodes (FX)."""
+    lists = tuple([t.get(k) for k in TENSOR_FIELDS] for t in (t_gate_up, t_down))
+    params = [v for q in (gate_up, down) for v in (q.rotate_block, q.act_block, q.input_zero)]
+    return (*lists, gate_up.scheme, down.scheme, params)
+
+
 class QuantExperts(nn.Module):
     """Drop-in for deepseek.Experts with either stacked matmul quantised (None: keep it in float).
 
-    Eager runs are sparse (each expert on its routed tokens only, like graphopt::moe_experts): every
-    quantiser here is row-wise (per token, or a fixed static scale), so a token's result does not
-    depend on which other tokens share the batch, and sparse equals the dense dispatch up to float
-    summation order, at top_k / E of the expert work. Under torch.export the dense form is kept.
+    Eager runs call graphopt::quantized_moe_experts (sparse, like graphopt::moe_experts: each expert on
+    its routed tokens); under torch.export the dense dispatch of the reference model is kept, with
+    the quantised op sequence in place of each stacked matmul.
     """
 
     def __init__(self, experts: nn.Module, gate_up: QuantizedLinear | None, down: QuantizedLinear | None):
@@ -146,35 +185,25 @@ class QuantExperts(nn.Module):
         if down is None:
             self.down_proj = experts.down_proj
 
-    def _matmul(self, part: str, x: Tensor, e: int | None = None) -> Tensor:
+    def _part(self, part: str) -> tuple[QuantizedLinear, dict[str, Tensor]]:
         holder = getattr(self, part)
         if holder is None:
             w = getattr(self, f"{part}_proj")
-            return torch.matmul(x, w.transpose(-1, -2) if e is None else w[e].t())
-        if e is None:
-            return holder(x)
-        q, tensors = holder.q.expert(e, holder.tensors())
-        return emit_linear(eager_call, x, q, tensors, x.dtype)
+            return QuantizedLinear("bf16", {"weight": w}), {"weight": w}
+        return holder.q, holder.tensors()
 
     def forward(self, x, weights, ids):
         # x: [N, H]; weights/ids: [N, k] -> [N, H]
         if torch.compiler.is_compiling() or getattr(torch.compiler, "is_exporting", lambda: False)():
             return self._dense(x, weights, ids)
-        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)             # [N, H]
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            picked = order[start:start + count]                                      # [c] of N * k
-            start += count
-            tokens = picked // ids.shape[1]
-            gate, up = self._matmul("gate_up", x[tokens], e).chunk(2, dim=-1)          # [c, I] each
-            y = self._matmul("down", F.silu(gate) * up, e)                            # [c, H]
-            out.index_add_(0, tokens, y.float() * weights.reshape(-1)[picked, None].float())
-        return out.to(x.dtype)
+        (gu, t_gu), (dn, t_dn) = self._part("gate_up"), self._part("down")
+        return OPS.quantized_moe_experts(x, weights, ids, *moe_op_args(gu, dn, t_gu, t_dn))
+
+    def _matmul(self, part: str, x: Tensor) -> Tensor:
+        holder = getattr(self, part)
+        if holder is None:
+            return torch.matmul(x, getattr(self, f"{part}_proj").transpose(1, 2))
+        return holder(x)
 
     def _dense(self, x, weights, ids):
         routing = torch.zeros(x.shape[0], self.num_experts, dtype=torch.float32, device=x.device)

@@ -1,6 +1,8 @@
 """The eager speculative step (SpecStep / SpecPrefill over the model's own forward): the semantic
 reference of the fused graph. Greedy speculation must be token-identical to plain greedy decoding."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,6 +81,23 @@ def test_identical_with_frequent_acceptance(small_vocab, k):
     assert speculative_generate(provider, ps, 24) == want
     stats = provider.stats.summary()
     assert stats["mean_accepted_length"] > 1.5 and stats["accepted_histogram"][k] > 0   # bonus tokens happened
+
+
+TINY = Path(__file__).parents[2] / "graphopt" / "models" / "tiny" / "model.safetensors"
+
+
+@pytest.mark.skipif(not TINY.exists(), reason="the embedded trained model is not in graphopt/models/tiny/")
+def test_identical_on_the_trained_tiny_model():
+    from graphopt.models import load, load_tokenizer
+    from graphopt.models.evaluate import HELDOUT_TEXT, heldout_prompts
+
+    tiny = load(dtype=torch.float32).eval()
+    ps = heldout_prompts(load_tokenizer().encode(HELDOUT_TEXT.read_text(encoding="utf-8")), 4, 48)
+    want = [greedy_generate(tiny, p, 16) for p in ps]
+    for k in (1, 2, 3):
+        provider = SpecStepProvider.from_model(tiny, k, 16, sampling=False)
+        assert speculative_generate(provider, ps, 16) == want
+        assert provider.stats.summary()["acceptance_rate"] > 0.2          # a trained MTP head: drafts land
 
 
 def test_oracle_drafts_are_all_accepted(model):

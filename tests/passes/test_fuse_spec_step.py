@@ -9,7 +9,7 @@ from graphopt.capture.step import capture_main, capture_mtp
 from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
 from graphopt.passes.base import PassContext, count_ops
-from graphopt.passes.fuse_spec_step import FuseSpecStepPass, build_spec_step, fuse
+from graphopt.passes.fuse_spec_step import FuseSpecStepPass, build_spec_step, cache_layout, example_inputs, fuse
 from graphopt.passes.invariants import check_invariants
 from graphopt.passes.rewrite_mla_absorbed import RewriteMLAAbsorbedPass
 from graphopt.runtime.step_api import SpecStepInputs
@@ -76,14 +76,29 @@ def test_fused_graphs_are_token_identical_to_greedy_decoding(graphs, fused):
     assert speculative_generate(provider, ps[1:2], 7) == [greedy_generate(model, ps[1], 7)]   # batch of 1
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_greedy_step_graph_for_other_k(graphs, k):
+def test_pass_builds_greedy_graphs_for_k1_from_the_context(graphs):
     model, main, mtp = graphs
-    step = fuse(SpecStep(main, [mtp], k, BS, sampling=False), model.config)
-    assert count_ops(step).get("graphopt.greedy_accept.default") == 1 and "graphopt.sampling_probs.default" \
-        not in count_ops(step)
-    provider = SpecStepProvider(step, SpecPrefill(main, [mtp], k, BS, sampling=False), model.config, k, BS)
-    ps = prompts([3, 8, 2], seed=k)
+    ctx = PassContext(model_config=model.config, options={"spec": SpecConfig(num_speculative_tokens=1)},
+                      state={"mtp_graphs": [mtp]})
+    result = FuseSpecStepPass(sampling=False).run(main, ctx)
+    step, prefill = result.graph_module, ctx.state["spec_prefill_graph"]
+    assert result.modified and result.matches == 1 and "k = 1" in result.notes[0]
+    ops = count_ops(step)
+    assert ops["graphopt.greedy_accept.default"] == 1 and "graphopt.sampling_probs.default" not in ops
+    assert ops["graphopt.mla_attention.default"] == 2                             # main layer + MTP window
+    out = step(*ctx.make_inputs(5))                                              # inputs for later passes
+    assert [tuple(t.shape) for t in out] == [(2, 2), (2,), (2, 2), (2,), (2,)]
+    provider = SpecStepProvider(step, prefill, model.config, 1, BS)
+    ps = prompts([3, 8, 2], seed=1)
+    assert speculative_generate(provider, ps, 10) == [greedy_generate(model, p, 10) for p in ps]
+
+
+def test_greedy_step_graph_for_k3(graphs):
+    model, main, mtp = graphs
+    step = fuse(SpecStep(main, [mtp], 3, BS, sampling=False), model.config)
+    assert count_ops(step)["graphopt.mla_attention.default"] == 4                 # + 2 chained drafts
+    provider = SpecStepProvider(step, SpecPrefill(main, [mtp], 3, BS, sampling=False), model.config, 3, BS)
+    ps = prompts([3, 8, 2], seed=3)
     assert speculative_generate(provider, ps, 10) == [greedy_generate(model, p, 10) for p in ps]
 
 
@@ -100,16 +115,16 @@ def test_fused_step_equals_eager_spec_step_when_sampling(graphs, fused):
         top_k=torch.tensor([0, 20, 0]), top_p=torch.tensor([1.0, 0.9, 0.7]), min_p=torch.tensor([0.0, 0.0, 0.05]),
         seed=torch.tensor([1, 2, 3]), eos_token_id=torch.tensor([-1, 4, -1]), max_pos=torch.tensor([40, 40, 15]),
         active=torch.tensor([True, True, True]), kv_caches=kv, mtp_caches=mtp_caches)
-    clone = lambda cs: [c.clone() for c in cs]
-    args_a = decode_args(inputs)
-    args_b = (*args_a[:-2], clone(kv), clone(mtp_caches))
-    args_a = (*args_a[:-2], clone(kv), clone(mtp_caches))
-    with torch.no_grad():
-        want, got = eager(*args_a), fused[0](*args_b)
-    for a, b in zip(want, got):
-        assert torch.equal(a, b)
-    for a, b in zip(args_a[-2] + args_a[-1], args_b[-2] + args_b[-1]):   # caches written the same way
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+    clone = lambda args: (*args[:-2], [c.clone() for c in args[-2]], [c.clone() for c in args[-1]])
+    layout = cache_layout(main)
+    for args in (decode_args(inputs), example_inputs(layout, 1, 2, 97, False, seed=4)):
+        args_a, args_b = clone(args), clone(args)
+        with torch.no_grad():
+            want, got = eager(*args_a), fused[0](*args_b)
+        for a, b in zip(want, got):
+            assert torch.equal(a, b)
+        for a, b in zip(args_a[-2] + args_a[-1], args_b[-2] + args_b[-1]):   # caches written the same way
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
 
 
 def test_pass_reads_mtp_graphs_from_the_context_and_names_what_is_missing(graphs):

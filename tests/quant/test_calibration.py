@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from graphopt.models.random import random_model
-from graphopt.quant.calibration import (LayerRunner, attach_observers, calibration_tokens, heldout_tokens,
-                                        observe_layer)
+from graphopt.quant.calibration import LayerRunner, attach_observers, calibration_tokens, heldout_tokens
 from graphopt.quant.config import CalibrationConfig
 from graphopt.quant.observers import Observer, mse_threshold
 from graphopt.quant.schemes import QuantError

@@ -11,9 +11,6 @@ The division is fused into the activation quantiser (smooth_inv), never a separa
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from ..config import SmoothQuantConfig
 from .base import Target, Transformed
 
