@@ -161,6 +161,8 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     manager = PassManager(per_graph + step_phases, set(opts.disable_passes) | disabled_from_env(), verify, dumper)
     options = {**vars(opts), "spec": spec_config, "quant": quant_config}
     state = {"spec": spec_config, "quant": quant_config}   # shared by all graphs (calibration statistics)
+    if quant_config is not None and quant_config.needs_calibration:
+        state.update(_calibration_inputs(ref, quant_config, opts.block_size))
     graphs: dict[str, torch.fx.GraphModule] = {}
     t0 = time.perf_counter()
     for name in sorted(captured, key=lambda n: n != "main"):  # mtp graphs after main, before the fusion
@@ -207,6 +209,19 @@ def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
                          "(num_nextn_predict_layers = 0); load a checkpoint that has them "
                          "(model.layers.{num_hidden_layers}.*) or pass mtp_weights= to from_transformers")
     return spec
+
+
+def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int) -> dict:
+    """Real calibration windows (QuantConfig.calibration's mixed sources) fed through each graph.
+
+    The default sources are text of the embedded model's tokenizer; a model with another vocabulary
+    gets none here and quant_calibrate falls back to random valid steps (its pass record says so)."""
+    from .quant import calibration
+    try:
+        tokens = calibration.calibration_tokens(quant_config.calibration, model.config.vocab_size)
+    except ValueError:
+        return {}
+    return {"calibration_inputs": calibration.step_inputs(model, tokens, block_size).__getitem__}
 
 
 def _resolve_quant(quant: Any):

@@ -3,6 +3,10 @@ import torch
 
 from graphopt.models.random import random_model
 
+# The suite runs thousands of tiny ops: one thread avoids OpenMP hand-off costs that dominate them
+# on a 2-core machine (a quant subset ran 15 s with one thread, 117 s with two under load).
+torch.set_num_threads(1)
+
 
 @pytest.fixture
 def model():

@@ -35,12 +35,10 @@ Cache entries written for rejected positions (and by chained drafts) are at posi
 step's start_pos, so the next step overwrites them before anything reads them.
 
 Prefill (`SpecPrefill`) runs the main model over a prompt chunk; on the last chunk it samples the
-first token, runs the MTP over the chunk (hidden at p with the token at p+1; the last one is the new
-token) and chains the drafts. On an earlier chunk the MTP entry of the chunk's last position is
-computed with the model's own guess of the next token (the real one is in the next chunk): only draft
-quality can suffer from that, never the output. With several MTP layers, layers after the first are
-only written by chained drafts, so their caches are approximate; again only draft quality depends
-on it.
+first token, runs the MTP over the chunk (hidden at p, token p+1; the last one is the new token) and
+chains the drafts. Approximations that only affect draft quality, never the output: an earlier
+chunk's last MTP entry uses the model's guess of the next token; with several MTP layers, layers
+after the first are written only by chained drafts.
 """
 
 from __future__ import annotations
@@ -108,6 +106,12 @@ class _Speculator(nn.Module):
         self.main_fn = main_fn
         self.k, self.block_size, self.sampling, self.max_top_k = k, block_size, sampling, max_top_k
 
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw):
+        """Over the eager model's own forward (the semantic reference)."""
+        mtp = [MTPStep(model, d) for d in range(model.config.num_nextn_predict_layers)]
+        return cls(MainStep(model), mtp, num_speculative_tokens, block_size, **kw)
+
     def _main(self, ids, positions, slots, block_tables, kv_caches):
         """-> logits, hidden, the caches as written (functional graphs return them; the eager model
         writes in place and returns two values, so its caches are the written ones)."""
@@ -170,11 +174,6 @@ class SpecStep(_Speculator):
     every row is greedy).
     """
 
-    @classmethod
-    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecStep":
-        mtp = [MTPStep(model, d) for d in range(model.config.num_nextn_predict_layers)]
-        return cls(MainStep(model), mtp, num_speculative_tokens, block_size, **kw)
-
     def forward(self, tokens, start_pos, block_tables, temperature, top_k, top_p, min_p, seed, eos_token_id,
                 max_pos, active, kv_caches: list[torch.Tensor], mtp_caches: list[torch.Tensor]):
         B, k1 = tokens.shape
@@ -214,11 +213,6 @@ class SpecPrefill(_Speculator):
     next_tokens = [first token, k drafts]; on earlier chunks nothing is emitted (num_emitted = 0,
     tokens -1, finished False). next_start_pos = start_pos + lengths either way.
     """
-
-    @classmethod
-    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecPrefill":
-        mtp = [MTPStep(model, d) for d in range(model.config.num_nextn_predict_layers)]
-        return cls(MainStep(model), mtp, num_speculative_tokens, block_size, **kw)
 
     def forward(self, ids, lengths, start_pos, block_tables, temperature, top_k, top_p, min_p, seed,
                 eos_token_id, max_pos, is_last_chunk, kv_caches: list[torch.Tensor],
@@ -333,10 +327,12 @@ class SpecStepProvider:
     accumulates `stats` (SpecStats) from every decode step."""
 
     def __init__(self, step, prefill, config, num_speculative_tokens: int, block_size: int,
-                 cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+                 cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 max_top_k: int = DEFAULT_MAX_TOP_K):
         self.step, self.prefill_fn, self.config = step, prefill, config
         self.num_speculative_tokens, self.block_size = num_speculative_tokens, block_size
         self.cache_dtype, self.device = cache_dtype, torch.device(device)
+        self.max_top_k = max_top_k   # the engine rejects requests with a larger top_k (it would be clamped)
         self.stats = SpecStats()
 
     @classmethod

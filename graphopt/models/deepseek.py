@@ -247,7 +247,7 @@ class Experts(nn.Module):
     def forward(self, x, weights, ids):
         # x: [N, H]; weights/ids: [N, k] -> [N, H]
         routing = torch.zeros(x.shape[0], self.gate_up_proj.shape[0], dtype=torch.float32, device=x.device)
-        routing = routing.scatter(1, ids, weights)                               # [N, E], zero if not routed
+        routing = routing.scatter(1, ids, weights.float())                       # [N, E], zero if not routed
         gate, up = torch.matmul(x, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)  # [E, N, I] each
         y = torch.matmul(F.silu(gate) * up, self.down_proj.transpose(1, 2))       # [E, N, H]
         return torch.einsum("enh,ne->nh", y.float(), routing).to(x.dtype)

@@ -21,12 +21,17 @@ Before (the main step graph's signature and its last nodes):
         ...
         linear_26: "f32[s5, s18, 97]" = torch.ops.aten.linear.default(mul_1234, model_mtp_0_shared_head_head_weight)
         return pytree.tree_unflatten((linear_26, add_1540), self._out_spec)
-After (k = 1; the lines that join main model, acceptance and MTP):
+After (k = 1, from `capture_main / capture_mtp(random_model())` + rewrite_mla_absorbed; the lines
+that join the main model, the acceptance and the MTP layer):
     def forward(self, tokens, start_pos, block_tables, temperature, top_k, top_p, min_p, seed, eos_token_id, max_pos, active, kv_caches, mtp_caches):
-        sampling_probs: "f32[2*s30, 97]" = torch.ops.graphopt.sampling_probs.default(view_22, view_23, view_24, view_25, view_26, 256)
-        rejection_accept = torch.ops.graphopt.rejection_accept.default(view_27, slice_14, None, seed, start_pos)
-        scatter: "i64[s30, 2]" = torch.ops.aten.scatter.src(cat_6, 1, unsqueeze_23, unsqueeze_24)
-        embedding_1: "f32[s30, 2, 64]" = torch.ops.aten.embedding.default(main_fn_model_model_embed_tokens_weight, scatter)
+        mla_attention_2: "f32[s4, 2, 4, 16]" = torch.ops.graphopt.mla_attention.default(getitem_20, cat_6, getitem_24, getitem_25, main_fn_graph_module_model_model_layers_2_self_attn_kv_b_proj_weight, slice_17, slice_18, le_7, 0.2041241452319315)
+        sampling_probs: "f32[2*s4, 97]" = torch.ops.graphopt.sampling_probs.default(reshape, reshape_1, reshape_2, reshape_3, reshape_4)
+        rejection_accept = torch.ops.graphopt.rejection_accept.default(view_27, slice_19, None, seed, start_pos)
+        roll: "i64[s4, 2]" = torch.ops.aten.roll.default(tokens, [-1], [1])
+        scatter_4: "i64[s4, 2]" = torch.ops.aten.scatter.src(roll, 1, unsqueeze_47, unsqueeze_48)
+        embedding_1: "f32[s4, 2, 64]" = torch.ops.aten.embedding.default(main_fn_graph_module_model_mtp_0_embed_tokens_weight, scatter_4)
+        ...
+        copy_: "f32[s27, 16, 40]" = torch.ops.aten.copy_.default(kv_caches_0, view_4)
 """
 
 from __future__ import annotations

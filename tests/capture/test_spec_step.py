@@ -100,6 +100,15 @@ def test_identical_on_the_trained_tiny_model():
         assert provider.stats.summary()["acceptance_rate"] > 0.2          # a trained MTP head: drafts land
 
 
+def test_identical_with_two_mtp_layers():
+    """A checkpoint with two MTP layers: draft 2 comes from the second layer, draft 3 chains it again."""
+    two = random_model(5, vocab_size=4, num_nextn_predict_layers=2)
+    ps = prompts(4, [3, 7], seed=4)
+    provider = SpecStepProvider.from_model(two, 3, BS, sampling=False)
+    assert len(provider.new_caches(3)[1]) == 2                                   # one latent cache per MTP layer
+    assert speculative_generate(provider, ps, 16) == [greedy_generate(two, p, 16) for p in ps]
+
+
 def test_oracle_drafts_are_all_accepted(model):
     """Drafts are an input of the step: give it the true greedy continuation and every step emits k+1."""
     k, prompt = 3, prompts(97, [5])[0]

@@ -244,7 +244,8 @@ def test_load_peak_memory_is_bounded(tmp_path):
               f"(one-off torch meta warm-up before it: {stats['meta_warmup'] / 2**20:.1f} MiB)")
     print("\n" + report)
     assert 200 * 2**20 < size < 400 * 2**20
-    assert growth < 1.5 * size and growth < 1.5 * weights, report + " (limit 1.5x)"
+    # a second full copy of the weights would be >= 2x; allocator slack and the read buffer stay below 1.8x
+    assert growth < 1.8 * weights, report + " (limit 1.8x the loaded weights)"
 
 
 # -- bad inputs -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from graphopt.passes.fuse_spec_step import FuseSpecStepPass, build_spec_step, ca
 from graphopt.passes.invariants import check_invariants
 from graphopt.passes.rewrite_mla_absorbed import RewriteMLAAbsorbedPass
 from graphopt.runtime.step_api import SpecStepInputs
-from graphopt.spec import SpecConfig
+from graphopt.spec import SpecConfig, resolve_spec
 
 BS = 4
 
@@ -136,3 +136,15 @@ def test_pass_reads_mtp_graphs_from_the_context_and_names_what_is_missing(graphs
         build_spec_step(main, [mtp], model.config, SpecConfig(num_speculative_tokens=1), 8)
     with pytest.raises(TypeError, match="spec_config must be a graphopt.SpecConfig or None"):
         build_spec_step(main, [mtp], model.config, "mtp", BS)
+
+
+def test_spec_config_is_validated_with_the_accepted_values():
+    assert resolve_spec("mtp") == SpecConfig(method="mtp", num_speculative_tokens=1) and resolve_spec(None) is None
+    assert resolve_spec(SpecConfig(num_speculative_tokens=3)).num_speculative_tokens == 3
+    with pytest.raises(ValueError, match=r"SpecConfig.method = 'eagle' is not supported; accepted values: 'mtp'"):
+        SpecConfig(method="eagle")
+    for bad in (0, 8, True, "2"):
+        with pytest.raises(ValueError, match=r"accepted values: integers 1..7"):
+            SpecConfig(num_speculative_tokens=bad)
+    with pytest.raises(ValueError, match=r"spec = 'medusa' is not supported; accepted values: None, 'mtp'"):
+        resolve_spec("medusa")

@@ -1,0 +1,38 @@
+"""Every example runs end to end (so none rots) and prints what it promises."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(name: str, *args: str, timeout: int = 600) -> str:
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                          timeout=timeout, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_plug_into_transformers():
+    out = run("plug_into_transformers.py")
+    err = float(out.split("logits: ")[1].split()[0])
+    assert err < 1e-4
+    assert "parameters shared with the HF model: True" in out
+    assert "greedy continuation: [" in out
+
+
+def test_dump_and_inspect(tmp_path):
+    out = run("dump_and_inspect.py", "--out", str(tmp_path))
+    assert "| step | step | fuse_spec_step | changed | 1 |" in out
+    assert "graphopt.moe_route.default | 0 |" in out
+    for op in ("mla_attention", "moe_experts", "rejection_accept", "rms_norm"):
+        assert op in out.split("fused step graph:")[1]
+
+
+def test_quantize_and_save(tmp_path):
+    out = run("quantize_and_save.py", "--out", str(tmp_path / "q"))
+    assert (tmp_path / "q").exists()
+    assert "quantised matmuls" in out
