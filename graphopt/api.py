@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .capture.step import CapturedGraph, capture_main, capture_mtp
+from .capture.step import capture_main, capture_mtp
 from .config import CompileOptions, resolve_backend
 from .models.deepseek import DeepseekV3ForCausalLM
 from .passes.base import PassContext

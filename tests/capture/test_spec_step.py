@@ -12,15 +12,6 @@ from graphopt.models.random import random_model
 from graphopt.runtime.step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 BS = 4   # small blocks: sequences cross many block boundaries
 
 

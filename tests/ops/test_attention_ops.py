@@ -7,15 +7,6 @@ from torch.export import Dim
 from graphopt.ops.attention import ABSORB_MAX_TOKENS, mla_attention_absorbed, mla_attention_expanded
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 H, DN, R, RP, DV = 4, 16, 32, 8, 12
 SCALE = (DN + RP) ** -0.5
 

@@ -14,15 +14,6 @@ import torch
 from graphopt.ops.sampling import STREAM_ACCEPT, STREAM_TOKEN, uniform
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 ops = torch.ops.graphopt
 
 

@@ -18,15 +18,6 @@ from graphopt.spec import SpecConfig, resolve_spec
 BS = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def graphs():
     """One main layer and one MTP layer, captured once, MLA rewritten as the spec phase does."""

@@ -17,15 +17,6 @@ transformers = pytest.importorskip("transformers")
 MLA_OP = "graphopt.mla_attention.default"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a shared 2-core machine, intra-op threads cost more than they save."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def rewrite(gm):
     gm = copy.deepcopy(gm)
     before = count_ops(gm)
