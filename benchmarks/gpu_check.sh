@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One device-machine call: GPU tests, the generation benchmark on the H200, and a CPU test subset under
+# GPU tests, the generation benchmark on the H200, and a CPU test subset under
 # the machine's own torch/transformers (2.11 / 5.17), so the code is checked on both versions.
-#   run on the device machine from the repo root; results land in $OUT
+#   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"

@@ -1,4 +1,4 @@
-"""CUDA checks (skipped without a GPU; run through the device machine): the embedded model in bf16 on
+"""CUDA checks (skipped without a GPU): the embedded model in bf16 on
 the GPU against the float32 CPU reference, and compiled generation (plain and speculative) on the GPU
 token-identical to the eager reference decoding on the same device."""
 
