@@ -10,7 +10,6 @@ and register any new tensors (folded or quantised weights) on those graphs, neve
 
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass, field
@@ -173,7 +172,8 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
         graphs[name] = manager.run(cap.graph_module, ctx, per_graph)
     state["mtp_graphs"] = [graphs[f"mtp{d}"] for d in range(len(ref.mtp)) if f"mtp{d}" in graphs]
     step_ctx = PassContext(ref.config, options, captured["main"].make_inputs, "step", state=state)
-    step = manager.run(copy.deepcopy(graphs["main"]), step_ctx, step_phases)
+    # the fusion copies the main graph's nodes, not its weights, and leaves graphs["main"] as it was
+    step = manager.run(graphs["main"], step_ctx, step_phases)
     if "spec_prefill_graph" in state:
         graphs["step"], graphs["prefill"] = step, state["spec_prefill_graph"]
     elif spec_config is not None:
