@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.config import SUPPORTED_SCORING, SUPPORTED_TOPK_METHODS
+from ..models.deepseek import route
 
 __all__ = ["rms_norm", "swiglu", "moe_route", "moe_experts"]
 
@@ -120,27 +121,8 @@ def moe_route(x: Tensor, gate_weight: Tensor, correction_bias: Optional[Tensor],
     Returns weights float32 [N, top_k] and ids int64 [N, top_k].
     """
     _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func)
-    n_experts = gate_weight.shape[0]
-    logits = F.linear(x.float(), gate_weight.float())                           # [N, E]
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
-    choice = scores
-    if correction_bias is not None:
-        choice = scores + correction_bias.float()
-    if topk_method != "greedy" and n_group > 1:
-        grouped = choice.view(-1, n_group, n_experts // n_group)                 # [N, G, E/G]
-        if topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)            # [N, G]
-        else:
-            group_scores = grouped.amax(dim=-1)
-        best_groups = group_scores.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores).scatter(1, best_groups, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
-        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids
+    return route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                 norm_topk_prob, routed_scaling_factor)
 
 
 @moe_route.register_fake
