@@ -5,7 +5,7 @@
 
 Prompts: `graphopt.models.evaluate.heldout_prompts` (evenly spaced 64-token snippets of
 graphopt/models/data/heldout.txt, code the model never saw). Each k runs the eager SpecStep /
-SpecPrefill provider over the whole batch (`capture.spec_step.speculative_generate`) and reads the
+SpecPrefill provider over the whole batch (`step.provider.speculative_generate`) and reads the
 acceptance from `SpecStats`: a row-step counts while the row is generating (its last, possibly cut,
 step is left out). The output is also compared with plain greedy decoding (it must be identical).
 Writes the table to benchmarks/results/spec_acceptance.md (docs/speculative.md quotes it).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from graphopt.capture.spec_step import SpecStepProvider, speculative_generate
+from graphopt.step.provider import SpecStepProvider, speculative_generate
 from graphopt.models import load, load_tokenizer
 from graphopt.models.evaluate import HELDOUT_TEXT, heldout_prompts
 from graphopt.models.generate import greedy_generate

@@ -1,14 +1,15 @@
 """graphopt: a compiler-style graph pipeline that makes DeepSeek-V3-family models fast to serve.
 
-Public API: `compile`, `CompiledModel` and the config dataclasses `SpecConfig`, `QuantConfig`.
+Public API: `compile`, `CompiledModel` (`.save(dir)`), `load_compiled(dir)` and the config
+dataclasses `SpecConfig`, `QuantConfig`.
 Everything else is reachable through the subpackages (`graphopt.models`, `graphopt.passes`, ...).
 """
 
-from .api import CompiledModel, compile
+from .api import CompiledModel, compile, load_compiled
 
 __version__ = "0.1.0"
 
-__all__ = ["compile", "CompiledModel", "SpecConfig", "QuantConfig", "__version__"]
+__all__ = ["compile", "CompiledModel", "load_compiled", "SpecConfig", "QuantConfig", "__version__"]
 
 
 def __getattr__(name):  # the config dataclasses live with their subsystems; import on first use

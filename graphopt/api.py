@@ -1,29 +1,38 @@
-"""`graphopt.compile` and `CompiledModel`: capture -> passes -> backend -> runtime, in that order.
+"""`graphopt.compile` and `CompiledModel`: validate -> capture -> pipeline -> backend, in that order.
 
     compiled = graphopt.compile(model, spec="mtp", quant="w8a8", dump_dir="dumps")
     logits = compiled(input_ids)                         # drop-in for model(input_ids)
     out = compiled.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)
 
-The user's model is never modified: capture reads it, passes rewrite copies of the captured graphs
-and register any new tensors (folded or quantised weights) on those graphs, never on the model.
+The data path never doubles back: the model is captured into a Program, the pipeline rewrites the
+Program, a backend lowers it to an Executable (the step contract plus a plain forward), and the
+runtime (`Engine`) drives the Executable. The user's model is never modified: capture reads it,
+passes rewrite copies of the captured graphs and register any new tensors (folded or quantised
+weights) on those graphs, never on the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
+from . import backends
 from .capture.step import capture_main, capture_mtp
 from .config import CompileOptions, resolve_backend
 from .models.deepseek import DeepseekV3ForCausalLM
-from .passes.base import PassContext
 from .passes.dump import Dumper
-from .passes.manager import PassManager, disabled_from_env, verify_from_env
-from .passes import pipeline
+from .passes.manager import verify_from_env
+from .passes.pipeline import check_options, run_pipeline
+from .passes.program import CompileState, Program
+from .step.contract import window
+from .step.paged import CacheLayout, blocks_for
+
+__all__ = ["CompileReport", "CompiledModel", "compile", "load_compiled"]
 
 
 def _as_reference_model(model: Any) -> DeepseekV3ForCausalLM:
@@ -38,27 +47,43 @@ def _as_reference_model(model: Any) -> DeepseekV3ForCausalLM:
 
 @dataclass
 class CompileReport:
+    """Pass records (pipeline order), seconds per stage, and notes: the passes' own ("graph/pass"
+    -> text, e.g. that calibration ran on random steps), the backend, pictures, and whatever a tool
+    adds (`graphopt bench` adds its table). `render()` is the Markdown the dump report shows."""
+
     records: list = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
 
+    def render(self, title: str = "graphopt compile report") -> str:
+        from .passes.dump import render_markdown
+        return render_markdown(self.records, self.all_notes(), title)
+
+    def all_notes(self) -> dict[str, str]:
+        return {**self.notes, **{f"{k} seconds": f"{v:.2f}" for k, v in self.seconds.items()}}
+
 
 class CompiledModel:
-    """The compiled step graphs plus the runtime that loops over them."""
+    """A backend's Executable plus the runtime engine that loops over it."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, graphs: dict[str, torch.fx.GraphModule],
-                 options: CompileOptions, spec, quant, backend: str, report: CompileReport):
-        self.config = model.config
-        self.graphs, self.options, self.spec, self.quant = graphs, options, spec, quant
+    def __init__(self, executable, options: CompileOptions, spec, quant, backend: str, report: CompileReport):
+        self.executable, self.options, self.spec, self.quant = executable, options, spec, quant
         self.backend, self.report = backend, report
-        self._device = model.lm_head.weight.device
-        self._dtype = model.lm_head.weight.dtype
-        self._model = model  # read-only: shapes, new_kv_caches; never modified
-        self._step_provider = None
+        self.config = executable.config
+        self._engine = None
+        self._engine_size = (0, 0)   # (rows, positions per row) the current engine was built for
+
+    @property
+    def program(self) -> Program:
+        return self.executable.program
+
+    @property
+    def graphs(self) -> dict[str, torch.fx.GraphModule]:
+        return self.program.graphs
 
     @property
     def main_graph(self) -> torch.fx.GraphModule:
-        return self.graphs["main"]
+        return self.program.main
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -66,18 +91,11 @@ class CompiledModel:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a 2-D LongTensor [batch, tokens], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         if T > self.config.max_position_embeddings:
             raise ValueError(f"input of {T} tokens is longer than max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        bs = self.options.block_size
-        per_seq = -(-T // bs)
-        caches = self._model.new_kv_caches(1 + B * per_seq, bs)
-        tables = 1 + torch.arange(B * per_seq, device=self._device).view(B, per_seq)
-        positions = torch.arange(T, device=self._device).expand(B, T)
-        slots = tables.gather(1, positions // bs) * bs + positions % bs
-        logits, _ = self.main_graph(input_ids.to(self._device), positions, slots, tables, caches)
-        return logits
+        return self.executable.forward(input_ids)
 
     forward = __call__
 
@@ -92,111 +110,123 @@ class CompiledModel:
             prompts = prompts.tolist()
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
             raise ValueError("prompts must be a list of token-id lists or a 2-D LongTensor")
+        prompts = [list(p) for p in prompts]
         params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
                                 min_p=min_p or 0.0, seed=seed, max_new_tokens=max_new_tokens,
                                 eos_token_id=eos_token_id, stop=stop)
-        return self.engine().generate([list(p) for p in prompts], params)
+        # seed None: prompt i draws with seed i on every call (the engine is reused, its request ids grow)
+        per_prompt = [params if seed is not None else replace(params, seed=i) for i in range(len(prompts))]
+        longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+        return self._engine_for(len(prompts), longest).generate(prompts, per_prompt)
+
+    def _engine_for(self, rows: int, positions: int):
+        """The one engine of this model, rebuilt larger only when a call needs more rows or positions."""
+        rows = max(1, min(rows, self.options.max_batch_size))
+        positions = min(positions, self.config.max_position_embeddings)
+        have_rows, have_positions = self._engine_size
+        if self._engine is None or self._engine.has_unfinished() or rows > have_rows or positions > have_positions:
+            rows, positions = max(rows, have_rows), max(positions, have_positions)
+            kwargs = {}
+            if self.options.cache_budget_bytes is None:   # every row at full length at once, plus the sink
+                k = self.executable.num_speculative_tokens
+                kwargs["num_blocks"] = 1 + rows * blocks_for(positions + window(k), self.executable.block_size)
+            self._engine = self.engine(max_batch_size=rows, **kwargs)
+            self._engine_size = (rows, positions)
+        return self._engine
 
     def engine(self, **engine_kwargs):
-        """A runtime engine serving requests with this model's compiled step graphs."""
+        """A new runtime engine serving requests with this model's Executable."""
         from .runtime.engine import Engine
         kwargs = dict(max_batch_size=self.options.max_batch_size, prefill_chunk_size=self.options.prefill_chunk_size,
                       cache_budget_bytes=self.options.cache_budget_bytes)
         kwargs.update(engine_kwargs)
-        return Engine(self._provider(), **kwargs)
-
-    def _provider(self):
-        if self._step_provider is None:
-            if "step" in self.graphs:
-                from .capture.spec_step import SpecStepProvider
-                k = self.spec.num_speculative_tokens if self.spec is not None else 0
-                self._step_provider = SpecStepProvider(self.graphs["step"], self.graphs["prefill"], self.config, k,
-                                                       self.options.block_size, self._dtype, self._device)
-            else:  # fuse_spec_step switched off: plain decoding over the main graph, bookkeeping in eager ops
-                from .runtime.reference_provider import ReferenceStepProvider
-                self._step_provider = ReferenceStepProvider(_GraphForward(self.main_graph, self._model),
-                                                            block_size=self.options.block_size)
-        return self._step_provider
+        if kwargs.get("num_blocks") is not None:
+            kwargs.pop("cache_budget_bytes", None)
+        return Engine(self.executable, **kwargs)
 
     @property
     def stats(self) -> dict | None:
         """Speculative decoding statistics over every generate call so far (None without spec)."""
-        provider = self._provider()
-        return provider.stats.summary() if self.spec is not None and hasattr(provider, "stats") else None
+        return self.executable.stats if self.spec is not None else None
 
-
-class _GraphForward:
-    """The compiled main step graph behind the model's forward signature (what a provider calls)."""
-
-    def __init__(self, gm: torch.fx.GraphModule, model: DeepseekV3ForCausalLM):
-        self.gm, self.config, self.new_kv_caches = gm, model.config, model.new_kv_caches
-
-    def __call__(self, input_ids, positions, kv_caches, slot_mapping, block_tables, return_hidden=False):
-        logits, hidden = self.gm(input_ids, positions, slot_mapping, block_tables, kv_caches)
-        return (logits, hidden) if return_hidden else logits
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the optimised Program (graphs, weights, a manifest) to `directory`, atomically;
+        `graphopt.load_compiled(directory)` brings it back without capture or passes."""
+        from .passes.program_io import save_program
+        extra = {"backend": self.backend, "options": dataclasses.asdict(self.options),
+                 "report": {"seconds": dict(self.report.seconds), "notes": dict(self.report.notes)}}
+        save_program(self.program, directory, _graphopt_version(), extra)
 
 
 def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "auto",
             dump_dir: str | None = None, verify: bool = False, **options: Any) -> CompiledModel:
     """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc."""
+    # validate everything before any heavy work
     opts = CompileOptions.from_kwargs(options)
     backend = resolve_backend(backend)
+    lowering = backends.get(backend)
     ref = _as_reference_model(model)
-    spec_config = _resolve_spec(spec, ref)
-    quant_config = _resolve_quant(quant)
+    state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
+    check_options(opts, state)
     verify = verify or verify_from_env()
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     dumper = Dumper(dump_dir) if dump_dir else None
     report = CompileReport()
 
     t0 = time.perf_counter()
-    captured = {"main": capture_main(ref, opts.block_size)}
-    if spec_config is not None:
-        for d in range(len(ref.mtp)):
-            captured[f"mtp{d}"] = capture_mtp(ref, d, opts.block_size)
+    captured = [capture_main(ref, opts.block_size)]
+    if state.spec is not None:
+        captured += [capture_mtp(ref, d, opts.block_size) for d in range(len(ref.mtp))]
+    w = ref.lm_head.weight
+    layout = CacheLayout.for_config(ref.config, opts.block_size, w.dtype, w.device, num_mtp=len(captured) - 1)
+    if state.quant is not None and state.quant.needs_calibration:
+        state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size)
+    program = Program.from_captured(captured, ref.config, layout, state)
     report.seconds["capture"] = time.perf_counter() - t0
 
-    per_graph, step_phases = pipeline.build_pipeline(quant=quant_config is not None)
-    manager = PassManager(per_graph + step_phases, set(opts.disable_passes) | disabled_from_env(), verify, dumper)
-    options = {**vars(opts), "spec": spec_config, "quant": quant_config}
-    state = {"spec": spec_config, "quant": quant_config}   # shared by all graphs (calibration statistics)
-    if quant_config is not None and quant_config.needs_calibration:
-        state.update(_calibration_inputs(ref, quant_config, opts.block_size))
-    graphs: dict[str, torch.fx.GraphModule] = {}
     t0 = time.perf_counter()
-    for name in sorted(captured, key=lambda n: n != "main"):  # mtp graphs after main, before the fusion
-        cap = captured[name]
-        if dumper:
-            dumper.write_captured(name, cap.graph_module)
-        ctx = PassContext(ref.config, options, cap.make_inputs, name, state=state)
-        graphs[name] = manager.run(cap.graph_module, ctx, per_graph)
-    state["mtp_graphs"] = [graphs[f"mtp{d}"] for d in range(len(ref.mtp)) if f"mtp{d}" in graphs]
-    step_ctx = PassContext(ref.config, options, captured["main"].make_inputs, "step", state=state)
-    # the fusion copies the main graph's nodes, not its weights, and leaves graphs["main"] as it was
-    step = manager.run(graphs["main"], step_ctx, step_phases)
-    if "spec_prefill_graph" in state:
-        graphs["step"], graphs["prefill"] = step, state["spec_prefill_graph"]
-    elif spec_config is not None:
-        raise ValueError("spec= needs the fuse_spec_step pass; it was disabled")
+    program = run_pipeline(program, opts, dumper, verify)
     report.seconds["passes"] = time.perf_counter() - t0
-    report.records = manager.records
 
-    lower = _backend_lowering(backend)
-    graphs = {name: lower(gm) for name, gm in graphs.items()}
+    t0 = time.perf_counter()
+    executable = lowering.lower(program, opts)
+    report.seconds["lower"] = time.perf_counter() - t0
+    report.records = program.state.records
+    report.notes.update(program.state.notes)
+    report.notes["backend"] = backend
     if dumper:
-        for name, gm in graphs.items():
+        for name, gm in program.graphs.items():
             report.notes[f"{name} picture"] = dumper.write_final(name, gm)
-        report.notes.update({f"{k} seconds": f"{v:.2f}" for k, v in report.seconds.items()})
-        report.notes["backend"] = backend
-        dumper.write_report(report.records, report.notes)
-    return CompiledModel(ref, graphs, opts, spec_config, quant_config, backend, report)
+        dumper.write_report(report.records, report.all_notes())
+    return CompiledModel(executable, opts, state.spec, state.quant, backend, report)
 
 
-def _backend_lowering(backend: str):
-    if backend == "eager":
-        from .backends.eager import lower
-        return lower
-    raise AssertionError(backend)
+def load_compiled(directory: str | os.PathLike, device: torch.device | str | None = None,
+                  backend: str | None = None) -> CompiledModel:
+    """The CompiledModel saved by `CompiledModel.save(directory)`: no capture, no passes, only the
+    lowering. device: where weights and caches go (None: where it was compiled); backend: lower with
+    another registered backend than the saved one. A manifest from another graphopt or torch version,
+    or a missing or corrupt file, is an error that names it."""
+    from .passes.program_io import load_program, read_manifest
+    t0 = time.perf_counter()
+    manifest = read_manifest(directory, _graphopt_version())
+    backend = resolve_backend(backend or manifest["backend"])
+    lowering = backends.get(backend)
+    opts = CompileOptions.from_kwargs(manifest["options"])
+    program = load_program(directory, manifest, device)
+    report = CompileReport(records=program.state.records, seconds=dict(manifest["report"]["seconds"]),
+                           notes={**manifest["report"]["notes"], "backend": backend})
+    report.seconds["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    executable = lowering.lower(program, opts)
+    report.seconds["lower"] = time.perf_counter() - t0
+    report.notes["loaded from"] = str(directory)
+    return CompiledModel(executable, opts, program.state.spec, program.state.quant, backend, report)
+
+
+def _graphopt_version() -> str:
+    import graphopt   # late: graphopt/__init__ imports this module before it sets __version__
+    return graphopt.__version__
 
 
 def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
@@ -211,7 +241,7 @@ def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
     return spec
 
 
-def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int) -> dict:
+def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int):
     """Real calibration windows (QuantConfig.calibration's mixed sources) fed through each graph.
 
     The default sources are text of the embedded model's tokenizer; a model with another vocabulary
@@ -220,8 +250,8 @@ def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: 
     try:
         tokens = calibration.calibration_tokens(quant_config.calibration, model.config.vocab_size)
     except ValueError:
-        return {}
-    return {"calibration_inputs": calibration.step_inputs(model, tokens, block_size).__getitem__}
+        return None
+    return calibration.step_inputs(model, tokens, block_size).__getitem__
 
 
 def _resolve_quant(quant: Any):

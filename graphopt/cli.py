@@ -77,8 +77,13 @@ def cmd_compile(args, dump_required: bool = False) -> int:
         status = "off" if not r.ran else ("changed" if r.modified else "no match")
         print(f"{r.graph:8} {r.phase:10} {r.name:28} {status:9} {r.matches:>7} {r.seconds * 1e3:>8.1f} "
               f"{r.nodes_before:>5}->{r.nodes_after:<5}")
+    for key, note in compiled.report.all_notes().items():   # pass notes, stage times, backend
+        print(f"  {key}: {note}")
     if args.dump_dir:
         print(f"dumps and report: {args.dump_dir}/report.md")
+    if getattr(args, "out", None):
+        compiled.save(args.out)
+        print(f"compiled artefact: {args.out} (graphopt.load_compiled({str(args.out)!r}) skips capture and passes)")
     return 0
 
 
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--quant", default=None, help="quantisation preset (e.g. w8a8)")
         p.add_argument("--dump-dir", default=None if name == "compile" else "graphopt_dump")
         p.add_argument("--verify", action="store_true", help="check every pass's numerics")
+        p.add_argument("--out", default=None, help="write the compiled artefact to this directory "
+                       "(graphopt.load_compiled reads it)")
         p.set_defaults(func=cmd_compile if name == "compile" else cmd_dump)
 
     for name, module, fn in (("calibrate", "graphopt.quant.cli", "calibrate_main"),

@@ -1,42 +1,25 @@
 """Validated options of `graphopt.compile` (the public API's config dataclasses live here and in
-`graphopt.spec` / `graphopt.quant.config`)."""
+`graphopt.spec` / `graphopt.quant.config`).
+
+`CompileOptions` is defined in `graphopt.passes.program`, next to the Program the pipeline and the
+backends read it with; this module is its public name. `BACKENDS` are the names `backend=` accepts:
+"auto" plus every backend registered in `graphopt.backends`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from . import backends as _backends
+from .passes.program import CompileOptions
 
-BACKENDS = ("auto", "eager")
+__all__ = ["BACKENDS", "CompileOptions", "resolve_backend"]
 
-
-@dataclass
-class CompileOptions:
-    """The `**options` of `graphopt.compile`; an unknown key is a ValueError listing these."""
-
-    block_size: int = 16                  # tokens per KV-cache block
-    disable_passes: list[str] = field(default_factory=list)
-    max_batch_size: int = 64              # rows the runtime batches at once
-    cache_budget_bytes: int | None = None  # KV-cache memory; None: enough for max_batch_size full rows
-    prefill_chunk_size: int = 512         # longer prompts are prefilled in chunks of this many tokens
-    fold_max_bytes: int = 64 << 20        # fold_constants skips results larger than this
-
-    @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> "CompileOptions":
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(names))
-        if unknown:
-            raise ValueError(f"unknown compile option(s) {unknown}; accepted options: {names}")
-        opts = cls(**options)
-        if opts.block_size < 1 or opts.block_size & (opts.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {opts.block_size}")
-        if opts.max_batch_size < 1 or opts.prefill_chunk_size < 1:
-            raise ValueError("max_batch_size and prefill_chunk_size must be >= 1")
-        if isinstance(opts.disable_passes, str):
-            opts.disable_passes = [p.strip() for p in opts.disable_passes.split(",") if p.strip()]
-        return opts
+BACKENDS = ("auto", *_backends.names())
+AUTO_BACKEND = "eager"   # the reference; "auto" will pick the fastest backend that supports the device
 
 
 def resolve_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(BACKENDS)}")
-    return "eager" if backend == "auto" else backend
+    """The registered name `backend` stands for; a ValueError listing the accepted names otherwise."""
+    accepted = ("auto", *_backends.names())
+    if backend not in accepted:
+        raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(accepted)}")
+    return AUTO_BACKEND if backend == "auto" else backend

@@ -6,7 +6,7 @@
                                                 k drafts per step, chaining the MTP layer(s); the main
                                                 model verifies 1 + k tokens in the same step graph
 
-What a step computes is written down in docs/speculative.md and graphopt/capture/spec_step.py.
+What a step computes is written down in docs/speculative.md and graphopt/step/spec_step.py.
 """
 
 from __future__ import annotations

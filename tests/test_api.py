@@ -78,3 +78,52 @@ def test_bad_call_inputs(compiled_random):
         compiled(torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(ValueError, match="list of token-id lists"):
         compiled.generate("def f():")
+
+
+def test_generate_keeps_one_engine_and_grows_it_only_when_a_call_needs_more(compiled_random):
+    model, compiled, _, _ = compiled_random
+    compiled.generate([[1, 2, 3], [4, 5]], max_new_tokens=6)
+    engine, size = compiled._engine, compiled._engine_size
+    assert compiled.generate([[7, 8]], max_new_tokens=4) == [greedy_generate(model, [7, 8], 4)]
+    assert compiled._engine is engine                                       # smaller call: same engine, same cache
+    prompts = [[1], [2], [3, 4, 5]]
+    assert compiled.generate(prompts, max_new_tokens=30) == [greedy_generate(model, p, 30) for p in prompts]
+    assert compiled._engine is not engine and compiled._engine_size > size  # more rows and positions: grown
+    grown = compiled._engine
+    compiled.generate([[9]], max_new_tokens=2)
+    assert compiled._engine is grown
+
+
+def test_unseeded_sampling_repeats_across_calls_on_the_reused_engine(compiled_random):
+    _, compiled, _, _ = compiled_random
+    a = compiled.generate([[5, 6], [7]], max_new_tokens=8, temperature=1.0)
+    b = compiled.generate([[5, 6], [7]], max_new_tokens=8, temperature=1.0)
+    assert a == b
+
+
+def test_report_carries_pass_notes_and_stage_times(compiled_random):
+    _, compiled, dump_dir, _ = compiled_random
+    notes = compiled.report.notes
+    assert notes["backend"] == "eager" and "k = 0" in notes["step/fuse_spec_step"]
+    assert {"capture", "passes", "lower"} <= set(compiled.report.seconds)
+    report = (dump_dir / "report.md").read_text()
+    assert "- step/fuse_spec_step: fused main + 0 MTP graph(s)" in report and "- passes seconds:" in report
+    assert "step/fuse_spec_step" in compiled.report.render()
+
+
+def test_random_step_calibration_is_said_in_the_report():
+    from graphopt.quant import PRESETS
+    config = PRESETS["w8a8_smooth"]
+    config = config.replace(calibration=config.calibration.__class__(num_samples=2))
+    compiled = graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), quant=config,
+                                progress=False)
+    assert "random valid steps" in compiled.report.notes["main/quant_calibrate"]
+
+
+def test_unknown_pass_names_fail_before_capture(monkeypatch):
+    import graphopt.api as api
+    monkeypatch.setattr(api, "capture_main", lambda *a: pytest.fail("captured before validating"))
+    with pytest.raises(ValueError, match="unknown pass.*no_such_pass"):
+        graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), disable_passes=["no_such_pass"])
+    with pytest.raises(ValueError, match="spec= needs the fuse_spec_step pass"):
+        graphopt.compile(random_model(), spec="mtp", disable_passes=["fuse_spec_step"])

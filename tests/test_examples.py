@@ -35,3 +35,9 @@ def test_quantize_and_save(tmp_path):
     out = run("quantize_and_save.py", "--out", str(tmp_path / "q"))
     assert (tmp_path / "q").exists()
     assert "quantised matmuls" in out
+
+
+def test_save_and_load(tmp_path):
+    out = run("save_and_load.py", "--out", str(tmp_path / "compiled"))
+    assert "same tokens: True" in out
+    assert (tmp_path / "compiled" / "manifest.json").is_file()

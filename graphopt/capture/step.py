@@ -28,29 +28,12 @@ from torch import nn
 from torch.export import Dim
 
 from ..models.deepseek import DeepseekV3ForCausalLM
+from ..step.model_step import MainStep, MTPStep
+from ..step.paged import slot_mapping
 
 
 class CaptureError(RuntimeError):
     """torch.export could not capture the step; the message names the module and the operation."""
-
-
-class MainStep(nn.Module):
-    def __init__(self, model: DeepseekV3ForCausalLM):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, positions, slot_mapping, block_tables, kv_caches):
-        return self.model(input_ids, positions, kv_caches, slot_mapping, block_tables, return_hidden=True)
-
-
-class MTPStep(nn.Module):
-    def __init__(self, model: DeepseekV3ForCausalLM, depth: int):
-        super().__init__()
-        self.model, self.depth = model, depth
-
-    def forward(self, next_ids, hidden, positions, slot_mapping, block_tables, mtp_cache):
-        return self.model.mtp_forward(self.depth, next_ids, hidden, positions, mtp_cache, slot_mapping,
-                                      block_tables)
 
 
 @dataclass
@@ -81,21 +64,25 @@ class StepInputFactory:
         max_blocks = int(positions.max()) // bs + 1
         num_blocks = 1 + B * max_blocks
         blocks = (torch.randperm(num_blocks - 1, generator=g) + 1).view(B, max_blocks)  # never block 0
-        slots = blocks.gather(1, positions // bs) * bs + positions % bs
+        slots = slot_mapping(positions, blocks, bs)
         ids = torch.randint(0, self.config.vocab_size, (B, T), generator=g)
         caches = lambda n: [(torch.randn(num_blocks, bs, self.config.kv_cache_dim, generator=g) * 0.5)
                             .to(self.dtype) for _ in range(n)]
         dev = lambda t: t.to(self.device)
         return g, dev(ids), dev(positions), dev(slots), dev(blocks), caches
 
+    # random values are drawn on the host from a CPU generator (the same draws on every device), then
+    # moved to the model's device once; explicit, so a default device set elsewhere cannot leak in
     def main(self, seed: int) -> tuple:
-        _, ids, pos, slots, blocks, caches = self.common(seed)
-        return ids, pos, slots, blocks, [c.to(self.device) for c in caches(self.config.num_hidden_layers)]
+        with torch.device("cpu"):
+            _, ids, pos, slots, blocks, caches = self.common(seed)
+            return ids, pos, slots, blocks, [c.to(self.device) for c in caches(self.config.num_hidden_layers)]
 
     def mtp(self, seed: int) -> tuple:
-        g, ids, pos, slots, blocks, caches = self.common(seed)
-        hidden = torch.randn(*ids.shape, self.config.hidden_size, generator=g).to(self.dtype).to(self.device)
-        return ids, hidden, pos, slots, blocks, caches(1)[0].to(self.device)
+        with torch.device("cpu"):
+            g, ids, pos, slots, blocks, caches = self.common(seed)
+            hidden = torch.randn(*ids.shape, self.config.hidden_size, generator=g).to(self.dtype).to(self.device)
+            return ids, hidden, pos, slots, blocks, caches(1)[0].to(self.device)
 
 
 def _dynamic_shapes(num_layers: int, mtp: bool):

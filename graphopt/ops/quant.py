@@ -276,11 +276,11 @@ def _(x, weights, ids, gate_up, down, gate_up_scheme, down_scheme, params):
 
 
 # -- rotation ----------------------------------------------------------------------------------------
-def hadamard_matrix(n: int) -> Tensor:
-    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two), fp32."""
+def hadamard_matrix(n: int, device: torch.device | str | None = None) -> Tensor:
+    """Orthonormal Sylvester Hadamard matrix [n, n] (n a power of two), fp32, on `device` (default: CPU)."""
     if n < 1 or n & (n - 1):
         raise ValueError(f"Hadamard size must be a power of two, got {n}")
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, device=device if device is not None else "cpu")
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / n ** 0.5
@@ -293,7 +293,7 @@ def hadamard_transform(x: Tensor, block: int) -> Tensor:
     The weight was rotated the same way offline (W H), so (x H)(W H)^T = x W^T while outliers are
     spread over each block before quantisation (QuaRot).
     """
-    h = hadamard_matrix(block).to(x.device)
+    h = hadamard_matrix(block, x.device)
     return torch.matmul(x.float().unflatten(-1, (-1, block)), h).flatten(-2).to(x.dtype)
 
 

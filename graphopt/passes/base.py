@@ -1,8 +1,10 @@
 """The contract every graph pass follows.
 
-A pass is a small object with one entry point, `run(gm, ctx) -> PassResult`. It says whether it
-changed the graph and how many places it rewrote; the manager (`manager.py`) times it, dumps the
-graph before and after, checks invariants and numerics in verify mode, and names it when it fails.
+A graph pass is a small object with one entry point, `run(gm, ctx) -> PassResult`. It says whether
+it changed the graph and how many places it rewrote; the manager (`manager.py`) runs it over each
+graph of the Program, times it, dumps the graph before and after, checks invariants and numerics in
+verify mode, and names it when it fails. A module pass (`ModulePass`: the spec fusion, later
+sharding) sees the whole Program instead: `run(program, ctx) -> ModuleResult`.
 
     class FuseThingPass(GraphPass):
         name = "fuse_thing"
@@ -18,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from .program import CompileOptions, CompileState, Program
+
 
 @dataclass
 class PassResult:
@@ -28,14 +32,28 @@ class PassResult:
 
 
 @dataclass
+class ModuleResult:
+    program: Program
+    modified: bool
+    matches: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PassContext:
-    """What a pass may read besides the graph: the model config, the options, the step's inputs."""
+    """What a pass may read besides the graph: the model config, the options, the graph's inputs,
+    and the Program's compile state (shared by every graph of one compile)."""
 
     model_config: Any = None
-    options: dict[str, Any] = field(default_factory=dict)
+    options: CompileOptions = field(default_factory=CompileOptions)
     make_inputs: Callable[[int], tuple] | None = None   # seed -> fresh valid inputs for this graph
     graph_name: str = "main"
-    state: dict[str, Any] = field(default_factory=dict)  # shared between passes (calibration stats, ...)
+    state: CompileState = field(default_factory=CompileState)
+
+    def __post_init__(self):
+        if not isinstance(self.options, CompileOptions) or not isinstance(self.state, CompileState):
+            raise TypeError(f"PassContext takes a CompileOptions and a CompileState (graphopt.passes.program), "
+                            f"got {type(self.options).__name__} and {type(self.state).__name__}")
 
 
 class GraphPass:
@@ -50,6 +68,22 @@ class GraphPass:
     atol: float = 1e-5
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
+
+
+class ModulePass:
+    """Base class of passes over the whole Program (they may add, replace or drop graphs).
+
+    `changes_signature`: the graphs it makes have other signatures than the ones it read, so verify
+    mode checks their invariants but cannot compare their numerics with a graph before them."""
+
+    name: str = ""
+    changes_signature: bool = True
+
+    def run(self, program: Program, ctx: PassContext) -> ModuleResult:
         raise NotImplementedError
 
     def __repr__(self) -> str:

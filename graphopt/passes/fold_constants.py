@@ -116,7 +116,7 @@ class FoldConstantsPass(GraphPass):
     rtol = atol = 0.0   # the same ops, run once ahead of time
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        max_bytes = int(ctx.options.get("fold_max_bytes", DEFAULT_FOLD_MAX_BYTES))
+        max_bytes = int(ctx.options.fold_max_bytes)
         graph, fake = gm.graph, fake_mode_of(gm)
         const = _constant_nodes(gm)
         frontier = [n for n in graph.nodes if n in const and n.op == "call_function"

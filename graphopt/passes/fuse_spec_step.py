@@ -1,20 +1,20 @@
 """Fuse the main step, the MTP step(s) and the acceptance into ONE step graph (and one prefill graph).
 
-Input: the captured (and already normalised / rewritten) main-step graph, plus the captured MTP-step
-graphs in `ctx.state["mtp_graphs"]` (one per MTP layer, depth order). Output: the graph of
-`capture.spec_step.SpecStep` with those graphs as its main_fn / mtp_fns (as `FunctionalStep`s, which
-return their cache writes), obtained by torch.export-ing the module and flattening it (`.module()`;
-the captured graphs are decomposed ATen already, see FunctionalStep): the main model's layers, the
+A module pass. Input: the Program with the captured (and already normalised / rewritten) main-step
+graph and MTP-step graphs (mtp0 .., depth order). Output: the same Program plus `step`, the graph of
+`step.spec_step.SpecStep` with those graphs as its main_fn / mtp_fns (as `FunctionalStep`s, which
+return their cache writes), obtained by torch.export-ing the template with one stand-in node per
+captured-graph call and splicing the captured nodes in place of each (`capture/splice.py`: the
+captured graphs are decomposed ATen already and are not traced again): the main model's layers, the
 acceptance op, the token shift and the MTP layer(s) all sit in one graph, so the host never looks
-at a value between the main model and the draft. The prefill graph (`SpecPrefill`) is built the same
-way and left in `ctx.state["spec_prefill_graph"]`.
+at a value between the main model and the draft, and `prefill` (`SpecPrefill`), built the same way.
 
-Handles: k = ctx.options["spec"] (a SpecConfig; None -> k = 0, plain decoding with device-side
+Handles: k = program.state.spec (a SpecConfig; None -> k = 0, plain decoding with device-side
 sampling), any number of MTP layers (drafts beyond the last layer chain it again), dynamic batch,
-block-table width and cache size; block_size is read from the graphs' cache inputs.
+block-table width and cache size; block_size is the Program's cache layout's.
 The graph signature changes (SpecStepInputs fields in, SpecStepOutputs fields out), so this pass
-declares `changes_signature` (verify mode cannot compare it with its input graph; the tests compare
-it with the eager SpecStep) and replaces ctx.make_inputs by the fused graph's input factory.
+declares `changes_signature` (verify mode checks its invariants but cannot compare it with its input
+graph; the tests compare it with the eager SpecStep) and registers the fused graphs' input factories.
 
 Before (the main step graph's signature and its last nodes):
     def forward(self, input_ids, positions, slot_mapping, block_tables, kv_caches):
@@ -43,12 +43,14 @@ import torch
 from torch import fx
 from torch.export import Dim
 
-from ..capture.spec_step import SpecPrefill, SpecStep
+from ..step.spec_step import DECODE_INPUTS, PREFILL_INPUTS, STEP_OUTPUTS, SpecPrefill, SpecStep
+from ..capture.splice import GraphCall, splice
 from ..capture.step import CaptureError
 from ..ops import sampling as _sampling  # noqa: F401  registers the sampling / acceptance ops
 from ..ops.sampling import DEFAULT_MAX_TOP_K
 from ..spec import SpecConfig
-from .base import GraphPass, PassContext, PassResult
+from .base import ModulePass, ModuleResult, PassContext
+from .program import GraphSignature, Program
 
 __all__ = ["FuseSpecStepPass", "FunctionalStep", "build_spec_step", "cache_layout", "example_inputs", "fuse"]
 
@@ -128,11 +130,13 @@ class FunctionalStep(torch.nn.Module):
         graph._codegen = fx.graph.CodeGen()            # flat arguments, a flat tuple out
         self.graph_module = fx.GraphModule(gm, graph)  # shares gm's weights and guard module
         self.num_caches = len(caches)
+        self.stand_in: GraphCall | None = None         # while fuse() exports the template
 
     def forward(self, *args):
         caches = args[-1]
         many = isinstance(caches, (list, tuple))
-        out = self.graph_module(*args[:-1], *(caches if many else [caches]))
+        fn = self.graph_module if self.stand_in is None else self.stand_in
+        out = fn(*args[:-1], *(caches if many else [caches]))
         written = list(out[2:])
         return out[0], out[1], written if many else written[0]
 
@@ -155,7 +159,8 @@ def _functional(fn) -> FunctionalStep:
 
 
 def fuse(module: SpecStep | SpecPrefill, model_config) -> fx.GraphModule:
-    """torch.export one SpecStep / SpecPrefill built over captured graphs into one flat graph.
+    """One SpecStep / SpecPrefill built over captured graphs as one flat graph: the template exported
+    with a stand-in node per captured-graph call, each then replaced by that graph's nodes.
 
     The module's captured graphs are wrapped in FunctionalStep (in place) first."""
     module.main_fn = _functional(module.main_fn)
@@ -173,7 +178,22 @@ def fuse(module: SpecStep | SpecPrefill, model_config) -> fx.GraphModule:
     prefill, n_mtp = isinstance(module, SpecPrefill), len(module.mtp_fns)
     args = example_inputs((n_main, bs, dim, dtype, device), n_mtp, module.k, model_config.vocab_size, prefill)
     what = f"the speculative {'prefill' if prefill else 'step'} (k = {module.k}, {n_mtp} MTP graph(s))"
-    return _export(module, args, _dynamic(n_main, n_mtp, prefill), what)
+    # export the template over one-node stand-ins, then splice the captured graphs in: tracing
+    # them again inside the template would redo capture's symbolic-shape work (capture/splice.py)
+    steps = {"main_fn": module.main_fn, **{f"mtp_fns.{i}": f for i, f in enumerate(module.mtp_fns)}}
+    graphs = {name: f.graph_module for name, f in steps.items()}
+    try:
+        for f in steps.values():
+            f.stand_in = GraphCall(f.graph_module, id(f))
+            del f.graph_module   # the template holds no weights; splice registers those the graphs read
+        gm = _export(module, args, _dynamic(n_main, n_mtp, prefill), what)
+    finally:
+        for name, f in steps.items():
+            if f.stand_in is not None:
+                f.stand_in.release()
+            f.stand_in, f.graph_module = None, graphs[name]
+    splice(gm, {id(f): (f"{name}.graph_module", graphs[name]) for name, f in steps.items()})
+    return gm
 
 
 def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.GraphModule], model_config,
@@ -181,9 +201,9 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
                     max_top_k: int = DEFAULT_MAX_TOP_K) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(step graph, prefill graph): SpecStep / SpecPrefill over the captured graphs, exported flat.
 
-    Call them with `capture.spec_step.decode_args(SpecStepInputs)` / `prefill_args(SpecPrefillInputs)`;
-    they return the SpecStepOutputs fields in order (`capture.spec_step.as_outputs`), or wrap both in
-    `capture.spec_step.SpecStepProvider`. sampling=False builds the greedy-only variant (every row must
+    Call them with `step.spec_step.decode_args(SpecStepInputs)` / `prefill_args(SpecPrefillInputs)`;
+    they return the SpecStepOutputs fields in order (`step.spec_step.as_outputs`), or wrap both in
+    `step.provider.SpecStepProvider`. sampling=False builds the greedy-only variant (every row must
     have temperature 0); spec_config None is k = 0 (plain decoding, sampling on the device).
     """
     if spec_config is not None and not isinstance(spec_config, SpecConfig):
@@ -191,7 +211,7 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
     k = 0 if spec_config is None else spec_config.num_speculative_tokens
     mtp = list(captured_mtp_gms or []) if k > 0 else []
     if k > 0 and not mtp:
-        raise ValueError(f"num_speculative_tokens = {k} needs the captured MTP graph(s) (ctx.state['mtp_graphs'] / "
+        raise ValueError(f"num_speculative_tokens = {k} needs the captured MTP graph(s) (the Program's mtp graphs / "
                          "captured_mtp_gms is empty); the checkpoint must have MTP weights")
     kw = dict(sampling=sampling, max_top_k=max_top_k)
     main, mtp = FunctionalStep(captured_main_gm), [FunctionalStep(g) for g in mtp]
@@ -199,25 +219,27 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
             fuse(SpecPrefill(main, mtp, k, block_size, **kw), model_config))
 
 
-class FuseSpecStepPass(GraphPass):
-    """main step graph -> fused speculative step graph; the prefill graph goes to ctx.state."""
+class FuseSpecStepPass(ModulePass):
+    """Program(main, mtp0 ..) -> the same Program plus the fused `step` and `prefill` graphs.
+
+    main and the MTP graphs stay as they were (the fused graphs copy their nodes, not their weights):
+    the plain forward still runs main, and a backend may lower either."""
 
     name = "fuse_spec_step"
     changes_signature = True
-    rtol = atol = 0.0   # the fused graph runs the same ops as SpecStep over the input graphs
 
     def __init__(self, sampling: bool = True, max_top_k: int = DEFAULT_MAX_TOP_K):
         self.sampling, self.max_top_k = sampling, max_top_k
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        spec = ctx.options.get("spec")
-        mtp = ctx.state.get("mtp_graphs", [])
-        block_size = ctx.options.get("block_size") or cache_layout(gm)[1]
-        step, prefill = build_spec_step(gm, mtp, ctx.model_config, spec, block_size, self.sampling, self.max_top_k)
-        ctx.state["spec_prefill_graph"] = prefill
-        k = 0 if spec is None else spec.num_speculative_tokens
-        # later passes (quant calibration, verify mode) run the fused graph: give them its inputs
-        ctx.make_inputs = functools.partial(example_inputs, cache_layout(gm), len(mtp) if k else 0, k,
-                                            ctx.model_config.vocab_size, False)
-        return PassResult(step, modified=True, matches=1,
-                          notes=[f"fused main + {len(mtp) if k else 0} MTP graph(s) + acceptance, k = {k}"])
+    def run(self, program: Program, ctx: PassContext) -> ModuleResult:
+        spec, main = program.state.spec, program.main
+        k = program.state.num_speculative_tokens
+        mtp = program.mtp_graphs if k else []
+        step, prefill = build_spec_step(main, mtp, ctx.model_config, spec, program.cache.block_size,
+                                        self.sampling, self.max_top_k)
+        # later passes (verify mode, quantisation of the fused graph) run them on these inputs
+        inputs = functools.partial(example_inputs, cache_layout(main), len(mtp), k, ctx.model_config.vocab_size)
+        program.set("step", step, GraphSignature(DECODE_INPUTS, STEP_OUTPUTS), functools.partial(inputs, False))
+        program.set("prefill", prefill, GraphSignature(PREFILL_INPUTS, STEP_OUTPUTS), functools.partial(inputs, True))
+        return ModuleResult(program, modified=True, matches=1,
+                            notes=[f"fused main + {len(mtp)} MTP graph(s) + acceptance, k = {k}"])

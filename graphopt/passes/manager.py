@@ -1,9 +1,14 @@
-"""Runs the pipeline's phases over one graph: timing, switches, dumps, verification, error naming.
+"""Runs the pipeline's phases over a Program: timing, switches, dumps, verification, error naming.
+
+A phase of graph passes runs over each graph of the Program (consecutive graph phases run graph by
+graph: main through all of them, then mtp0, ...); a phase of module passes runs once over the whole
+Program. `run(gm, ctx)` runs graph phases over one graph (tests, tools).
 
 Switching passes off: `CompileConfig.disable_passes` and the `GRAPHOPT_DISABLE_PASSES` environment
 variable (comma-separated pass names) are merged. Verify mode (`verify=True` or `GRAPHOPT_VERIFY=1`)
 runs each pass's graph before and after on the same fresh random inputs and compares outputs with
-the pass's tolerance, and checks the graph invariants at every phase boundary.
+the pass's tolerance, and checks the graph invariants of every graph as captured and at every phase
+boundary. Pass notes go to `CompileState.notes` ("graph/pass" -> text), which the report shows.
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import GraphPass, PassContext, count_ops
+from .base import GraphPass, ModulePass, PassContext, count_ops
 from .invariants import check_invariants
+from .program import Program
 
 
 class PassError(RuntimeError):
@@ -25,9 +31,20 @@ class PassError(RuntimeError):
 
 @dataclass
 class Phase:
+    """A named list of passes: all graph passes (run per graph) or all module passes (run once)."""
+
     name: str
     why: str
-    passes: list[GraphPass]
+    passes: list[GraphPass | ModulePass]
+
+    def __post_init__(self):
+        kinds = {isinstance(p, ModulePass) for p in self.passes}
+        if len(kinds) > 1:
+            raise TypeError(f"phase {self.name!r} mixes graph passes and module passes; split it in two")
+
+    @property
+    def is_module(self) -> bool:
+        return bool(self.passes) and isinstance(self.passes[0], ModulePass)
 
 
 @dataclass
@@ -67,15 +84,98 @@ class PassManager:
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext, phases: list[Phase] | None = None,
             ran: list[str] | None = None) -> torch.fx.GraphModule:
-        ran = [] if ran is None else ran
-        if self.verify and phases is None:
+        """Graph phases over one graph; verify mode checks the graph as given first."""
+        if self.verify:
             check_invariants(gm, f"{ctx.graph_name}: after capture")
-        for phase in phases if phases is not None else self.phases:
+        return self._run_graph(gm, ctx, phases if phases is not None else self.phases, [] if ran is None else ran)
+
+    def run_program(self, program: Program, ctx: PassContext) -> Program:
+        """Every phase over `program` (ctx gives model config, options; its state is replaced by the
+        program's). Returns the program (module passes may return a new one)."""
+        if self.verify:
+            for name, gm in program.graphs.items():
+                check_invariants(gm, f"{name}: after capture")
+        ran: dict[str, list[str]] = {}
+        phases, i = self.phases, 0
+        while i < len(phases):
+            if phases[i].is_module:
+                program = self._run_module_phase(phases[i], program, ctx, ran)
+                i += 1
+                continue
+            block = []
+            while i < len(phases) and not phases[i].is_module:
+                block.append(phases[i])
+                i += 1
+            for name in program.names:
+                gctx = self._graph_ctx(program, ctx, name)
+                program.set(name, self._run_graph(program[name], gctx, block, ran.setdefault(name, [])))
+        self._collect_notes(program)
+        return program
+
+    @staticmethod
+    def _graph_ctx(program: Program, ctx: PassContext, name: str) -> PassContext:
+        return PassContext(ctx.model_config, ctx.options, program.make_inputs.get(name), name, program.state)
+
+    def _run_graph(self, gm, ctx: PassContext, phases: list[Phase], ran: list[str]) -> torch.fx.GraphModule:
+        for phase in phases:
+            if phase.is_module:
+                raise TypeError(f"phase {phase.name!r} holds module passes; run it with run_program")
             for p in phase.passes:
                 gm = self._run_one(p, phase, gm, ctx, ran)
             if self.verify:
                 check_invariants(gm, f"{ctx.graph_name}: after phase {phase.name!r}")
         return gm
+
+    def _run_module_phase(self, phase: Phase, program: Program, ctx: PassContext,
+                          ran: dict[str, list[str]]) -> Program:
+        for p in phase.passes:
+            program = self._run_module(p, phase, program, ctx, ran)
+        if self.verify:
+            for name, gm in program.graphs.items():
+                check_invariants(gm, f"{name}: after phase {phase.name!r}")
+        return program
+
+    def _run_module(self, p: ModulePass, phase: Phase, program: Program, ctx: PassContext,
+                    ran: dict[str, list[str]]) -> Program:
+        before = dict(program.graphs)
+        rec = PassRecord("program", phase.name, p.name, ran=p.name not in self.disabled)
+        self.records.append(rec)
+        if not rec.ran:
+            return program
+        mctx = self._graph_ctx(program, ctx, "program")
+        start = time.perf_counter()
+        try:
+            result = p.run(program, mctx)
+        except Exception as e:
+            done = list(dict.fromkeys(n for names in ran.values() for n in names))
+            after = f" after {', '.join(done)}" if done else " (the first pass)"
+            raise PassError(f"pass {p.name!r} (phase {phase.name!r}) failed on the program "
+                            f"(graphs {list(before)}){after}: {type(e).__name__}: {e}") from e
+        rec.seconds = time.perf_counter() - start
+        program = result.program
+        touched = [n for n, gm in program.graphs.items() if before.get(n) is not gm]
+        # the record is named after the first graph the pass made or changed (fuse_spec_step: "step")
+        rec.graph = touched[0] if touched else "program"
+        source = before.get(rec.graph) or next(iter(before.values()))
+        rec.modified, rec.matches, rec.notes = result.modified, result.matches, list(result.notes)
+        rec.nodes_before, rec.ops_before = len(source.graph.nodes), count_ops(source)
+        after_gm = program.graphs.get(rec.graph, source)
+        rec.nodes_after, rec.ops_after = len(after_gm.graph.nodes), count_ops(after_gm)
+        for name in touched:
+            ran.setdefault(name, [])
+            if self.dumper:   # NN.<pass>.before is the graph it read (the main graph for the spec fusion)
+                index = max(0, len([r for r in self.records if r.graph == name and r.ran]) - (name == rec.graph))
+                if name == rec.graph:
+                    self.dumper.write_graph(name, index, p.name, "before", source)
+                self.dumper.write_graph(name, index, p.name, "after", program.graphs[name])
+            ran[name].append(p.name)
+        return program
+
+    def _collect_notes(self, program: Program) -> None:
+        program.state.records = self.records
+        for r in self.records:
+            if r.notes:
+                program.state.notes[f"{r.graph}/{r.name}"] = "; ".join(r.notes)
 
     def _run_one(self, p: GraphPass, phase: Phase, gm, ctx: PassContext, ran: list[str]):
         rec = PassRecord(ctx.graph_name, phase.name, p.name, ran=p.name not in self.disabled)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch._dispatch.python import enable_python_dispatcher
 
 aten = torch.ops.aten
 
@@ -238,7 +239,10 @@ def call_op(graph: fx.Graph, fake_mode, target, args: tuple, kwargs: dict | None
     node = graph.call_function(target, tuple(args), dict(kwargs or {}))
     if fake_mode is not None:
         fargs, fkwargs = fx.node.map_arg((tuple(args), dict(kwargs or {})), lambda n: n.meta["val"])
-        with fake_mode:
+        # the Python dispatcher runs composite ops (aten.linear) through their SymInt-aware
+        # decompositions, as torch.export does; without it some device paths call numel() on a
+        # symbolic size (seen on CUDA, torch 2.11)
+        with fake_mode, enable_python_dispatcher():
             node.meta["val"] = target(*fargs, **fkwargs)
     return node
 

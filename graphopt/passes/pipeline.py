@@ -1,17 +1,18 @@
-"""The whole compiler pipeline, top to bottom, in one place.
+"""The whole compiler pipeline, top to bottom, in one place: `run_pipeline(program, options) -> Program`.
 
-    capture    torch.export of the main step and of each MTP module (graphopt/capture)
-    normalise  make the graph small and canonical, then lift known subgraphs into graphopt:: ops
+    capture    torch.export of the main step and of each MTP module (graphopt/capture), done by the
+               caller: the pipeline starts from the captured Program (main, mtp0 ..)
+    normalise  make each graph small and canonical, then lift known subgraphs into graphopt:: ops
     spec       rewrite attention over the latent cache for the 1+k queries of a (speculative) step
     quant      calibrate, then replace targeted linears by quantize -> int matmul -> dequantize ops
-    step       fuse main + MTP drafts + acceptance + next-step inputs into ONE step graph
-    lower      hand the graph to a backend (graphopt/backends)
+    step       (module pass) fuse main + MTP drafts + acceptance + next-step inputs into ONE step graph
+               and one prefill graph, added to the Program next to main
+    lower      `backends.get(name).lower(program, options)`, done by the caller (graphopt/api.py)
 
-normalise, spec and quant run on every captured graph (main step, each MTP module); step runs once,
-on the main graph, with the finished MTP graphs in ctx.state["mtp_graphs"]. Quantisation runs before
-the fusion so that calibration feeds each graph its own inputs; the fused graph then carries the
-quantised ops of both. The step graph is built for plain decoding too (k = 0): sampling and the next
-step's inputs are computed on the device either way.
+normalise, spec and quant run on every captured graph (main step, each MTP module); step runs once
+over the whole Program. Quantisation runs before the fusion so that calibration feeds each graph its
+own inputs; the fused graph then carries the quantised ops of both. The step graph is built for plain
+decoding too (k = 0): sampling and the next step's inputs are computed on the device either way.
 
 Each phase is a list of passes with a one-line why. Every pass can be switched off by name
 (`disable_passes=` or GRAPHOPT_DISABLE_PASSES); the manager (manager.py) times, dumps and verifies.
@@ -25,7 +26,10 @@ from .fuse_moe_experts import FuseMoeExpertsPass
 from .fuse_moe_routing import FuseMoeRoutingPass
 from .fuse_rms_norm import FuseRmsNormPass
 from .fuse_swiglu import FuseSwigluPass
-from .manager import Phase
+from .base import PassContext
+from .dump import Dumper
+from .manager import PassManager, Phase, disabled_from_env
+from .program import CompileOptions, CompileState, Program
 from .fuse_spec_step import FuseSpecStepPass
 from .quant_calibrate import QuantCalibratePass
 from .quant_insert import QuantInsertPass
@@ -64,7 +68,31 @@ def step_phase() -> Phase:
     ])
 
 
-def build_pipeline(quant: bool) -> tuple[list[Phase], list[Phase]]:
-    """(phases for every captured graph, phases for the main graph once the MTP graphs are done)."""
-    per_graph = [normalise_phase(), spec_phase()] + ([quant_phase()] if quant else [])
-    return per_graph, [step_phase()]
+def build_pipeline(quant: bool) -> list[Phase]:
+    """The phases in order; quant only when a QuantConfig was given."""
+    return [normalise_phase(), spec_phase()] + ([quant_phase()] if quant else []) + [step_phase()]
+
+
+def check_options(options: CompileOptions, state: CompileState) -> tuple[list[Phase], set[str]]:
+    """(phases, disabled pass names); a ValueError for an unknown pass name or a disabled fusion that
+    spec= needs. graphopt.compile calls it before capture, so these errors come before any work."""
+    phases = build_pipeline(quant=state.quant is not None)
+    disabled = set(options.disable_passes) | disabled_from_env()
+    known = {p.name for ph in phases for p in ph.passes}
+    unknown = disabled - known
+    if unknown:
+        raise ValueError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes: {sorted(known)}")
+    if state.spec is not None and FuseSpecStepPass.name in disabled:
+        raise ValueError(f"spec= needs the {FuseSpecStepPass.name} pass; it was disabled")
+    return phases, disabled
+
+
+def run_pipeline(program: Program, options: CompileOptions, dumper: Dumper | None = None,
+                 verify: bool = False) -> Program:
+    """Every phase over the captured Program; the records and notes land in program.state."""
+    phases, disabled = check_options(options, program.state)
+    manager = PassManager(phases, disabled, verify, dumper)
+    if dumper:
+        for name, gm in program.graphs.items():
+            dumper.write_captured(name, gm)
+    return manager.run_program(program, PassContext(program.model_config, options, state=program.state))

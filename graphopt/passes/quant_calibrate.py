@@ -45,13 +45,13 @@ class QuantCalibratePass(GraphPass):
     name = "quant_calibrate"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.state.get("quant") or ctx.options.get("quant"))
+        config = resolve(ctx.state.quant)
         if config is None or not config.needs_calibration:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
         if not sites:
             return PassResult(gm, modified=False)
-        observers = ctx.state.setdefault("quant_observers", {})
+        observers = ctx.state.quant_observers
         cal = config.calibration
         hooks = []
         new = lambda name, per_expert=False: observers.setdefault(
@@ -71,7 +71,7 @@ class QuantCalibratePass(GraphPass):
         try:
             with torch.no_grad():
                 for args in tqdm(inputs, desc=f"calibrate {ctx.graph_name}", unit="step",
-                                 disable=not ctx.options.get("progress", True)):
+                                 disable=not ctx.options.progress):
                     gm(*args)
         finally:
             for h in hooks:
@@ -87,7 +87,7 @@ def _moe_observer(gate_up: Observer, down: Observer):
 
 
 def _calibration_inputs(ctx: PassContext, n: int):
-    given = ctx.state.get("calibration_inputs", ctx.options.get("calibration_inputs"))
+    given = ctx.state.calibration_inputs
     if callable(given):
         return list(given(ctx.graph_name)), None
     if given is not None:

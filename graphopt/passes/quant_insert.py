@@ -48,11 +48,11 @@ class QuantInsertPass(GraphPass):
     atol = 0.1   # expected; exact numerics are tested against the eager quantised model instead
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.state.get("quant") or ctx.options.get("quant"))
+        config = resolve(ctx.state.quant)
         if config is None:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
-        observers = ctx.state.get("quant_observers", {})
+        observers = ctx.state.quant_observers
         fake = fake_mode_of(gm)
         old_weights = set()
         for site in sites:
@@ -105,11 +105,22 @@ def _insert_moe(gm: fx.GraphModule, site: Site, config, observers: dict, fake) -
 
 def _buffer(gm: fx.GraphModule, site: str, field: str, tensor: torch.Tensor, fake) -> fx.Node:
     name = f"_quant_{site.replace('.', '__')}_{field}"
+    device = _device_of(gm)
+    if tensor.device != device:  # the algorithms compute beside the weights; this is the one explicit move
+        tensor = tensor.to(device)
     gm.register_buffer(name, tensor)
     node = gm.graph.get_attr(name)
     if fake is not None:
         node.meta["val"] = fake.from_tensor(tensor, static_shapes=True)
     return node
+
+
+def _device_of(gm: fx.GraphModule) -> torch.device:
+    """The device of the graph's weights (the model's device): where every quantised tensor must live."""
+    for t in (*gm.parameters(), *gm.buffers()):
+        if t.dtype.is_floating_point:
+            return t.device
+    raise ValueError("quant_insert: the graph holds no floating-point weight to take the device from")
 
 
 def _insert_kv(gm: fx.GraphModule, site: Site, observers: dict, fake) -> None:

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..step.paged import slot_mapping
 from .config import CalibrationConfig
 from .observers import Observer
 from .schemes import QuantError
@@ -240,14 +241,15 @@ def step_inputs(model: nn.Module, tokens: Tensor, block_size: int = 16, batch: i
         B, T = ids.shape
         n_blocks = -(-T // block_size)
         tables = 1 + torch.arange(B * n_blocks, device=dev).view(B, n_blocks)           # [B, M]
-        positions = torch.arange(T, device=dev).expand(B, T)
-        slots = tables.gather(1, positions // block_size) * block_size + positions % block_size
+        positions = torch.arange(T, device=dev).expand(B, T).contiguous()
+        slots = slot_mapping(positions, tables, block_size)
         fresh = lambda mtp=False: model.new_kv_caches(1 + B * n_blocks, block_size, mtp=mtp)
         out["main"].append((ids, positions, slots, tables, fresh()))
         hidden = model(ids, positions, fresh(), slots, tables, return_hidden=True)[1]
         for d in range(len(model.mtp)):
             n = T - 1 - d
-            nxt, hid, pos, slt = ids[:, 1 + d:], hidden[:, :n], positions[:, :n], slots[:, :n]
+            # the captured graphs take contiguous inputs (their views were traced on contiguous tensors)
+            nxt, hid, pos, slt = (t.contiguous() for t in (ids[:, 1 + d:], hidden[:, :n], positions[:, :n], slots[:, :n]))
             out[f"mtp{d}"].append((nxt, hid, pos, slt, tables, fresh(mtp=True)[0]))
             hidden = model.mtp_forward(d, nxt, hid, pos, fresh(mtp=True)[0], slt, tables)[1]
     return out

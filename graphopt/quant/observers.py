@@ -10,6 +10,10 @@ data:
               (output-error searches: FlexSmooth, clipping). Priority sampling: every row draws a
               random key and the largest keys are kept, which is uniform over all rows seen.
   * tokens    how many token rows were observed (per expert: every expert sees every token).
+
+Statistics live on the device of the observed activations (the model's device), so the algorithms
+that read them (smoothing, clipping, static scales, C8) compute beside the weights they combine with;
+only the sampling keys come from a CPU generator (reproducible on every device) and are moved once.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ class Observer:
                  seed: int = 0):
         self.name, self.max_rows, self.bins, self.per_expert = name, max_rows, bins, per_expert
         self.amax: Tensor | None = None
-        self.hist = torch.zeros(bins, dtype=torch.float64)
+        self.hist = torch.zeros(bins, dtype=torch.float64, device="cpu")   # moves to the data's device
         self.hist_max = 0.0
         self.samples: Tensor | None = None
         self._keys: Tensor | None = None
@@ -34,7 +38,7 @@ class Observer:
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
-        x = x.detach().float().cpu()
+        x = x.detach().float()
         rows = x.reshape(x.shape[0], -1, x.shape[-1]) if self.per_expert else x.reshape(1, -1, x.shape[-1])
         amax = rows.abs().amax(dim=1)                                           # [E or 1, K]
         self.amax = amax if self.amax is None else torch.maximum(self.amax, amax)
@@ -44,6 +48,8 @@ class Observer:
 
     def _add_histogram(self, a: Tensor) -> None:
         top = float(a.max())
+        if self.hist.device != a.device:
+            self.hist = self.hist.to(a.device)
         if top > self.hist_max:
             self.hist = _rebin(self.hist, self.hist_max, top) if self.hist_max > 0 else self.hist
             self.hist_max = top
@@ -51,7 +57,7 @@ class Observer:
             self.hist += torch.histc(a.flatten(), self.bins, 0.0, self.hist_max).double()
 
     def _add_samples(self, rows: Tensor) -> None:
-        keys = torch.rand(rows.shape[1], generator=self._gen)
+        keys = torch.rand(rows.shape[1], generator=self._gen, device="cpu").to(rows.device)
         if self.samples is not None:
             rows, keys = torch.cat([self.samples, rows], dim=1), torch.cat([self._keys, keys])
         if keys.numel() > self.max_rows:
@@ -81,9 +87,9 @@ def _rebin(hist: Tensor, old_max: float, new_max: float) -> Tensor:
     bins = hist.numel()
     if old_max == new_max:
         return hist.clone()
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * (old_max / bins)
+    centres = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) * (old_max / bins)
     target = (centres / new_max * bins).long().clamp_(max=bins - 1)
-    return torch.zeros(bins, dtype=torch.float64).index_add_(0, target, hist)
+    return torch.zeros(bins, dtype=torch.float64, device=hist.device).index_add_(0, target, hist)
 
 
 def mse_threshold(hist: Tensor, hist_max: float, qmax: int = 127, candidates: int = 64) -> float:
@@ -92,7 +98,7 @@ def mse_threshold(hist: Tensor, hist_max: float, qmax: int = 127, candidates: in
     if hist_max <= 0:
         return 1e-8
     bins = hist.numel()
-    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) * (hist_max / bins)
+    centres = (torch.arange(bins, dtype=torch.float64, device=hist.device) + 0.5) * (hist_max / bins)
     best_t, best_err = hist_max, float("inf")
     for i in range(candidates):
         t = hist_max * (1.0 - 0.7 * i / candidates)          # search down to 30% of the maximum

@@ -4,15 +4,17 @@
     for request_id, new_ids in engine.stream(prompts, SamplingParams(max_new_tokens=64)):
         ...
 
-`provider` implements the step contract in `step_api` (`ReferenceStepProvider` for eager plain
-decoding; the speculative one comes from `graphopt.capture.spec_step`). See docs/runtime.md.
+`provider` is anything implementing the step contract of `graphopt.step.contract` (a backend's
+Executable, `graphopt.step.reference_provider.ReferenceStepProvider` for eager plain decoding,
+`graphopt.step.provider.SpecStepProvider` for speculative steps); the runtime never asks which.
+See docs/runtime.md.
 """
 
+from ..step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs, StepProvider
+from ..step.reference_provider import ReferenceStepProvider
 from .engine import Engine
 from .kv_cache import PagedKVCache, RequestTooLongError, blocks_for_budget
-from .reference_provider import ReferenceStepProvider
 from .request import FinishReason, RequestEvent, RequestOutput, SamplingParams
-from .step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs, StepProvider
 
 __all__ = [
     "Engine",

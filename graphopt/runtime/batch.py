@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
+from ..step.contract import SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from .request import Request
-from .step_api import SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 
 __all__ = ["DecodeBatch", "HostCopy"]
 

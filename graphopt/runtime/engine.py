@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from ..step.contract import SpecStepOutputs, StepProvider, window
+from ..step.reference_provider import ReferenceStepProvider
 from .batch import DecodeBatch
 from .kv_cache import PagedKVCache, blocks_for_budget
-from .reference_provider import ReferenceStepProvider
 from .request import FinishReason, Request, RequestEvent, RequestOutput, SamplingParams, Status
 from .scheduler import Chunk, Scheduler
-from .step_api import StepProvider, SpecStepOutputs, window
 from .stop import StopStrings
 
 __all__ = ["DEFAULT_CACHE_BUDGET", "Engine"]
@@ -49,7 +49,7 @@ class Engine:
         missing = [a for a in _PROVIDER_ATTRS if not hasattr(provider, a)]
         if missing:
             raise TypeError(f"{type(provider).__name__} is not a step provider: missing {missing} "
-                            f"(see graphopt.runtime.step_api.StepProvider)")
+                            f"(see graphopt.step.contract.StepProvider)")
         self.provider, self.tokenizer, self.debug = provider, tokenizer, debug
         self.window = window(provider.num_speculative_tokens)
         max_positions = provider.config.max_position_embeddings
@@ -67,7 +67,7 @@ class Engine:
     @classmethod
     def from_model(cls, model, *, block_size: int = 16, **engine_kwargs) -> "Engine":
         """An engine over the eager reference provider (plain decoding)."""
-        return cls(ReferenceStepProvider(model, block_size=block_size), **engine_kwargs)
+        return cls(ReferenceStepProvider.from_model(model, block_size=block_size), **engine_kwargs)
 
     def _num_blocks(self, num_blocks, budget, max_batch_size, max_positions) -> int:
         if num_blocks is not None and budget is not None:

@@ -127,7 +127,7 @@ class PagedKVCache:
         """Cache positions the request needs over its life; RequestTooLongError if it never fits.
 
         Its last decode step starts at position prompt_len + max_new_tokens - 2 and writes `window`
-        positions from there (see `step_api.window`).
+        positions from there (see `step.contract.window`).
         """
         total = prompt_len + max_new_tokens
         if total > self.max_positions:

@@ -48,7 +48,7 @@ class Scheduler:
         self.cache = cache
         self.max_batch_size = max_batch_size
         self.prefill_chunk_size = prefill_chunk_size
-        self.window = window                     # positions a decode step writes (step_api.window)
+        self.window = window                     # positions a decode step writes (step.contract.window)
         self.waiting: deque[Request] = deque()
         self.slots: list[Request | None] = [None] * max_batch_size
         self._free_slots = list(range(max_batch_size))  # a heap: the lowest slot first keeps n small

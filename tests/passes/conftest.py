@@ -19,6 +19,7 @@ from graphopt.capture.step import CapturedGraph, capture_main
 from graphopt.models.random import random_model
 from graphopt.passes.base import GraphPass, PassContext
 from graphopt.passes.manager import PassManager, PassRecord, Phase
+from graphopt.passes.program import CompileOptions, CompileState
 
 
 @dataclass
@@ -81,11 +82,15 @@ def run_passes(captured: Captured, passes: list[GraphPass], verify: bool = True,
                options: dict | None = None) -> Ran:
     """Run `passes` as one phase over a copy of the captured graph.
 
+    options: CompileOptions fields plus the CompileState fields spec / quant / calibration_inputs.
+
     verify=True: the manager compares every modified graph with the one before it on fresh random
     inputs (outputs and mutated caches) with each pass's tolerance, and checks the graph invariants.
     """
-    ctx = PassContext(model_config=captured.config if with_config else None, options=dict(options or {}),
-                      make_inputs=captured.step.make_inputs, graph_name=captured.step.name)
+    options = dict(options or {})
+    state = CompileState(**{k: options.pop(k) for k in ("spec", "quant", "calibration_inputs") if k in options})
+    ctx = PassContext(model_config=captured.config if with_config else None, options=CompileOptions(**options),
+                      make_inputs=captured.step.make_inputs, graph_name=captured.step.name, state=state)
     manager = PassManager([Phase("test", "passes under test", passes)], verify=verify)
     gm = manager.run(captured.fresh(), ctx)
     return Ran(gm, manager.records)

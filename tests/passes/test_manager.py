@@ -1,13 +1,17 @@
 """Pass manager: switches, error naming, verify mode, invariants, dumps — on a small exported graph."""
 
+import copy
+
 import pytest
 import torch
 
-from graphopt.passes.base import GraphPass, PassContext, PassResult, count_ops
+from graphopt.passes.base import GraphPass, ModulePass, ModuleResult, PassContext, PassResult, count_ops
 from graphopt.passes.dump import Dumper
 from graphopt.passes.eliminate_dead_code import EliminateDeadCodePass
 from graphopt.passes.invariants import InvariantError, check_invariants
 from graphopt.passes.manager import PassError, PassManager, Phase, disabled_from_env
+from graphopt.passes.program import GraphSignature, Program
+from graphopt.step.paged import CacheLayout
 
 
 class Toy(torch.nn.Module):
@@ -132,3 +136,66 @@ def test_dumps_are_written_in_pipeline_order(tmp_path):
     assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
     assert "aten.sigmoid.default | 0 | 1" in (tmp_path / "main" / "op_counts.md").read_text()
     assert "digraph" in (tmp_path / "main" / "final.dot").read_text()
+
+
+# -- Programs: per-graph phases over every graph, module passes over the whole Program ----------------
+
+def toy_program(**graphs) -> Program:
+    program = Program(None, CacheLayout(1, 4, 8, torch.float32, torch.device("cpu")))
+    make_inputs = ctx().make_inputs
+    for name, gm in graphs.items():
+        program.set(name, gm, GraphSignature(("x",), ("y",)), make_inputs)
+    return program
+
+
+class AddDoubled(ModulePass):
+    """A module pass: adds graph "step" = 2 * main (a copy), and leaves main alone."""
+    name = "add_doubled"
+
+    def run(self, program, c):
+        gm = copy.deepcopy(program.main)
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (out.args[0][0], 2))
+        mul.meta["val"] = out.args[0][0].meta["val"] * 2
+        out.args = ((mul,),)
+        gm.recompile()
+        program.set("step", gm, GraphSignature(("x",), ("y",)))
+        return ModuleResult(program, modified=True, matches=1, notes=["doubled main"])
+
+
+def test_verify_checks_every_captured_graph_before_any_pass():
+    broken = toy_graph()
+    relu = next(n for n in broken.graph.nodes if n.target is torch.ops.aten.relu.default)
+    del relu.meta["val"]
+    manager = PassManager([Phase("normalise", "t", [EliminateDeadCodePass()])], verify=True)
+    with pytest.raises(InvariantError, match="mtp0: after capture"):
+        manager.run_program(toy_program(main=toy_graph(), mtp0=broken), PassContext())
+    assert manager.records == []                                  # caught before the first pass ran
+    PassManager(manager.phases, verify=False).run_program(toy_program(main=toy_graph(), mtp0=toy_graph()),
+                                                          PassContext())
+
+
+def test_graph_phases_run_over_every_graph_and_module_phases_once():
+    phases = [Phase("normalise", "t", [EliminateDeadCodePass()]), Phase("step", "t", [AddDoubled()])]
+    manager = PassManager(phases, verify=True)
+    program = manager.run_program(toy_program(main=toy_graph(), mtp0=toy_graph()), PassContext())
+    assert [(r.graph, r.name) for r in manager.records] == [("main", "eliminate_dead_code"),
+                                                            ("mtp0", "eliminate_dead_code"), ("step", "add_doubled")]
+    assert program.names == ["main", "mtp0", "step"]
+    for name in ("main", "mtp0"):
+        assert "aten.view.default" not in count_ops(program[name])
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(program["step"](x), 2 * program.main(x))
+    assert program.state.notes["step/add_doubled"] == "doubled main"       # pass notes reach the report
+    assert program.state.records is manager.records
+
+
+def test_a_phase_cannot_mix_graph_and_module_passes():
+    with pytest.raises(TypeError, match="mixes graph passes and module passes"):
+        Phase("bad", "t", [EliminateDeadCodePass(), AddDoubled()])
+
+
+def test_pass_context_is_typed():
+    with pytest.raises(TypeError, match="CompileOptions and a CompileState"):
+        PassContext(options={"fold_max_bytes": 1})

@@ -3,6 +3,7 @@
 import torch
 
 from graphopt.passes.base import count_ops
+from graphopt.passes.program import CompileOptions, CompileState
 from graphopt.passes.quant_calibrate import QuantCalibratePass
 from graphopt.quant import PRESETS, QuantConfig, SmoothQuantConfig
 from graphopt.quant.graph_sites import find_sites
@@ -20,10 +21,11 @@ def test_observes_every_site_and_leaves_the_graph_unchanged(main_fp32, run, outp
     inputs = [main_fp32.step.make_inputs(s) for s in range(3)]
     before = main_fp32.fresh()
     from graphopt.passes.base import PassContext
-    ctx = PassContext(main_fp32.config, _ctx_options(config, inputs), main_fp32.step.make_inputs)
+    ctx = PassContext(main_fp32.config, CompileOptions(progress=False), main_fp32.step.make_inputs,
+                      state=CompileState(quant=config, calibration_inputs=inputs))
     result = QuantCalibratePass().run(before, ctx)
     sites = find_sites(main_fp32.fresh(), config)
-    observers = ctx.state["quant_observers"]
+    observers = ctx.state.quant_observers
     assert result.matches == len(sites) == len(observers) and not result.modified
     assert {s.kind for s in sites} == {"linear", "experts", "latent"}
     tokens = sum(int(a[0].numel()) for a in inputs)
@@ -56,7 +58,7 @@ def test_step_inputs_feed_real_windows_to_the_main_graph(main_fp32):
     inputs = step_inputs(main_fp32.model, windows, block_size=16, batch=2)
     assert len(inputs["main"]) == 2 and len(inputs["mtp0"]) == 2
     config = PRESETS["w8a8_smooth"]
-    ctx = PassContext(main_fp32.config, {"progress": False}, None, "main",
-                      state={"quant": config, "calibration_inputs": inputs.__getitem__})
+    ctx = PassContext(main_fp32.config, CompileOptions(progress=False), None, "main",
+                      state=CompileState(quant=config, calibration_inputs=inputs.__getitem__))
     QuantCalibratePass().run(main_fp32.fresh(), ctx)
-    assert ctx.state["quant_observers"]["model.layers.0.self_attn.q_a_proj"].tokens == windows.numel()
+    assert ctx.state.quant_observers["model.layers.0.self_attn.q_a_proj"].tokens == windows.numel()

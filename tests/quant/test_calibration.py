@@ -87,3 +87,16 @@ def test_bad_sources_and_foreign_tokens_are_refused(tmp_path):
         calibration_tokens(CalibrationConfig(sources=((f"tokens:{big}", 1.0),), num_samples=2, seq_len=8), 97)
     with pytest.raises(QuantError, match=r"sources needs \(spec, ratio > 0\)"):
         CalibrationConfig(sources=(("default", 0.0),))
+
+
+def test_step_inputs_are_contiguous(model):
+    # the captured graphs' views were traced on contiguous inputs: a sliced MTP input broke a view on
+    # CUDA (C8 + MTP on the H200), so every calibration input must be contiguous
+    from graphopt.quant.calibration import step_inputs
+    tokens = torch.randint(0, model.config.vocab_size, (3, 9), generator=torch.Generator().manual_seed(0))
+    inputs = step_inputs(model, tokens, block_size=4, batch=2)
+    assert set(inputs) == {"main", *(f"mtp{d}" for d in range(len(model.mtp)))} and inputs["mtp0"]
+    for name, steps in inputs.items():
+        for args in steps:
+            flat = [t for a in args for t in (a if isinstance(a, list) else [a])]
+            assert all(t.is_contiguous() for t in flat), name

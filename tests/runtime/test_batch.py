@@ -4,7 +4,7 @@ import torch
 
 from graphopt.runtime.batch import DecodeBatch, HostCopy
 from graphopt.runtime.request import Request, SamplingParams
-from graphopt.runtime.step_api import SpecStepOutputs
+from graphopt.step.contract import SpecStepOutputs
 
 
 def _out(next_tokens, next_start_pos, finished):

@@ -1,7 +1,7 @@
 """Engine behaviour: exactness, continuous batching, cache pressure, stop conditions, streaming.
 
 Tests taking `make_engine` run on every step provider: the eager plain-decoding reference (k = 0)
-and, when importable, the speculative provider of `graphopt.capture.spec_step` with k = 2.
+and, when importable, the speculative provider of `graphopt.step.provider` with k = 2.
 """
 
 import random
@@ -20,8 +20,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15], [40], [9, 9, 9], [60, 61, 62
 
 def _provider(kind, model):
     if kind == "reference":
-        return ReferenceStepProvider(model, block_size=BS)
-    spec = pytest.importorskip("graphopt.capture.spec_step")
+        return ReferenceStepProvider.from_model(model, block_size=BS)
+    spec = pytest.importorskip("graphopt.step.provider")
     return spec.SpecStepProvider.from_model(model, int(kind[-1]), block_size=BS)
 
 
@@ -148,7 +148,7 @@ def test_stress_hundreds_of_short_requests(model, make_engine):
 
 def test_multi_token_steps_stream_and_stop_at_max_new_tokens(model):
     """Drafts that always pass: each decode step emits k + 1 = 3 tokens; the last step is cut short."""
-    spec = pytest.importorskip("graphopt.capture.spec_step")
+    spec = pytest.importorskip("graphopt.step.provider")
     with torch.no_grad():
         model.model.norm.weight.zero_()              # all logits 0: the main model always predicts token 0
         for layer in model.mtp:
@@ -176,7 +176,7 @@ def test_abort_frees_the_request(model, make_engine):
 
 
 def test_cache_is_sized_from_the_budget(model):
-    provider = ReferenceStepProvider(model, block_size=BS)
+    provider = ReferenceStepProvider.from_model(model, block_size=BS)
     per_block = BS * model.config.kv_cache_dim * 4 * model.config.num_hidden_layers   # float32, no MTP cache
     engine = Engine(provider, cache_budget_bytes=per_block * 10 + 5)
     assert engine.cache.num_blocks == 10 and engine.cache.bytes_per_block == per_block

@@ -1,15 +1,11 @@
-"""Eager backend: runs the transformed FX graph as is, with the reference implementations of the
-graphopt:: ops. It is the numerical reference for every other backend and runs on CPU or GPU."""
+"""Eager backend: runs the transformed FX graphs as they are, with the reference implementations of the
+graphopt:: ops. It is the numerical reference for every other backend and runs on CPU or GPU.
 
-from __future__ import annotations
+Its Executable serves steps with the SpecStepProvider over the fused step and prefill graphs, or,
+when fuse_spec_step was switched off, with the ReferenceStepProvider over the main graph (plain
+decoding, the bookkeeping in eager ops). `forward` runs the main graph over a fresh dense cache.
+"""
 
-import torch
+from .backend import EagerBackend, EagerExecutable, check_graph
 
-
-def lower(gm: torch.fx.GraphModule, example_inputs: tuple | None = None) -> torch.fx.GraphModule:
-    """Nothing to compile: check the graph's ops are all registered, and return it."""
-    import graphopt.ops  # noqa: F401  registers the graphopt:: ops the graph may call
-
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+__all__ = ["EagerBackend", "EagerExecutable", "check_graph"]

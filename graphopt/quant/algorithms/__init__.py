@@ -76,7 +76,8 @@ def _static_input_scale(target: Target, t: Transformed) -> torch.Tensor:
     """
     obs = target.observer
     if t.smooth_inv is None and not t.rotate_block and not obs.per_expert:
-        return torch.tensor(mse_threshold(obs.hist, obs.hist_max) / 127, dtype=torch.float32)
+        return torch.tensor(mse_threshold(obs.hist, obs.hist_max) / 127, dtype=torch.float32,
+                            device=target.weight.device)
     x = rows_in_basis(obs.rows().float(), t).abs()
     per = x if obs.per_expert else x.unsqueeze(0)                                 # [E or 1, R, K]
     scales = []
@@ -84,5 +85,5 @@ def _static_input_scale(target: Target, t: Transformed) -> torch.Tensor:
         top = float(part.max())
         hist = torch.histc(part.flatten(), obs.bins, 0.0, top).double() if top > 0 else obs.hist * 0
         scales.append(mse_threshold(hist, top) / 127)
-    s = torch.tensor(scales, dtype=torch.float32)
+    s = torch.tensor(scales, dtype=torch.float32, device=target.weight.device)
     return s.view(-1, 1, 1) if obs.per_expert else s[0]

@@ -35,10 +35,11 @@ def _grid(target: Target, t: Transformed, grid) -> tuple[torch.Tensor, torch.Ten
     """Best ratio per entry and its error, both [..., out, groups]."""
     x = rows_in_basis(target.rows(), t)
     shape = (*t.weight.shape[:-1], group_count(target))
-    best_r = torch.ones(shape)
-    best_e = torch.full(shape, math.inf)
+    dev = t.weight.device
+    best_r = torch.ones(shape, device=dev)
+    best_e = torch.full(shape, math.inf, device=dev)
     for r in grid:
-        e = _errors(target, t, x, torch.full(shape, float(r)))
+        e = _errors(target, t, x, torch.full(shape, float(r), device=dev))
         better = e < best_e
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)
         best_e = torch.where(better, e, best_e)
@@ -68,7 +69,7 @@ def learnable_clipping(cfg: LearnableClippingConfig, target: Target, t: Transfor
             step = (torch.sigmoid(theta) * amax / qmax).unsqueeze(-1)
             v = w / step
             q = (torch.round(v) - v).detach() + v                               # straight-through round
-            wq = torch.maximum(torch.minimum(q, torch.tensor(qmax * 1.0)), torch.tensor(-qmax * 1.0)) * step
+            wq = q.clamp(-qmax, qmax) * step
             loss = weight_error(x, t.weight, wq.flatten(-2), groups).mean() * scale_x
             opt.zero_grad()
             loss.backward()

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from graphopt.runtime.step_api import SpecPrefillInputs, SpecStepInputs, StepProvider, window
-from graphopt.runtime.reference_provider import ReferenceStepProvider
+from graphopt.step.contract import SpecPrefillInputs, SpecStepInputs, StepProvider, window
+from graphopt.step.reference_provider import ReferenceStepProvider
 
 
 def _decode_inputs(B=2, k=0, **over):
@@ -55,5 +55,5 @@ def test_window_covers_verify_and_chained_drafts():
 
 
 def test_reference_provider_satisfies_the_protocol(model):
-    assert isinstance(ReferenceStepProvider(model), StepProvider)
+    assert isinstance(ReferenceStepProvider.from_model(model), StepProvider)
     assert not isinstance(object(), StepProvider)

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from graphopt.capture.spec_step import SpecStats, SpecStep, SpecStepProvider, speculative_generate
+from graphopt.step.provider import SpecStats, SpecStepProvider, speculative_generate
+from graphopt.step.spec_step import SpecStep
 from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
-from graphopt.runtime.step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from graphopt.step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 
 
 BS = 4   # small blocks: sequences cross many block boundaries

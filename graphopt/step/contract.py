@@ -16,8 +16,8 @@ T = prompt-chunk length. Positions: the token emitted at position p is the (p - 
 generated token; a row finishes when it emits eos or the token at position `max_pos`
 (= prompt_len + max_new_tokens - 1).
 
-The speculative provider (`graphopt.capture.spec_step`) imports these names from here; field names
-are part of the contract, keep them.
+Both providers (`step/reference_provider.py`, `step/provider.py`) and every backend's Executable
+import these names from here; field names are part of the contract, keep them.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ SAMPLING_FIELDS = (
     ("top_k", torch.int64),           # 0 = off
     ("top_p", torch.float32),         # 1 = off
     ("min_p", torch.float32),         # 0 = off
-    ("seed", torch.int64),            # draws are a function of (seed, position): see runtime.sampling
+    ("seed", torch.int64),            # draws are a function of (seed, position): see ops.sampling
     ("eos_token_id", torch.int64),    # -1 = none
     ("max_pos", torch.int64),         # finish after emitting the token at this position
 )

@@ -1,61 +1,56 @@
-"""Eager step provider for plain decoding (k = 0): the runtime's reference implementation of the contract.
+"""Eager step provider for plain decoding (k = 0): the reference implementation of the step contract.
 
-It runs the reference model's paged-cache forward and does every piece of step bookkeeping with
-tensor ops on the model's device: positions, slot mapping, sampling, eos / max_pos checks, the next
-step's tokens and start positions. No `.item()`, no host loop over rows, no host sync, so the same
-code could be captured as a graph and replayed. The speculative provider (k > 0) lives in
-`graphopt.capture.spec_step` and implements the same contract. Sampling uses the project's ops
-(`graphopt.ops.sampling`), so its determinism rule is the one every provider shares.
+It runs a main step function (the captured order: `main_fn(input_ids, positions, slot_mapping,
+block_tables, kv_caches) -> (logits, hidden)`; the eager model behind `step.model_step.MainStep` or a
+lowered main graph) and does every piece of step bookkeeping with tensor ops on the device:
+positions, slot mapping, sampling, eos / max_pos checks, the next step's tokens and start positions.
+No `.item()`, no host loop over rows, no host sync, so the same code could be captured as a graph and
+replayed. The speculative provider (k > 0) is `step/provider.py`, same contract. Sampling uses the
+project's ops (`graphopt.ops.sampling`), so its determinism rule is the one every provider shares.
 """
 
 from __future__ import annotations
 
 import torch
 
-from graphopt.models.deepseek import DeepseekV3ForCausalLM
+from ..ops.sampling import DEFAULT_MAX_TOP_K, sample_from_probs, sampling_probs
+from .contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from .model_step import MainStep
+from .paged import CacheLayout, slot_mapping
 
-from graphopt.ops.sampling import DEFAULT_MAX_TOP_K, sample_from_probs, sampling_probs
-
-from .step_api import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
-
-__all__ = ["ReferenceStepProvider", "slot_mapping"]
-
-
-def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-                 valid: torch.Tensor) -> torch.Tensor:
-    """Flat cache slot of each position; the sink slot 0 where `valid` is False.
-
-    positions, valid: [B, T]; block_tables: [B, M]. slot = table[p // bs] * bs + p % bs.
-    """
-    index = (positions // block_size).clamp(0, block_tables.shape[1] - 1)     # invalid rows may overrun
-    slots = block_tables.gather(1, index) * block_size + positions % block_size
-    return torch.where(valid, slots, torch.zeros_like(slots))
+__all__ = ["ReferenceStepProvider"]
 
 
 class ReferenceStepProvider:
-    """`StepProvider` over `DeepseekV3ForCausalLM` for k = 0 (greedy and sampled plain decoding).
+    """`StepProvider` for k = 0 (greedy and sampled plain decoding) over one main step function.
 
-    `model` may be anything with the model's paged forward signature `model(ids, positions, kv_caches,
-    slot_mapping, block_tables) -> logits` plus `.config` and `.new_kv_caches` (e.g. a compiled main
-    graph behind a thin wrapper).
-    """
+    `layout` gives the caches `new_caches` builds (its MTP caches are never used here)."""
 
-    def __init__(self, model: DeepseekV3ForCausalLM, num_speculative_tokens: int = 0, block_size: int = 16,
-                 cache_dtype: torch.dtype | None = None, max_top_k: int = DEFAULT_MAX_TOP_K):
-        if num_speculative_tokens != 0:
-            raise ValueError(f"ReferenceStepProvider implements plain decoding only (num_speculative_tokens=0), "
-                             f"got {num_speculative_tokens}; speculative steps come from graphopt.capture.spec_step")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.model = model
-        self.config = model.config
+    def __init__(self, main_fn, config, layout: CacheLayout, max_top_k: int = DEFAULT_MAX_TOP_K):
+        if layout.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {layout.block_size}")
+        self.main_fn, self.config, self.layout = main_fn, config, layout
         self.num_speculative_tokens = 0
-        self.block_size = block_size
-        self.cache_dtype = cache_dtype
+        self.block_size = layout.block_size
         self.max_top_k = max_top_k        # the largest top_k the sampling op honours (Engine checks it)
 
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int = 0, block_size: int = 16,
+                   cache_dtype: torch.dtype | None = None, max_top_k: int = DEFAULT_MAX_TOP_K):
+        """Over the eager reference model (`DeepseekV3ForCausalLM`); caches of its weights' dtype."""
+        if num_speculative_tokens != 0:
+            raise ValueError(f"ReferenceStepProvider implements plain decoding only (num_speculative_tokens=0), "
+                             f"got {num_speculative_tokens}; speculative steps come from "
+                             "graphopt.step.provider.SpecStepProvider")
+        w = model.lm_head.weight
+        layout = CacheLayout.for_config(model.config, block_size, cache_dtype or w.dtype, w.device, num_mtp=0)
+        return cls(MainStep(model), model.config, layout, max_top_k)
+
     def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self.model.new_kv_caches(num_blocks, self.block_size, dtype=self.cache_dtype), []
+        return self.layout.new_caches(num_blocks, with_mtp=False)
+
+    def _logits(self, ids, positions, slots, inputs) -> torch.Tensor:
+        return self.main_fn(ids, positions, slots, inputs.block_tables, inputs.kv_caches)[0]
 
     @torch.no_grad()
     def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
@@ -65,7 +60,7 @@ class ReferenceStepProvider:
         valid = offsets < inputs.lengths[:, None]                                     # [B, T]
         positions = torch.where(valid, inputs.start_pos[:, None] + offsets, torch.zeros_like(offsets))
         slots = slot_mapping(positions, inputs.block_tables, self.block_size, valid)
-        logits = self.model(inputs.ids, positions, inputs.kv_caches, slots, inputs.block_tables)
+        logits = self._logits(inputs.ids, positions, slots, inputs)
         end = inputs.start_pos + inputs.lengths                                        # [B] prompt so far
         if not inputs.is_last_chunk:  # nothing is emitted before the prompt ends
             none = torch.zeros(B, dtype=torch.bool, device=end.device)
@@ -82,7 +77,7 @@ class ReferenceStepProvider:
         positions = inputs.start_pos[:, None]                                          # [B, 1]
         slots = slot_mapping(positions, inputs.block_tables, self.block_size, inputs.active[:, None])
         positions = torch.where(inputs.active[:, None], positions, torch.zeros_like(positions))
-        logits = self.model(inputs.tokens, positions, inputs.kv_caches, slots, inputs.block_tables)
+        logits = self._logits(inputs.tokens, positions, slots, inputs)
         return self._emit(logits[:, -1], inputs, inputs.start_pos + 1, inputs.active)
 
     def _emit(self, logits: torch.Tensor, p, position: torch.Tensor, active: torch.Tensor) -> SpecStepOutputs:

@@ -5,8 +5,8 @@ import torch
 
 from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
-from graphopt.runtime.reference_provider import ReferenceStepProvider, slot_mapping
-from graphopt.runtime.step_api import SpecPrefillInputs, SpecStepInputs
+from graphopt.step.contract import SpecPrefillInputs, SpecStepInputs
+from graphopt.step.reference_provider import ReferenceStepProvider
 
 BS = 4
 
@@ -32,15 +32,8 @@ def _decode(provider, caches, out, tables, active, **kw):
                                           **_fields(len(active), **kw)))
 
 
-def test_slot_mapping_follows_the_block_table():
-    tables = torch.tensor([[3, 7], [5, 0]])
-    pos = torch.tensor([[0, 5], [2, 3]])
-    valid = torch.tensor([[True, True], [True, False]])
-    assert slot_mapping(pos, tables, 4, valid).tolist() == [[12, 29], [22, 0]]
-
-
 def test_ragged_batch_with_a_padding_row_matches_reference_decoding(model):
-    provider = ReferenceStepProvider(model, block_size=BS)
+    provider = ReferenceStepProvider.from_model(model, block_size=BS)
     caches, _ = provider.new_caches(16)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [40, 41]]
     tables = torch.tensor([[1, 2, 3, 4], [6, 5, 7, 0], [0, 0, 0, 0]])     # row 2: padding
@@ -62,7 +55,7 @@ def test_ragged_batch_with_a_padding_row_matches_reference_decoding(model):
 
 
 def test_chunked_prefill_gives_the_same_first_token_and_cache(model):
-    provider = ReferenceStepProvider(model, block_size=BS)
+    provider = ReferenceStepProvider.from_model(model, block_size=BS)
     prompt = list(range(3, 14))
     tables = torch.tensor([[1, 2, 3]])
     whole, _ = provider.new_caches(4)
@@ -77,7 +70,7 @@ def test_chunked_prefill_gives_the_same_first_token_and_cache(model):
 
 
 def test_finished_on_max_pos_and_on_eos(model):
-    provider = ReferenceStepProvider(model, block_size=BS)
+    provider = ReferenceStepProvider.from_model(model, block_size=BS)
     caches, _ = provider.new_caches(8)
     prompt = [5, 6, 7]
     expected = greedy_generate(model, prompt, 4, block_size=BS)
@@ -91,7 +84,7 @@ def test_finished_on_max_pos_and_on_eos(model):
 
 
 def test_sampling_is_fixed_by_seed_and_position(model):
-    provider = ReferenceStepProvider(model, block_size=BS)
+    provider = ReferenceStepProvider.from_model(model, block_size=BS)
     tables = torch.tensor([[1, 2], [3, 4]])
     runs = []
     for seed in (11, 11, 12):
@@ -108,7 +101,7 @@ def test_sampling_is_fixed_by_seed_and_position(model):
 
 def test_step_preparation_never_reads_a_device_value_on_the_host():
     """The whole step runs on the meta device, where any .item() / .tolist() / bool(tensor) would raise."""
-    provider = ReferenceStepProvider(random_model().to("meta"), block_size=BS)
+    provider = ReferenceStepProvider.from_model(random_model().to("meta"), block_size=BS)
     caches, _ = provider.new_caches(8)
     assert caches[0].is_meta
     meta = lambda t: t.to("meta")  # noqa: E731
@@ -126,5 +119,5 @@ def test_step_preparation_never_reads_a_device_value_on_the_host():
 
 
 def test_speculative_steps_are_not_this_providers_job(model):
-    with pytest.raises(ValueError, match="plain decoding only.*graphopt.capture.spec_step"):
-        ReferenceStepProvider(model, num_speculative_tokens=2)
+    with pytest.raises(ValueError, match="plain decoding only.*SpecStepProvider"):
+        ReferenceStepProvider.from_model(model, num_speculative_tokens=2)

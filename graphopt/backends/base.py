@@ -1,0 +1,52 @@
+"""What a backend is: `Backend.lower(program, options) -> Executable`.
+
+An Executable implements the step contract (`graphopt.step.contract.StepProvider`: prefill, decode,
+new_caches, num_speculative_tokens, block_size, config, plus max_top_k and stats) and a plain
+`forward(input_ids) -> logits` over the main graph (what `CompiledModel.__call__` runs). It owns
+whatever execution needs (lowered graphs, static buffers, CUDA graphs per bucket, sessions). The
+runtime drives it as any step provider and never asks which backend made it; a backend never
+imports the runtime.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from ..passes.program import CompileOptions, Program
+from ..step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+
+__all__ = ["Backend", "Executable"]
+
+
+@runtime_checkable
+class Executable(Protocol):
+    program: Program              # what was lowered (graphs, signatures, cache layout, compile state)
+    num_speculative_tokens: int
+    block_size: int
+    config: object                # graphopt.models.config.DeepseekV3Config
+    max_top_k: int                # the largest top_k the step's sampling honours
+
+    def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+
+    def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs: ...
+
+    def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs: ...
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+    @property
+    def stats(self) -> dict | None: ...
+
+
+class Backend:
+    """Subclasses set `name` and implement `lower`; register them in `graphopt.backends`."""
+
+    name: str = ""
+
+    def lower(self, program: Program, options: CompileOptions) -> Executable:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"

@@ -1,0 +1,145 @@
+"""The speculative step provider: `SpecStepProvider` over SpecStep / SpecPrefill modules or their fused
+graphs, the device-side acceptance statistics (`SpecStats`), and `speculative_generate`, a plain host
+loop over one batch for tests and benchmarks (the runtime's Engine is the real loop)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..ops.sampling import DEFAULT_MAX_TOP_K
+from .contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from .paged import CacheLayout, blocks_for, dense_block_tables
+from .spec_step import SpecPrefill, SpecStep, as_outputs, decode_args, prefill_args
+
+__all__ = ["SpecStats", "SpecStepProvider", "speculative_generate"]
+
+
+# -- statistics -------------------------------------------------------------------------------------
+
+class SpecStats:
+    """Acceptance statistics accumulated on the device from decode-step outputs; read back on demand.
+
+    A row-step counts when the row was active and did not finish in that step (a finishing step's
+    count may have been cut by eos / max_pos). Its accepted drafts = num_emitted - 1.
+    """
+
+    def __init__(self):
+        self._sums: dict[str, torch.Tensor] | None = None
+        self.k: int | None = None
+
+    def update(self, outputs: SpecStepOutputs) -> None:
+        n = outputs.num_emitted
+        k = outputs.out_tokens.shape[1] - 1
+        if self._sums is None:
+            self.k = k
+            z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=n.device)
+            self._sums = {"steps": z(), "accepted": z(), "tokens": z(), "per_position": z(k), "histogram": z(k + 1)}
+        elif k != self.k:
+            raise ValueError(f"SpecStats: outputs of a k = {k} step added to statistics of k = {self.k}")
+        counted = ((n > 0) & ~outputs.finished).long()                            # [B]
+        accepted = (n - 1).clamp(min=0)
+        s = self._sums
+        s["tokens"] += n.sum()
+        s["steps"] += counted.sum()
+        s["accepted"] += (accepted * counted).sum()
+        s["per_position"] += ((accepted[:, None] > torch.arange(k, device=n.device)) * counted[:, None]).sum(0)
+        s["histogram"] += (torch.nn.functional.one_hot(accepted.clamp(max=k), k + 1) * counted[:, None]).sum(0)
+
+    def summary(self) -> dict:
+        """Reads the counters back (one host sync). Rates are None before any counted step."""
+        if self._sums is None:
+            return {"steps": 0, "tokens_emitted": 0, "acceptance_rate": None, "mean_accepted_length": None,
+                    "per_position_acceptance": [], "accepted_histogram": []}
+        s = {name: t.tolist() for name, t in self._sums.items()}
+        steps, k = s["steps"], self.k
+        return {
+            "steps": steps,
+            "tokens_emitted": s["tokens"],
+            "acceptance_rate": s["accepted"] / (steps * k) if steps and k else None,  # accepted / proposed
+            "mean_accepted_length": 1 + s["accepted"] / steps if steps else None,    # tokens per step
+            "per_position_acceptance": [c / steps for c in s["per_position"]] if steps else [],
+            "accepted_histogram": s["histogram"],
+        }
+
+    def reset(self) -> None:
+        self._sums, self.k = None, None
+
+
+# -- a StepProvider over the step modules or their fused graphs ----------------------------------------
+
+class SpecStepProvider:
+    """`step.contract.StepProvider` for speculative decoding: calls `step` / `prefill`, which are
+    SpecStep / SpecPrefill modules or the graphs `passes.fuse_spec_step.build_spec_step` returns, and
+    accumulates `stats` (SpecStats) from every decode step."""
+
+    def __init__(self, step, prefill, config, num_speculative_tokens: int, block_size: int,
+                 cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 max_top_k: int = DEFAULT_MAX_TOP_K):
+        self.step, self.prefill_fn, self.config = step, prefill, config
+        self.num_speculative_tokens, self.block_size = num_speculative_tokens, block_size
+        self.cache_dtype, self.device = cache_dtype, torch.device(device)
+        self.max_top_k = max_top_k   # the engine rejects requests with a larger top_k (it would be clamped)
+        self.stats = SpecStats()
+
+    @classmethod
+    def from_model(cls, model, num_speculative_tokens: int, block_size: int = 16, **kw) -> "SpecStepProvider":
+        """The eager reference provider: SpecStep / SpecPrefill over the model's own forward."""
+        w = model.lm_head.weight
+        return cls(SpecStep.from_model(model, num_speculative_tokens, block_size, **kw),
+                   SpecPrefill.from_model(model, num_speculative_tokens, block_size, **kw),
+                   model.config, num_speculative_tokens, block_size, w.dtype, w.device)
+
+    def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        layout = CacheLayout.for_config(self.config, self.block_size, self.cache_dtype, self.device)
+        return layout.new_caches(num_blocks, with_mtp=self.num_speculative_tokens > 0)
+
+    @torch.no_grad()
+    def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
+        inputs.validate()
+        return as_outputs(self.prefill_fn(*prefill_args(inputs)))
+
+    @torch.no_grad()
+    def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
+        inputs.validate()
+        if inputs.tokens.shape[1] != 1 + self.num_speculative_tokens:
+            raise ValueError(f"SpecStepInputs.tokens: this provider verifies 1 + k = "
+                             f"{1 + self.num_speculative_tokens} tokens per row, got {inputs.tokens.shape[1]}")
+        out = as_outputs(self.step(*decode_args(inputs)))
+        self.stats.update(out)
+        return out
+
+
+@torch.no_grad()
+def speculative_generate(provider, prompts: list[list[int]], max_new_tokens: int,
+                         eos_token_id: int | None = None, temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Plain host loop for tests and benchmarks: one prefill of the (ragged) batch, then decode steps
+    until every row finished. Each row owns consecutive blocks (block 0 is the sink). Returns the
+    generated ids per prompt (without the prompt)."""
+    if not prompts or any(len(p) == 0 for p in prompts) or max_new_tokens < 1:
+        raise ValueError("speculative_generate needs non-empty prompts and max_new_tokens >= 1")
+    B, bs, dev = len(prompts), provider.block_size, provider.device
+    k = provider.num_speculative_tokens
+    lengths = torch.tensor([len(p) for p in prompts], device=dev)
+    per_row = blocks_for(max(map(len, prompts)) + max_new_tokens + max(1, 2 * k), bs)
+    kv, mtp = provider.new_caches(1 + B * per_row)
+    tables = dense_block_tables(B, per_row, dev)
+    ids = torch.zeros(B, int(lengths.max()), dtype=torch.int64, device=dev)
+    for b, p in enumerate(prompts):
+        ids[b, :len(p)] = torch.tensor(p, device=dev)
+    rows = dict(temperature=torch.full((B,), float(temperature), device=dev),
+                top_k=torch.zeros(B, dtype=torch.int64, device=dev), top_p=torch.ones(B, device=dev),
+                min_p=torch.zeros(B, device=dev), seed=seed + torch.arange(B, device=dev),
+                eos_token_id=torch.full((B,), -1 if eos_token_id is None else eos_token_id, device=dev),
+                max_pos=lengths + max_new_tokens - 1)
+    out = provider.prefill(SpecPrefillInputs(ids, lengths, torch.zeros_like(lengths), tables, **rows,
+                                             kv_caches=kv, mtp_caches=mtp))
+    result: list[list[int]] = [[] for _ in prompts]
+    finished = torch.zeros(B, dtype=torch.bool, device=dev)
+    while True:
+        for b, (toks, n) in enumerate(zip(out.out_tokens.tolist(), out.num_emitted.tolist())):
+            result[b] += toks[:n]
+        finished = finished | out.finished
+        if bool(finished.all()):
+            return result
+        out = provider.decode(SpecStepInputs(out.next_tokens, out.next_start_pos, tables, **rows,
+                                             active=~finished, kv_caches=kv, mtp_caches=mtp))
