@@ -31,7 +31,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from torch import nn
 
 from .config import DeepseekV3Config
 from .deepseek import DeepseekV3ForCausalLM, TopkRouter
+from .fileio import replace_dir_atomically
 
 __all__ = ["CheckpointError", "load", "save", "load_mtp_weights", "write_fp8_checkpoint"]
 
@@ -520,7 +520,8 @@ def _write_checkpoint(target: Path, config_json: str, entries: list[_Entry], max
             else:
                 tokenizer.save(str(tmp / "tokenizer.json"))
 
-    _replace_dir_atomically(target, write)
+    replace_dir_atomically(target, write, is_ours=lambda d: (d / "config.json").is_file(),
+                           what="checkpoint (no config.json)", carry_over=_carry_over)
 
 
 def _shard(entries: list[_Entry], limit: int) -> list[list[_Entry]]:
@@ -558,40 +559,6 @@ def _parse_size(size: int | str) -> int:
     powers = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
     return int(float(m[1]) * powers[m[2]])
-
-
-def _replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
-    """Write into a temporary sibling directory, fsync, then swap it in: no half-written checkpoint.
-
-    An existing checkpoint at `target` is replaced as a whole; its files that the new one does not
-    write (tokenizer.json, README, ...) are carried over, old weight files are not. If anything
-    fails, `target` is left as it was and the temporary directory is removed.
-    """
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"cannot save a checkpoint to {target}: it is a file")
-    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
-        raise FileExistsError(f"refusing to replace {target}: it is a non-empty directory without config.json, "
-                              "so probably not a checkpoint")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    old = tmp.with_name(f".{target.name}.old-{tmp.name.rsplit('.tmp-', 1)[1]}")
-    try:
-        write(tmp)
-        if target.is_dir():
-            _carry_over(target, tmp)
-        for file in tmp.iterdir():
-            if file.is_file():
-                with open(file, "rb") as f:
-                    os.fsync(f.fileno())
-        if target.is_dir():
-            os.replace(target, old)
-        os.replace(tmp, target)
-    except BaseException:
-        if old.exists() and not target.exists():
-            os.replace(old, target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _carry_over(old: Path, new: Path) -> None:

@@ -53,7 +53,8 @@ import numpy as np
 import tokenizers
 from tqdm import tqdm
 
-from graphopt.models.tokenizer import FILE_TOKEN, Tokenizer, train_tokenizer, write_atomically
+from graphopt.models.fileio import write_file_atomically
+from graphopt.models.tokenizer import FILE_TOKEN, Tokenizer, train_tokenizer
 
 __all__ = [
     "HELDOUT_TOP_LEVEL",
@@ -176,11 +177,11 @@ def build_corpus(
         "vocab_size": tokenizer.vocab_size,
         "tokenizer_sha256": hashlib.sha256(tokenizer_json).hexdigest(),
     }
-    write_atomically(out_dir / "train.bin", train_ids.tobytes())
-    write_atomically(out_dir / "heldout.bin", heldout_ids.tobytes())
-    write_atomically(out_dir / "tokenizer.json", tokenizer_json)
+    write_file_atomically(out_dir / "train.bin", train_ids.tobytes())
+    write_file_atomically(out_dir / "heldout.bin", heldout_ids.tobytes())
+    write_file_atomically(out_dir / "tokenizer.json", tokenizer_json)
     # Written last: a meta.json present means the files next to it are complete.
-    write_atomically(out_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
+    write_file_atomically(out_dir / "meta.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))
     return meta
 
 
@@ -207,7 +208,7 @@ def write_heldout_text(
         used += len(chunk)
     if not chunks:
         raise ValueError(f"the first held-out file alone is over max_bytes={max_bytes}")
-    write_atomically(path, b"".join(chunks))
+    write_file_atomically(path, b"".join(chunks))
     return {"files": len(chunks), "of_files": len(heldout_files), "bytes": used}
 
 

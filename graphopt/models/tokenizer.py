@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .fileio import write_file_atomically
 
 __all__ = [
     "EOS_TOKEN",
@@ -38,7 +39,6 @@ __all__ = [
     "Tokenizer",
     "load_tokenizer",
     "train_tokenizer",
-    "write_atomically",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -53,26 +53,6 @@ _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 _MAX_VOCAB = 1 << 16
 
 _PACKAGED_PATH = ("tiny", "tokenizer.json")
-
-
-def write_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so readers see either the old file or the whole new one.
-
-    The bytes go to a temporary file in the same folder (same file system, so the rename is
-    atomic), which then replaces `path`. On any error the temporary file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        # mkstemp creates the file private (0600); these files are shipped and shared.
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def train_tokenizer(texts_iterator: Iterable[str], vocab_size: int = 8192) -> tokenizers.Tokenizer:
@@ -125,7 +105,7 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write tokenizer.json atomically (compact JSON: this file is shipped)."""
-        write_atomically(path, self.backend.to_str(pretty=False).encode("utf-8"))
+        write_file_atomically(path, self.backend.to_str(pretty=False).encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
