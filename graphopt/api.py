@@ -163,9 +163,9 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc."""
     # validate everything before any heavy work
     opts = CompileOptions.from_kwargs(options)
-    backend = resolve_backend(backend)
-    lowering = backends.get(backend)
     ref = _as_reference_model(model)
+    backend = resolve_backend(backend, ref.lm_head.weight.device)
+    lowering = backends.get(backend)
     state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
     check_options(opts, state)
     verify = verify or verify_from_env()
@@ -210,7 +210,7 @@ def load_compiled(directory: str | os.PathLike, device: torch.device | str | Non
     from .passes.program_io import load_program, read_manifest
     t0 = time.perf_counter()
     manifest = read_manifest(directory, _graphopt_version())
-    backend = resolve_backend(backend or manifest["backend"])
+    backend = resolve_backend(backend or manifest["backend"], device or manifest["cache"]["device"])
     lowering = backends.get(backend)
     opts = CompileOptions.from_kwargs(manifest["options"])
     program = load_program(directory, manifest, device)

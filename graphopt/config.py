@@ -8,18 +8,24 @@ backends read it with; this module is its public name. `BACKENDS` are the names 
 
 from __future__ import annotations
 
+import torch
+
 from . import backends as _backends
 from .passes.program import CompileOptions
 
 __all__ = ["BACKENDS", "CompileOptions", "resolve_backend"]
 
 BACKENDS = ("auto", *_backends.names())
-AUTO_BACKEND = "eager"   # the reference; "auto" will pick the fastest backend that supports the device
+AUTO_BACKEND = {"cuda": "inductor"}   # "auto" per device type; anything else gets the eager reference
 
 
-def resolve_backend(backend: str) -> str:
-    """The registered name `backend` stands for; a ValueError listing the accepted names otherwise."""
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """The registered name `backend` stands for on `device`; a ValueError listing the accepted names
+    otherwise. "auto": inductor on CUDA, eager elsewhere (docs/backends.md says why)."""
     accepted = ("auto", *_backends.names())
     if backend not in accepted:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(accepted)}")
-    return AUTO_BACKEND if backend == "auto" else backend
+    if backend != "auto":
+        return backend
+    kind = torch.device(device).type if device is not None else "cpu"
+    return AUTO_BACKEND.get(kind, "eager")

@@ -27,7 +27,7 @@ def test_dump_and_inspect(tmp_path):
     out = run("dump_and_inspect.py", "--out", str(tmp_path))
     assert "| step | step | fuse_spec_step | changed | 1 |" in out
     assert "graphopt.moe_route.default | 0 |" in out
-    for op in ("mla_attention", "moe_experts", "rejection_accept", "rms_norm"):
+    for op in ("mla_paged_attention", "kv_cache_write", "moe_experts", "rejection_accept", "rms_norm"):
         assert op in out.split("fused step graph:")[1]
 
 
@@ -41,3 +41,9 @@ def test_save_and_load(tmp_path):
     out = run("save_and_load.py", "--out", str(tmp_path / "compiled"))
     assert "same tokens: True" in out
     assert (tmp_path / "compiled" / "manifest.json").is_file()
+
+
+def test_fast_decode():
+    out = run("fast_decode.py", "--device", "cpu", "--new-tokens", "6")
+    assert "backend: eager on cpu" in out                     # "auto" on the CPU
+    assert out.count(" -> [") == 3 and "tokens/s over 3 rows" in out

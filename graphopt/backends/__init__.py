@@ -45,4 +45,5 @@ def _lazy(module: str, cls: str) -> Callable[[], Backend]:
     return lambda: getattr(importlib.import_module(module, __name__), cls)()
 
 
-register("eager", _lazy(".eager", "EagerBackend"))   # the reference: first entry, and what "auto" picks
+register("eager", _lazy(".eager", "EagerBackend"))          # the reference; what "auto" picks on the CPU
+register("inductor", _lazy(".inductor", "InductorBackend"))  # Inductor + CUDA graphs; what "auto" picks on CUDA

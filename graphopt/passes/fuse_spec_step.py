@@ -52,7 +52,7 @@ from ..spec import SpecConfig
 from .base import ModulePass, ModuleResult, PassContext
 from .program import GraphSignature, Program
 
-__all__ = ["FuseSpecStepPass", "FunctionalStep", "build_spec_step", "cache_layout", "example_inputs", "fuse"]
+__all__ = ["FuseSpecStepPass", "FunctionalStep", "build_greedy_step", "build_spec_step", "cache_layout", "example_inputs", "fuse"]
 
 
 def cache_layout(gm: fx.GraphModule) -> tuple[int, int, int, torch.dtype, torch.device]:
@@ -219,8 +219,18 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
             fuse(SpecPrefill(main, mtp, k, block_size, **kw), model_config))
 
 
+def build_greedy_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.GraphModule], model_config,
+                      k: int, block_size: int) -> fx.GraphModule:
+    """The greedy-only decode step (argmax acceptance, no sampling filters): what a batch whose rows
+    all have temperature 0 runs. Same signature and outputs as the sampling step."""
+    main, mtp = FunctionalStep(captured_main_gm), [FunctionalStep(g) for g in (captured_mtp_gms if k else [])]
+    return fuse(SpecStep(main, mtp, k, block_size, sampling=False), model_config)
+
+
 class FuseSpecStepPass(ModulePass):
-    """Program(main, mtp0 ..) -> the same Program plus the fused `step` and `prefill` graphs.
+    """Program(main, mtp0 ..) -> the same Program plus the fused `step`, `step_greedy` and `prefill`
+    graphs (`step_greedy`: the decode step without sampling, for batches whose rows are all greedy;
+    greedy=False leaves it out).
 
     main and the MTP graphs stay as they were (the fused graphs copy their nodes, not their weights):
     the plain forward still runs main, and a backend may lower either."""
@@ -228,8 +238,8 @@ class FuseSpecStepPass(ModulePass):
     name = "fuse_spec_step"
     changes_signature = True
 
-    def __init__(self, sampling: bool = True, max_top_k: int = DEFAULT_MAX_TOP_K):
-        self.sampling, self.max_top_k = sampling, max_top_k
+    def __init__(self, sampling: bool = True, max_top_k: int = DEFAULT_MAX_TOP_K, greedy: bool = True):
+        self.sampling, self.max_top_k, self.greedy = sampling, max_top_k, greedy
 
     def run(self, program: Program, ctx: PassContext) -> ModuleResult:
         spec, main = program.state.spec, program.main
@@ -241,5 +251,10 @@ class FuseSpecStepPass(ModulePass):
         inputs = functools.partial(example_inputs, cache_layout(main), len(mtp), k, ctx.model_config.vocab_size)
         program.set("step", step, GraphSignature(DECODE_INPUTS, STEP_OUTPUTS), functools.partial(inputs, False))
         program.set("prefill", prefill, GraphSignature(PREFILL_INPUTS, STEP_OUTPUTS), functools.partial(inputs, True))
-        return ModuleResult(program, modified=True, matches=1,
-                            notes=[f"fused main + {len(mtp)} MTP graph(s) + acceptance, k = {k}"])
+        notes = [f"fused main + {len(mtp)} MTP graph(s) + acceptance, k = {k}"]
+        if self.greedy and self.sampling:
+            greedy = build_greedy_step(main, mtp, ctx.model_config, k, program.cache.block_size)
+            program.set("step_greedy", greedy, GraphSignature(DECODE_INPUTS, STEP_OUTPUTS),
+                        functools.partial(inputs, False))
+            notes.append("and the greedy-only step")
+        return ModuleResult(program, modified=True, matches=1, notes=notes)

@@ -6,13 +6,16 @@ Between phases every graph graphopt hands on is:
      (a FakeTensor or a tuple of them), so later passes can read shapes and dtypes without running
      anything (assertion ops that export inserts return nothing and are exempt);
   3. functional: no in-place or out= ATen op except the trailing `aten.copy_` nodes that write a
-     mutated input (a KV cache) back, each as the last user of that placeholder;
+     mutated input (a KV cache) back, each as the last user of that placeholder, and, once the
+     memory phase ran, `graphopt.kv_cache_write` into a cache input (passes/reinplace_cache_writes.py);
   4. resolvable: every get_attr target exists on the module.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..ops import cache as _cache  # noqa: F401  registers graphopt.kv_cache_write
 
 
 class InvariantError(AssertionError):
@@ -51,7 +54,8 @@ def _is_inplace(target) -> bool:
 
 
 def _is_cache_writeback(node: torch.fx.Node) -> bool:
-    return (node.target is torch.ops.aten.copy_.default and node.args[0].op == "placeholder")
+    return (node.target in (torch.ops.aten.copy_.default, torch.ops.graphopt.kv_cache_write.default)
+            and node.args[0].op == "placeholder")
 
 
 def _has_attr(gm: torch.nn.Module, target: str) -> bool:

@@ -6,7 +6,9 @@
     spec       rewrite attention over the latent cache for the 1+k queries of a (speculative) step
     quant      calibrate, then replace targeted linears by quantize -> int matmul -> dequantize ops
     step       (module pass) fuse main + MTP drafts + acceptance + next-step inputs into ONE step graph
-               and one prefill graph, added to the Program next to main
+               (plus its greedy-only twin) and one prefill graph, added to the Program next to main
+    memory     write the KV cache in place in every graph (after the fusion, which reads the
+               captured graphs' functional cache writes)
     lower      `backends.get(name).lower(program, options)`, done by the caller (graphopt/api.py)
 
 normalise, spec and quant run on every captured graph (main step, each MTP module); step runs once
@@ -33,8 +35,10 @@ from .program import CompileOptions, CompileState, Program
 from .fuse_spec_step import FuseSpecStepPass
 from .quant_calibrate import QuantCalibratePass
 from .quant_insert import QuantInsertPass
+from .reinplace_cache_writes import ReinplaceCacheWritesPass
 from .remove_noop_views import RemoveNoopViewsPass
 from .rewrite_mla_absorbed import RewriteMLAAbsorbedPass
+from .use_paged_attention import UsePagedAttentionPass
 
 
 def normalise_phase() -> Phase:
@@ -52,6 +56,7 @@ def normalise_phase() -> Phase:
 def spec_phase() -> Phase:
     return Phase("spec", "decode attends over the latent cache instead of expanding every key", [
         RewriteMLAAbsorbedPass(),  # expanded MLA -> graphopt.mla_attention (absorbed for T <= 8)
+        UsePagedAttentionPass(),   # gather + position mask + mla_attention -> graphopt.mla_paged_attention
     ])
 
 
@@ -68,9 +73,15 @@ def step_phase() -> Phase:
     ])
 
 
+def memory_phase() -> Phase:
+    return Phase("memory", "a step touches the cache slots it writes, not the whole cache", [
+        ReinplaceCacheWritesPass(),  # index_copy over the cache + copy_ back -> graphopt.kv_cache_write
+    ])
+
+
 def build_pipeline(quant: bool) -> list[Phase]:
     """The phases in order; quant only when a QuantConfig was given."""
-    return [normalise_phase(), spec_phase()] + ([quant_phase()] if quant else []) + [step_phase()]
+    return [normalise_phase(), spec_phase()] + ([quant_phase()] if quant else []) + [step_phase(), memory_phase()]
 
 
 def check_options(options: CompileOptions, state: CompileState) -> tuple[list[Phase], set[str]]:

@@ -36,6 +36,7 @@ class CompileOptions:
     prefill_chunk_size: int = 512         # longer prompts are prefilled in chunks of this many tokens
     fold_max_bytes: int = 64 << 20        # fold_constants skips results larger than this
     progress: bool = True                 # progress bars for long passes (calibration)
+    cuda_graphs: bool = True              # inductor on CUDA: replay decode steps as CUDA graphs per batch bucket
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> "CompileOptions":
@@ -82,7 +83,7 @@ class GraphSignature:
     outputs: tuple[str, ...]
 
 
-_ORDER = ("main", "mtp", "step", "prefill")   # pipeline order; mtp graphs by depth
+_ORDER = ("main", "mtp", "step", "step_greedy", "prefill")   # pipeline order; mtp graphs by depth
 
 
 def _rank(name: str) -> tuple:

@@ -57,6 +57,7 @@ class DecodeBatch:
         self.block_tables = zeros(max_rows, table_width)
         self.params = {name: zeros(max_rows, dtype=dtype) for name, dtype in SAMPLING_FIELDS}
         self.active = zeros(max_rows, dtype=torch.bool)
+        self.greedy = [True] * max_rows   # host copy of temperature == 0 per slot: picks the greedy-only step
         self.copy_out = HostCopy(device)
 
     # -- membership (host -> device) ----------------------------------------------------------
@@ -75,6 +76,8 @@ class DecodeBatch:
                   "max_pos": [r.max_pos for r in requests]}
         for name, dtype in SAMPLING_FIELDS:
             self.params[name].index_copy_(0, slots, torch.tensor(values[name], dtype=dtype).to(self.device))
+        for r in requests:
+            self.greedy[r.slot] = r.params.temperature == 0
         self.active.index_fill_(0, slots, False)
         self.block_tables.index_fill_(0, slots, 0)   # stale entries of the slot's previous owner
 
@@ -101,7 +104,7 @@ class DecodeBatch:
         return SpecStepInputs(tokens=self.tokens[:n], start_pos=self.start_pos[:n],
                               block_tables=self.block_tables[:n, :width].contiguous(),
                               **{k: v[:n] for k, v in self.params.items()}, active=self.active[:n],
-                              kv_caches=kv_caches, mtp_caches=mtp_caches)
+                              kv_caches=kv_caches, mtp_caches=mtp_caches, greedy=all(self.greedy[:n]))
 
     def absorb(self, n: int, out: SpecStepOutputs) -> None:
         """The device-side step preparation: this step's outputs become the next step's inputs."""

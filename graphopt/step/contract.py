@@ -60,9 +60,13 @@ class SpecStepInputs:
     active: torch.Tensor          # [B] bool, False: padding row (writes the sink slot, emits nothing)
     kv_caches: list[torch.Tensor] = field(default_factory=list)   # per main layer, updated in place
     mtp_caches: list[torch.Tensor] = field(default_factory=list)  # per MTP layer, updated in place
+    greedy: bool = False          # host-side hint: every row has temperature 0, so a provider may run
+                                  # its greedy-only step (same outputs, no sampling work)
 
     def validate(self) -> None:
         """Raise ValueError naming the field whose shape or dtype breaks the contract."""
+        if not isinstance(self.greedy, bool):
+            raise ValueError(f"SpecStepInputs.greedy: expected a python bool, got {type(self.greedy).__name__}")
         if self.tokens.dim() != 2:
             raise ValueError(f"SpecStepInputs.tokens: expected [B, 1+k] int64, got shape {tuple(self.tokens.shape)}")
         B = self.tokens.shape[0]

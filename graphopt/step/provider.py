@@ -74,8 +74,9 @@ class SpecStepProvider:
 
     def __init__(self, step, prefill, config, num_speculative_tokens: int, block_size: int,
                  cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 max_top_k: int = DEFAULT_MAX_TOP_K):
+                 max_top_k: int = DEFAULT_MAX_TOP_K, greedy_step=None):
         self.step, self.prefill_fn, self.config = step, prefill, config
+        self.greedy_step = greedy_step   # run instead of `step` when SpecStepInputs.greedy says all rows are
         self.num_speculative_tokens, self.block_size = num_speculative_tokens, block_size
         self.cache_dtype, self.device = cache_dtype, torch.device(device)
         self.max_top_k = max_top_k   # the engine rejects requests with a larger top_k (it would be clamped)
@@ -104,7 +105,8 @@ class SpecStepProvider:
         if inputs.tokens.shape[1] != 1 + self.num_speculative_tokens:
             raise ValueError(f"SpecStepInputs.tokens: this provider verifies 1 + k = "
                              f"{1 + self.num_speculative_tokens} tokens per row, got {inputs.tokens.shape[1]}")
-        out = as_outputs(self.step(*decode_args(inputs)))
+        step = self.greedy_step if inputs.greedy and self.greedy_step is not None else self.step
+        out = as_outputs(step(*decode_args(inputs)))
         self.stats.update(out)
         return out
 
@@ -142,4 +144,5 @@ def speculative_generate(provider, prompts: list[list[int]], max_new_tokens: int
         if bool(finished.all()):
             return result
         out = provider.decode(SpecStepInputs(out.next_tokens, out.next_start_pos, tables, **rows,
-                                             active=~finished, kv_caches=kv, mtp_caches=mtp))
+                                             active=~finished, kv_caches=kv, mtp_caches=mtp,
+                                             greedy=temperature == 0))

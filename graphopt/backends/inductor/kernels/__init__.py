@@ -1,0 +1,34 @@
+"""graphopt's Triton kernels: CUDA implementations of existing graphopt:: ops (the reference and fake
+implementations in graphopt/ops stay the definition; a kernel never changes what an op means).
+
+    mla_decode   graphopt::mla_paged_attention, absorbed MLA over the paged latent cache, split-K
+    moe          graphopt::moe_experts, grouped expert GEMMs that read only the selected experts
+
+`register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
+inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
+"mla_paged_attention,moe_experts" (or "all") leaves kernels out, for A/B runs in a fresh process.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import mla_decode, moe
+
+__all__ = ["register_all", "registered"]
+
+_REGISTERED: list[str] = []
+
+
+def register_all() -> list[str]:
+    """Register the kernels whose dependencies (triton, CUDA) are present; returns their names."""
+    off = {n.strip() for n in os.environ.get("GRAPHOPT_DISABLE_KERNELS", "").split(",") if n.strip()}
+    for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe)):
+        if name not in _REGISTERED and module.available() and not off & {name, "all"}:
+            module.register()
+            _REGISTERED.append(name)
+    return list(_REGISTERED)
+
+
+def registered() -> list[str]:
+    return list(_REGISTERED)

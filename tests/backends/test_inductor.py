@@ -1,0 +1,81 @@
+"""The inductor backend: Inductor-compiled step graphs, on the CPU (here, in CI) and on CUDA with the whole
+decode step replayed as CUDA graphs per batch bucket (gpu tests, run on the H200)."""
+
+import pytest
+import torch
+
+import graphopt
+from graphopt.backends.inductor import batch_buckets, for_inductor
+from graphopt.config import resolve_backend
+from graphopt.models.generate import greedy_generate
+from graphopt.models.random import random_model
+
+PROMPTS = [[1, 50, 60, 70], [1, 42], [1, 9, 8, 7, 6, 5, 4, 3, 2]]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_auto_picks_inductor_on_cuda_and_eager_on_the_cpu():
+    assert resolve_backend("auto", "cuda") == "inductor" and resolve_backend("auto", torch.device("cuda", 0)) == "inductor"
+    assert resolve_backend("auto", "cpu") == "eager" and resolve_backend("inductor", "cpu") == "inductor"
+
+
+def test_buckets_cover_every_batch_size_up_to_the_largest():
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
+    assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 5]
+    assert batch_buckets(200)[-3:] == [160, 192, 200]
+
+
+def test_inductor_sees_the_elementwise_ops_as_torch_maths():
+    compiled = graphopt.compile(random_model(0, num_hidden_layers=1, first_k_dense_replace=0), backend="eager", progress=False, block_size=4)
+    gm = for_inductor(compiled.program["step"])
+    targets = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    assert not {"graphopt.rms_norm.default", "graphopt.swiglu.default", "graphopt.moe_route.default"} & targets
+    assert "graphopt.kv_cache_write.default" in targets and "graphopt.moe_experts.default" in targets
+    ids = torch.tensor(PROMPTS[2:])
+    assert torch.equal(compiled(ids), compiled(ids))                    # the eager graphs are untouched
+
+
+def test_inductor_on_the_cpu_is_token_identical_to_greedy_decoding():
+    model = random_model(0, num_hidden_layers=1, first_k_dense_replace=0)
+    compiled = graphopt.compile(model, spec=graphopt.SpecConfig(num_speculative_tokens=1), backend="inductor",
+                                progress=False, block_size=4, max_batch_size=4)
+    assert compiled.backend == "inductor" and not compiled.executable.cuda_graphs
+    assert compiled.generate(PROMPTS, max_new_tokens=8) == [greedy_generate(model, p, 8) for p in PROMPTS]
+
+
+# -- on the GPU ------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu_model():
+    from graphopt.models import load
+    return load(dtype=torch.float32, device="cuda")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_cuda_graph_steps_are_token_identical_to_greedy_in_float32(gpu_model, k):
+    spec = graphopt.SpecConfig(num_speculative_tokens=k) if k else None
+    compiled = graphopt.compile(gpu_model, spec=spec, progress=False, max_batch_size=8)
+    assert compiled.backend == "inductor" and compiled.executable.cuda_graphs
+    ragged = PROMPTS + [[1, 7] * 9, [3]]
+    want = [greedy_generate(gpu_model, p, 24) for p in ragged]
+    assert compiled.generate(ragged, max_new_tokens=24) == want          # 5 rows: the bucket of 8, padded
+    assert compiled.generate(ragged[:1], max_new_tokens=24) == want[:1]  # the bucket of 1
+    assert compiled.executable.captures >= 2
+    sampled = compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
+    assert sampled == compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
+    if k:
+        assert compiled.stats["acceptance_rate"] > 0.2
+
+
+@pytest.mark.gpu
+@cuda
+def test_inductor_forward_is_within_bf16_tolerance_of_eager():
+    from graphopt.models import load
+    model = load(dtype=torch.bfloat16, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0)).cuda()
+    eager = graphopt.compile(model, backend="eager", progress=False)(ids).double()
+    ind = graphopt.compile(model, backend="inductor", progress=False)(ids).double()
+    assert ((ind - eager).norm() / eager.norm()) < 2e-2
+    assert (ind.argmax(-1) == eager.argmax(-1)).float().mean() > 0.95
