@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..ops.core import SUPPORTED_SCORING, SUPPORTED_TOPK_METHODS  # the routers the ops implement
+
 SUPPORTED_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
-SUPPORTED_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-SUPPORTED_SCORING = ("sigmoid", "softmax")
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 SUPPORTED_ACTS = ("silu",)
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.core import route
 from .config import DeepseekV3Config, yarn_mscale
 
 
@@ -213,29 +214,6 @@ class TopkRouter(nn.Module):
         c = self.config
         return route(x, self.weight, self.e_score_correction_bias, c.num_experts_per_tok, c.n_group or 1,
                      c.topk_group or 1, c.topk_method, c.scoring_func, c.norm_topk_prob, c.routed_scaling_factor)
-
-
-def route(x, gate_weight, correction_bias, top_k: int, n_group: int, topk_group: int, topk_method: str,
-          scoring_func: str, norm_topk_prob: bool, routed_scaling_factor: float):
-    """TopkRouter's maths (also the reference of the graphopt::moe_route op): x [N, H] -> weights, ids [N, k]."""
-    logits = F.linear(x.float(), gate_weight.float())                          # [N, E]
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
-    choice = scores if correction_bias is None else scores + correction_bias.float()
-    if topk_method != "greedy" and n_group > 1:
-        grouped = choice.view(-1, n_group, gate_weight.shape[0] // n_group)    # [N, G, E/G]
-        if topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)           # [N, G]
-        else:
-            group_scores = grouped.amax(dim=-1)
-        best_groups = group_scores.topk(topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores).scatter(1, best_groups, 1.0)
-        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
-        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
-    ids = choice.topk(top_k, dim=-1).indices
-    weights = scores.gather(1, ids)
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * routed_scaling_factor, ids
 
 
 class Experts(nn.Module):

@@ -23,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models.config import SUPPORTED_SCORING, SUPPORTED_TOPK_METHODS
-from ..models.deepseek import route
+__all__ = ["SUPPORTED_SCORING", "SUPPORTED_TOPK_METHODS", "rms_norm", "swiglu", "moe_route", "moe_experts", "route"]
 
-__all__ = ["rms_norm", "swiglu", "moe_route", "moe_experts"]
+# the routers graphopt implements (models/config.py validates a config against these)
+SUPPORTED_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+SUPPORTED_SCORING = ("sigmoid", "softmax")
 
 
 def _require(cond, message: str) -> None:
@@ -106,6 +107,30 @@ def _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group
     if correction_bias is not None:
         _require(tuple(correction_bias.shape) == (e,),
                  f"{where}: correction_bias must be [n_experts] = [{e}], got {tuple(correction_bias.shape)}")
+
+
+def route(x, gate_weight, correction_bias, top_k: int, n_group: int, topk_group: int, topk_method: str,
+          scoring_func: str, norm_topk_prob: bool, routed_scaling_factor: float):
+    """The DeepSeek router's maths: x [N, H] -> weights, ids [N, k]. models.deepseek.TopkRouter calls it
+    and it is the graphopt::moe_route reference, so the two cannot drift apart."""
+    logits = F.linear(x.float(), gate_weight.float())                          # [N, E]
+    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
+    choice = scores if correction_bias is None else scores + correction_bias.float()
+    if topk_method != "greedy" and n_group > 1:
+        grouped = choice.view(-1, n_group, gate_weight.shape[0] // n_group)    # [N, G, E/G]
+        if topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)           # [N, G]
+        else:
+            group_scores = grouped.amax(dim=-1)
+        best_groups = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores).scatter(1, best_groups, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape_as(choice)
+        choice = choice.masked_fill(expert_mask == 0, float("-inf"))
+    ids = choice.topk(top_k, dim=-1).indices
+    weights = scores.gather(1, ids)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * routed_scaling_factor, ids
 
 
 @torch.library.custom_op("graphopt::moe_route", mutates_args=())

@@ -255,13 +255,13 @@ def quantized_moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: list
     """graphopt::moe_experts (sparse routed experts) with quantised stacked matmuls.
 
     x [N, H]; weights / ids [N, top_k]; gate_up / down: the tensors of a quantised [E, out, K] matmul in
-    graphopt.quant.qlinear.TENSOR_FIELDS order (None where the scheme has none; scheme "bf16": just
+    graphopt.ops.quant_linear.TENSOR_FIELDS order (None where the scheme has none; scheme "bf16": just
     the float weight); params [rotate_block, act_block, input_zero] of gate_up
     then down. Each expert runs only on its routed tokens, through the same op sequence as a
     quantised linear (every quantiser is row-wise, so this equals the dense dispatch up to float
     summation order). Out: [N, H] in x.dtype, accumulated in float32.
     """
-    from graphopt.quant.qlinear import TENSOR_FIELDS, QuantizedLinear, sparse_moe  # the op sequence's home
+    from .quant_linear import TENSOR_FIELDS, QuantizedLinear, sparse_moe  # imported late: it imports this module
 
     parts = []
     for i, (tensors, scheme) in enumerate(((gate_up, gate_up_scheme), (down, down_scheme))):

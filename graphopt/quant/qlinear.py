@@ -1,106 +1,23 @@
-"""A quantised linear: its data (`QuantizedLinear`), its op sequence (`emit_linear`) and the modules
-that put it into a reference model (`QuantLinear`, `QuantExperts`, `QuantLatentNorm`).
+"""The modules that put a quantised linear into a reference model (`QuantLinear`, `QuantExperts`,
+`QuantLatentNorm`) and the argument list of graphopt::quantized_moe_experts (`moe_op_args`).
 
-`emit_linear` is written once against a `call(op, *args)` function, so the same sequence runs eagerly
-(call = apply) in the modules below and is written as FX nodes by passes/quant_insert.py (call =
-graph.call_function): the model-level accuracy numbers and the compiled graph compute the same thing.
-
-    w8a8:    x_q, x_s = quantize_per_token(x, smooth_inv, 127); acc = int8_matmul(x_q, w)
-             y = dequantize_int32(acc, x_s, scale, bias, dtype)
-    w4a8:    as w8a8 with acc = w4a8_matmul(x_q, w, group_scale)
-    static:  x_q = quantize_per_tensor(x, input_scale, input_zero, smooth_inv, -128, 127); x_s = input_scale
-    a16:     w = dequantize_weight(w, scale, zero, dtype); y = linear(x * smooth_inv, w, bias)
-    fp8:     x_q, x_s = quantize_fp8(x, smooth_inv, act_block); y = fp8_linear(x_q, x_s, w, scale, bias, dtype)
-    hadamard rotation (optional) first: x = hadamard_transform(x, rotate_block).
+The quantised linear itself (`QuantizedLinear`, its op sequence `emit_linear`, `sparse_moe`) is in
+`graphopt/ops/quant_linear.py`, re-exported here.
 """
 
 from __future__ import annotations
-
-import operator
-from dataclasses import dataclass, field
-from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from graphopt.ops import quant as _ops  # noqa: F401  registers torch.ops.graphopt.*
+from graphopt.ops.quant_linear import TENSOR_FIELDS, QuantizedLinear, eager_call, emit_linear, sparse_moe
 
-from .schemes import SCHEMES
+OPS = torch.ops.graphopt
 
 __all__ = ["QuantizedLinear", "emit_linear", "QuantLinear", "QuantExperts", "QuantLatentNorm", "eager_call",
            "TENSOR_FIELDS", "sparse_moe", "moe_op_args"]
-
-OPS = torch.ops.graphopt
-TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias")
-
-
-@dataclass
-class QuantizedLinear:
-    """Everything one quantised linear (or stacked expert matmul) needs at run time.
-
-    tensors: weight (int8 / int4-in-int8 / uint8 HQQ / e4m3) [..., out, K]; scale fp32; optional
-    group_scale (w4a8, int8), zero (HQQ, fp32), smooth_inv ([K] or [E, 1, K]: inputs are multiplied by
-    it), input_scale (static activations), bias. meta: what the algorithms chose (alpha, beta, ...).
-    """
-
-    scheme: str
-    tensors: dict[str, Tensor]
-    rotate_block: int = 0
-    act_block: int = 0          # fp8_block: activation scale every act_block channels
-    input_zero: int = 0         # static activations (msModelSlim W8A8 imports can carry an offset)
-    meta: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def stacked(self) -> bool:
-        return self.tensors["weight"].dim() == 3
-
-    def expert(self, e: int, tensors: dict[str, Tensor] | None = None) -> tuple["QuantizedLinear", dict[str, Tensor]]:
-        """Expert e of a stacked linear: 3-d tensors ([E, ...]) indexed, shared ones ([K], 0-d) kept."""
-        tensors = {k: (t[e] if t.dim() == 3 else t) for k, t in (tensors or self.tensors).items()}
-        return QuantizedLinear(self.scheme, tensors, self.rotate_block, self.act_block, self.input_zero,
-                               self.meta), tensors
-
-    def spec(self) -> dict[str, Any]:
-        """The non-tensor part, JSON-friendly (saved next to the tensors)."""
-        return {"scheme": self.scheme, "rotate_block": self.rotate_block, "act_block": self.act_block,
-                "input_zero": self.input_zero, "meta": self.meta, "shape": list(self.tensors["weight"].shape)}
-
-
-def eager_call(op: Callable, *args):
-    return op(*args)
-
-
-def emit_linear(call: Callable, x, q: QuantizedLinear, t: dict[str, Any], out_dtype: torch.dtype):
-    """y = x @ W^T (+ bias) through the quantised op sequence. `t` maps TENSOR_FIELDS to tensors
-    (eager) or get_attr nodes (FX); x is [..., K] (linear) or broadcastable against [E, out, K]."""
-    s = SCHEMES[q.scheme]
-    smooth, bias = t.get("smooth_inv"), t.get("bias")
-    if q.rotate_block:
-        x = call(OPS.hadamard_transform.default, x, q.rotate_block)
-    if s.activation == "none":
-        if smooth is not None:
-            x = call(torch.ops.aten.mul.Tensor, x, smooth)
-        w = call(OPS.dequantize_weight.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
-        if q.stacked:
-            y = call(torch.ops.aten.matmul.default, x, call(torch.ops.aten.transpose.int, w, -1, -2))
-            return y if bias is None else call(torch.ops.aten.add.Tensor, y, bias)
-        return call(torch.ops.aten.linear.default, x, w, bias)
-    if s.activation == "fp8_dynamic":
-        pair = call(OPS.quantize_fp8.default, x, smooth, q.act_block)
-        x_q, x_s = call(operator.getitem, pair, 0), call(operator.getitem, pair, 1)
-        return call(OPS.fp8_linear.default, x_q, x_s, t["weight"], t["scale"], bias, out_dtype)
-    if s.activation == "int8_static":
-        x_s = t["input_scale"]
-        x_q = call(OPS.quantize_per_tensor.default, x, x_s, q.input_zero, smooth, -128, 127)
-    else:
-        pair = call(OPS.quantize_per_token.default, x, smooth, 127)
-        x_q, x_s = call(operator.getitem, pair, 0), call(operator.getitem, pair, 1)
-    if "group_scale" in t:
-        acc = call(OPS.w4a8_matmul.default, x_q, t["weight"], t["group_scale"])
-    else:
-        acc = call(OPS.int8_matmul.default, x_q, t["weight"])
-    return call(OPS.dequantize_int32.default, acc, x_s, t["scale"], bias, out_dtype)
 
 
 class _Holder(nn.Module):
@@ -125,38 +42,6 @@ class QuantLinear(_Holder):
     def extra_repr(self) -> str:
         w = self.q.tensors["weight"]
         return f"{self.q.scheme}, in_features={w.shape[-1]}, out_features={w.shape[-2]}"
-
-
-def _expert_matmul(q: QuantizedLinear, x: Tensor, e: int) -> Tensor:
-    """x [c, K] through expert e of a stacked (quantised or "bf16") matmul -> [c, out]."""
-    if q.scheme == "bf16":
-        return torch.matmul(x, q.tensors["weight"][e].t())
-    qe, tensors = q.expert(e)
-    return emit_linear(eager_call, x, qe, tensors, x.dtype)
-
-
-def sparse_moe(x: Tensor, weights: Tensor, ids: Tensor, gate_up: QuantizedLinear, down: QuantizedLinear) -> Tensor:
-    """Routed experts, each on its routed tokens only: x [N, H], weights / ids [N, k] -> [N, H].
-
-    The reference of graphopt::quantized_moe_experts. Every quantiser is row-wise (per token, or a fixed
-    static scale), so a token's result does not depend on which others share the batch: this equals
-    the dense dispatch up to float summation order, at top_k / E of the expert work.
-    """
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)             # [N, H]
-    flat = ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=gate_up.tensors["weight"].shape[0]).tolist()
-    start = 0
-    for e, count in enumerate(counts):
-        if count == 0:
-            continue
-        picked = order[start:start + count]                                      # [c] of N * k
-        start += count
-        tokens = picked // ids.shape[1]
-        gate, up = _expert_matmul(gate_up, x[tokens], e).chunk(2, dim=-1)         # [c, I] each
-        y = _expert_matmul(down, F.silu(gate) * up, e)                            # [c, H]
-        out.index_add_(0, tokens, y.float() * weights.reshape(-1)[picked, None].float())
-    return out.to(x.dtype)
 
 
 def moe_op_args(gate_up: QuantizedLinear, down: QuantizedLinear, t_gate_up: dict, t_down: dict) -> tuple:

@@ -23,58 +23,17 @@ Weights are [out, K] or stacked experts [E, out, K]; the scale layouts are those
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from graphopt.ops import quant as qops
+from graphopt.ops.quant_schemes import SCHEMES, QuantError, Scheme, get_scheme
 
 __all__ = ["Scheme", "SCHEMES", "QuantError", "get_scheme", "quantize_weight", "int_quantize",
            "W4A8_PROTECT"]
 
 W4A8_PROTECT = 119  # 7 * 17: int8 range of w4a8's first step, so int4 * int8 group scale never saturates
-
-
-class QuantError(ValueError):
-    """A quantisation request names something graphopt does not support, or data is malformed."""
-
-
-@dataclass(frozen=True)
-class Scheme:
-    name: str
-    weight: str          # "int8" | "int4" | "fp8" | "none"
-    activation: str      # "int8_dynamic" | "int8_static" | "fp8_dynamic" | "none"
-    grouped: bool        # weight scales per group of `group_size` input channels
-    blocked: bool = False  # fp8 128x128 blocks
-    summary: str = ""
-
-    @property
-    def quantized(self) -> bool:
-        return self.weight != "none"
-
-    @property
-    def weight_bits(self) -> int:
-        return {"int8": 8, "int4": 4, "fp8": 8, "none": 16}[self.weight]
-
-
-SCHEMES: dict[str, Scheme] = {s.name: s for s in [
-    Scheme("w8a8", "int8", "int8_dynamic", False, summary="int8 per-channel weights, int8 per-token dynamic activations"),
-    Scheme("w8a8_static", "int8", "int8_static", False, summary="int8 per-channel weights, int8 per-tensor static activations"),
-    Scheme("w4a8", "int4", "int8_dynamic", True, summary="int4 group-wise weights (progressive via int8), int8 per-token activations"),
-    Scheme("w8a16", "int8", "none", False, summary="int8 per-channel weights, 16-bit activations"),
-    Scheme("w4a16", "int4", "none", True, summary="int4 group-wise weights, 16-bit activations"),
-    Scheme("fp8", "fp8", "fp8_dynamic", False, summary="e4m3 per-channel weights, e4m3 per-token activations"),
-    Scheme("fp8_block", "fp8", "fp8_dynamic", False, blocked=True, summary="e4m3 128x128 block weights, per-token-per-128 activations"),
-    Scheme("bf16", "none", "none", False, summary="not quantised"),
-]}
-
-
-def get_scheme(name: str) -> Scheme:
-    try:
-        return SCHEMES[name]
-    except KeyError:
-        raise QuantError(f"unknown quantisation scheme {name!r}; accepted: {', '.join(SCHEMES)}") from None
 
 
 # -- integer grids ---------------------------------------------------------------------------
