@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..ops.paged import slot_mapping
 from .deepseek import DeepseekV3ForCausalLM
 from .generate import greedy_generate
 
@@ -148,7 +149,8 @@ def _draft_chains(model: DeepseekV3ForCausalLM, seq: list[int], first: int, k_ma
     table = torch.arange(1, n_blocks + 1, device=device)[None]
     _, hidden = model(ids, return_hidden=True)
     pos1 = torch.arange(L - 1, device=device)[None]
-    logits, g = model.mtp_forward(0, ids[:, 1:], hidden[:, :-1], pos1, cache, pos1 + block_size, table)
+    logits, g = model.mtp_forward(0, ids[:, 1:], hidden[:, :-1], pos1, cache, slot_mapping(pos1, table, block_size),
+                                  table)
     drafts = [logits[0, positions].argmax(-1)]                                    # [R]
     g = g[0, positions][:, None]                                                  # [R, 1, H]
     if k_max == 1:
@@ -158,7 +160,7 @@ def _draft_chains(model: DeepseekV3ForCausalLM, seq: list[int], first: int, k_ma
     tables = 1 + torch.arange(R, device=device)[:, None] * n_blocks + torch.arange(n_blocks, device=device)
     for j in range(2, k_max + 1):
         pos = (positions + j - 1)[:, None]                                        # [R, 1]
-        slots = tables.gather(1, pos // block_size) * block_size + pos % block_size
+        slots = slot_mapping(pos, tables, block_size)
         logits, g = model.mtp_forward(0, drafts[-1][:, None], g, pos, caches, slots, tables)
         drafts.append(logits[:, 0].argmax(-1))
     return torch.stack(drafts, dim=1)                                             # [R, k_max]

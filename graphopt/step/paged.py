@@ -7,7 +7,7 @@ padding tokens and rows past their table write there and batches need no masks o
             = 0 (the sink)   where the position is not valid or p // block_size is past the table
 
 Every caller (capture's example inputs, the step template, the providers, calibration, evaluation,
-`CompiledModel.__call__`) goes through `slot_mapping`; a second copy of the formula once clamped
+`CompiledModel.__call__`) goes through `slot_mapping` (defined in `ops/paged.py`, re-exported here); a second copy of the formula once clamped
 positions past the table onto its last block, overwriting a live entry instead of the sink.
 """
 
@@ -17,31 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.paged import blocks_for, dense_block_tables, slot_mapping
+
 __all__ = ["CacheLayout", "blocks_for", "dense_block_tables", "slot_mapping"]
-
-
-def slot_mapping(positions: torch.Tensor, block_tables: torch.Tensor, block_size: int,
-                 valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Flat cache slot per position [B, T]; the sink slot 0 where not `valid` or past the block table.
-
-    positions, valid: [B, T] (valid None: every position); block_tables: [B, M] int64."""
-    block = positions.clamp(min=0) // block_size
-    inside = block < block_tables.shape[1]
-    slots = block_tables.gather(1, block.clamp(max=block_tables.shape[1] - 1)) * block_size \
-        + positions % block_size
-    keep = inside if valid is None else valid & inside
-    return torch.where(keep, slots, torch.zeros_like(slots))
-
-
-def blocks_for(tokens: int, block_size: int) -> int:
-    """Blocks that hold `tokens` positions (ceil division)."""
-    return -(-tokens // block_size)
-
-
-def dense_block_tables(batch: int, blocks_per_row: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[batch, blocks_per_row]: row b owns the consecutive blocks 1 + b * blocks_per_row ..; block 0 stays
-    the sink, so caches for these tables need 1 + batch * blocks_per_row blocks."""
-    return 1 + torch.arange(batch * blocks_per_row, device=device).view(batch, blocks_per_row)
 
 
 @dataclass(frozen=True)
