@@ -16,13 +16,14 @@ import time
 import torch
 
 import graphopt
+from graphopt.config import BACKENDS
 from graphopt.models import load
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default="auto", choices=graphopt.config.BACKENDS)
+    p.add_argument("--backend", default="auto", choices=BACKENDS)
     p.add_argument("--new-tokens", type=int, default=16)
     args = p.parse_args()
 

@@ -25,7 +25,7 @@ compiled = graphopt.compile(hf)                      # accepts the HF model dire
 ids = torch.randint(0, 512, (2, 10))
 with torch.no_grad():
     expected = hf(ids).logits
-got = compiled(ids)                                  # drop-in for hf(ids).logits
+got = compiled(ids).logits                           # drop-in for hf(ids): an output with .logits
 print(f"max |graphopt - transformers| logits: {(got - expected).abs().max():.2e}")
 
 shared = dict(from_transformers(hf).named_parameters())

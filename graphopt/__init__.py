@@ -5,14 +5,16 @@ dataclasses `SpecConfig`, `QuantConfig`.
 Everything else is reachable through the subpackages (`graphopt.models`, `graphopt.passes`, ...).
 """
 
-from .api import CompiledModel, compile, load_compiled
-
 __version__ = "0.1.0"
 
 __all__ = ["compile", "CompiledModel", "load_compiled", "SpecConfig", "QuantConfig", "__version__"]
 
 
-def __getattr__(name):  # the config dataclasses live with their subsystems; import on first use
+def __getattr__(name):
+    # imported on first use, so `import graphopt` (and `graphopt --help`) does not import torch
+    if name in ("compile", "CompiledModel", "load_compiled"):
+        from . import api
+        return getattr(api, name)
     if name == "SpecConfig":
         from .spec import SpecConfig
         return SpecConfig

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -26,8 +28,9 @@ from .capture.step import capture_main, capture_mtp
 from .config import CompileOptions, resolve_backend
 from .models.deepseek import DeepseekV3ForCausalLM
 from .passes.dump import Dumper
-from .passes.manager import verify_from_env
-from .passes.pipeline import check_options, run_pipeline
+from .passes.base import PassContext
+from .passes.manager import PassManager, verify_from_env
+from .passes.pipeline import check_options
 from .passes.program import CompileState, Program
 from .step.contract import window
 from .step.paged import CacheLayout, blocks_for
@@ -63,15 +66,29 @@ class CompileReport:
         return {**self.notes, **{f"{k} seconds": f"{v:.2f}" for k, v in self.seconds.items()}}
 
 
-class CompiledModel:
-    """A backend's Executable plus the runtime engine that loops over it."""
+class CompiledModel(torch.nn.Module):
+    """A backend's Executable plus the runtime engine that loops over it; an inference-only nn.Module.
 
-    def __init__(self, executable, options: CompileOptions, spec, quant, backend: str, report: CompileReport):
+    `compiled(input_ids)` returns what the wrapped model returns (a logits tensor for graphopt's
+    model, a `CausalLMOutputWithPast` for a transformers model). `state_dict()` holds the graphs'
+    own tensors (no copies), each once, named after the first graph that holds it ("main.<name>").
+    `generate` / `stream` take token ids or text (text needs `tokenizer`).
+    """
+
+    def __init__(self, executable, options: CompileOptions, spec, quant, backend: str, report: CompileReport,
+                 tokenizer=None, wraps: str = "graphopt"):
+        super().__init__()
         self.executable, self.options, self.spec, self.quant = executable, options, spec, quant
-        self.backend, self.report = backend, report
+        self.backend, self.report, self.tokenizer, self.wraps = backend, report, tokenizer, wraps
         self.config = executable.config
+        self.training = False
         self._engine = None
         self._engine_size = (0, 0)   # (rows, positions per row) the current engine was built for
+        for name, gm in executable.program.graphs.items():
+            self.add_module(name, gm)
+        self._aliases = _aliases(self)
+        self.register_state_dict_post_hook(_drop_aliases)
+        self.register_load_state_dict_post_hook(_aliases_are_loaded)
 
     @property
     def program(self) -> Program:
@@ -85,9 +102,24 @@ class CompiledModel:
     def main_graph(self) -> torch.fx.GraphModule:
         return self.program.main
 
+    @property
+    def device(self) -> torch.device:
+        return self.program.cache.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.program.cache.dtype
+
+    def __repr__(self) -> str:
+        return (f"CompiledModel(backend={self.backend!r}, device={self.device}, dtype={self.dtype}, "
+                f"spec={self.spec!r}, quant={self.quant!r}, graphs={list(self.graphs)})")
+
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Plain forward: input_ids [B, T] -> logits [B, T, vocab], like the model's own forward."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """input_ids [B, T] -> logits [B, T, vocab], like the model's own forward.
+
+        attention_mask [B, T] of 0/1: each row's ones must be contiguous (left or right padding);
+        each row runs on its own tokens, positions from 0, and padding positions get zero logits."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids must be a 2-D LongTensor [batch, tokens], got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -95,29 +127,129 @@ class CompiledModel:
         if T > self.config.max_position_embeddings:
             raise ValueError(f"input of {T} tokens is longer than max_position_embeddings "
                              f"({self.config.max_position_embeddings})")
-        return self.executable.forward(input_ids)
+        if attention_mask is None or bool((attention_mask == 1).all()):
+            logits = self.executable.forward(input_ids)
+        else:
+            logits = self._forward_padded(input_ids, attention_mask)
+        if self.wraps == "transformers":
+            from transformers.modeling_outputs import CausalLMOutputWithPast
+            return CausalLMOutputWithPast(logits=logits)
+        return logits
 
-    forward = __call__
+    def _forward_padded(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        spans = _token_spans(mask, input_ids.shape)
+        by_length: dict[int, list[tuple[int, int]]] = {}
+        for row, (start, end) in enumerate(spans):
+            by_length.setdefault(end - start, []).append((row, start))
+        out = None
+        for length, rows in by_length.items():   # rows of one length run as one batch
+            logits = self.executable.forward(torch.stack([input_ids[r, s:s + length] for r, s in rows]))
+            if out is None:
+                out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+            for i, (r, s) in enumerate(rows):
+                out[r, s:s + length] = logits[i]
+        return out
 
+    # -- not movable in place ---------------------------------------------------------------------
+    def to(self, *args, **kwargs):
+        """Returns self when already on that device and dtype; anything else is an error saying why."""
+        device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if (device is None or _same_device(device, self.device)) and (dtype is None or dtype == self.dtype):
+            return self
+        raise RuntimeError(
+            f"CompiledModel.to({device or dtype}): the compiled graphs, caches and kernels were lowered for "
+            f"{self.device} / {self.dtype} and cannot be moved in place. Compile on the target instead "
+            f"(graphopt.compile(model.to(device, dtype))), or save and lower there: "
+            f"compiled.save(dir); graphopt.load_compiled(dir, device=...)")
+
+    def cuda(self, device=None):
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def _apply(self, fn, recurse=True):   # .half(), .float(), .type(...): the same answer as .to
+        raise RuntimeError("a CompiledModel's weights cannot be converted in place (.half(), .float(), ...): "
+                           "compile the model in the dtype you want (graphopt.compile(model.to(dtype)))")
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("a CompiledModel is inference-only: train the original model, then compile it again")
+        return self
+
+    # -- generation -------------------------------------------------------------------------------
     def generate(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | None = None, min_p: float | None = None,
-                 seed: int | None = None, stop=()) -> list[list[int]]:
-        """Generated ids per prompt (prompt excluded). prompts: list of token-id lists (ragged) or [B, T]."""
-        from .runtime.request import SamplingParams
+                 seed: int | None = None, stop=(), ignore_eos: bool = False):
+        """Generated continuations (prompt excluded), in prompt order.
+
+        prompts: a string, a list of strings (needs a tokenizer; returns text), a list of token-id
+        lists (ragged) or a [B, T] tensor (returns token-id lists, eos included). Stops on the
+        config's eos (eos_token_id None) or eos_token_id; ignore_eos=True stops only on
+        max_new_tokens and stop strings. Text output ends before the eos and before a stop string."""
+        ids, as_text, single = self._prompts(prompts)
+        engine, _ = self._submit(ids, max_new_tokens, dict(
+            temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
+            seed=seed, stop=stop), eos_token_id, ignore_eos)
+        outputs = engine.run_until_done()
+        if not as_text:
+            return [o.token_ids for o in outputs]
+        texts = [_output_text(self.tokenizer, o) for o in outputs]
+        return texts[0] if single else texts
+
+    def stream(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, eos_token_id: int | None = None, min_p: float | None = None,
+               seed: int | None = None, stop=(), ignore_eos: bool = False) -> Iterator[tuple[int, Any]]:
+        """Yields (prompt index, new text or new token ids) as steps produce them; the pieces of one
+        prompt add up to what `generate` returns for it. Arguments as for `generate`."""
+        ids, as_text, _ = self._prompts(prompts)
+        engine, rids = self._submit(ids, max_new_tokens, dict(
+            temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
+            seed=seed, stop=stop), eos_token_id, ignore_eos)
+        index = {rid: i for i, rid in enumerate(rids)}
+        texts = {rid: _TextPieces(self.tokenizer) for rid in rids} if as_text else {}
+        taken = set()
+        try:
+            while engine.has_unfinished():
+                for e in engine.step():
+                    output = engine.take_output(e.request_id) if e.finished else None
+                    taken.update([e.request_id] if e.finished else [])
+                    piece = texts[e.request_id].add(e.new_token_ids, output) if as_text else e.new_token_ids
+                    if piece:
+                        yield index[e.request_id], piece
+        finally:   # the caller stopped early: end the rest so the engine is free for the next call
+            for rid in set(rids) - taken:
+                engine.abort(rid)
+                engine.take_output(rid)
+
+    def _prompts(self, prompts) -> tuple[list[list[int]], bool, bool]:
+        """(token-id lists, given as text, given as one string)."""
         if isinstance(prompts, torch.Tensor):
             if prompts.dim() != 2:
                 raise ValueError(f"prompts tensor must be [batch, tokens], got shape {tuple(prompts.shape)}")
-            prompts = prompts.tolist()
+            return prompts.tolist(), False, False
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else prompts
+        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer: pass tokenizer= to graphopt.compile or "
+                                 "graphopt.load_compiled (anything with encode(str) -> ids and decode(ids) -> str), "
+                                 "or give token-id lists")
+            return [list(self.tokenizer.encode(p)) for p in prompts], True, single
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, (list, tuple)) for p in prompts):
-            raise ValueError("prompts must be a list of token-id lists or a 2-D LongTensor")
-        prompts = [list(p) for p in prompts]
-        params = SamplingParams(temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p,
-                                min_p=min_p or 0.0, seed=seed, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos_token_id, stop=stop)
+            raise ValueError("prompts must be a string, a list of strings, a list of token-id lists or a 2-D LongTensor")
+        return [list(p) for p in prompts], False, False
+
+    def _submit(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict, eos_token_id, ignore_eos):
+        """The engine with one request per prompt added, and their request ids."""
+        from .runtime.request import SamplingParams
+        eos = None if ignore_eos else eos_token_id if eos_token_id is not None else _config_eos(self.config)
+        params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)
         # seed None: prompt i draws with seed i on every call (the engine is reused, its request ids grow)
-        per_prompt = [params if seed is not None else replace(params, seed=i) for i in range(len(prompts))]
+        per_prompt = [params if params.seed is not None else replace(params, seed=i) for i in range(len(prompts))]
         longest = max((len(p) for p in prompts), default=0) + max_new_tokens
-        return self._engine_for(len(prompts), longest).generate(prompts, per_prompt)
+        engine = self._engine_for(len(prompts), longest)
+        return engine, [engine.add_request(p, sp) for p, sp in zip(prompts, per_prompt)]
 
     def _engine_for(self, rows: int, positions: int):
         """The one engine of this model, rebuilt larger only when a call needs more rows or positions."""
@@ -138,7 +270,7 @@ class CompiledModel:
         """A new runtime engine serving requests with this model's Executable."""
         from .runtime.engine import Engine
         kwargs = dict(max_batch_size=self.options.max_batch_size, prefill_chunk_size=self.options.prefill_chunk_size,
-                      cache_budget_bytes=self.options.cache_budget_bytes)
+                      cache_budget_bytes=self.options.cache_budget_bytes, tokenizer=self.tokenizer)
         kwargs.update(engine_kwargs)
         if kwargs.get("num_blocks") is not None:
             kwargs.pop("cache_budget_bytes", None)
@@ -153,25 +285,34 @@ class CompiledModel:
         """Write the optimised Program (graphs, weights, a manifest) to `directory`, atomically;
         `graphopt.load_compiled(directory)` brings it back without capture or passes."""
         from .passes.program_io import save_program
-        extra = {"backend": self.backend, "options": dataclasses.asdict(self.options),
+        extra = {"backend": self.backend, "wraps": self.wraps, "options": dataclasses.asdict(self.options),
                  "report": {"seconds": dict(self.report.seconds), "notes": dict(self.report.notes)}}
         save_program(self.program, directory, _graphopt_version(), extra)
 
 
 def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "auto",
-            dump_dir: str | None = None, verify: bool = False, **options: Any) -> CompiledModel:
-    """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc."""
+            dump_dir: str | None = None, verify: bool = False, tokenizer: Any = None, **options: Any) -> CompiledModel:
+    """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc.
+
+    tokenizer: for text prompts and stop strings (encode(str) -> ids, decode(ids) -> str); None: the
+    embedded tokenizer when `model` is the embedded model (same config), else none. progress=
+    (an option): one line per phase on stderr; unset, only when stderr is a terminal."""
     # validate everything before any heavy work
     opts = CompileOptions.from_kwargs(options)
+    if "progress" not in options:
+        opts.progress = sys.stderr.isatty()
     ref = _as_reference_model(model)
+    tokenizer = _resolve_tokenizer(tokenizer, ref.config)
     backend = resolve_backend(backend, ref.lm_head.weight.device)
     lowering = backends.get(backend)
+    lowering.check(ref.lm_head.weight.device)          # e.g. ascend without torch_npu: before any capture
     state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
     check_options(opts, state)
     verify = verify or verify_from_env()
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     dumper = Dumper(dump_dir) if dump_dir else None
     report = CompileReport()
+    progress = _Progress(opts.progress)
 
     t0 = time.perf_counter()
     captured = [capture_main(ref, opts.block_size)]
@@ -183,14 +324,22 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
         state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size)
     program = Program.from_captured(captured, ref.config, layout, state)
     report.seconds["capture"] = time.perf_counter() - t0
+    progress.done("capture", ", ".join(program.names))
 
     t0 = time.perf_counter()
-    program = run_pipeline(program, opts, dumper, verify)
+    phases, disabled = check_options(opts, state)   # as passes.pipeline.run_pipeline, plus the progress callback
+    if dumper:
+        for name, gm in program.graphs.items():
+            dumper.write_captured(name, gm)
+    manager = PassManager(phases, disabled, verify, dumper, on_phase=progress.done)
+    program = manager.run_program(program, PassContext(program.model_config, opts, state=program.state))
     report.seconds["passes"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     executable = lowering.lower(program, opts)
     report.seconds["lower"] = time.perf_counter() - t0
+    progress.done("lower", backend)
+    progress.close()
     report.records = program.state.records
     report.notes.update(program.state.notes)
     report.notes["backend"] = backend
@@ -198,20 +347,22 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
         for name, gm in program.graphs.items():
             report.notes[f"{name} picture"] = dumper.write_final(name, gm)
         dumper.write_report(report.records, report.all_notes())
-    return CompiledModel(executable, opts, state.spec, state.quant, backend, report)
+    wraps = "graphopt" if isinstance(model, DeepseekV3ForCausalLM) else "transformers"
+    return CompiledModel(executable, opts, state.spec, state.quant, backend, report, tokenizer, wraps)
 
 
 def load_compiled(directory: str | os.PathLike, device: torch.device | str | None = None,
-                  backend: str | None = None) -> CompiledModel:
+                  backend: str | None = None, tokenizer: Any = None) -> CompiledModel:
     """The CompiledModel saved by `CompiledModel.save(directory)`: no capture, no passes, only the
     lowering. device: where weights and caches go (None: where it was compiled); backend: lower with
-    another registered backend than the saved one. A manifest from another graphopt or torch version,
+    another registered backend than the saved one; tokenizer: as for `compile`. A manifest from another graphopt or torch version,
     or a missing or corrupt file, is an error that names it."""
     from .passes.program_io import load_program, read_manifest
     t0 = time.perf_counter()
     manifest = read_manifest(directory, _graphopt_version())
     backend = resolve_backend(backend or manifest["backend"], device or manifest["cache"]["device"])
     lowering = backends.get(backend)
+    lowering.check(device or manifest["cache"]["device"])
     opts = CompileOptions.from_kwargs(manifest["options"])
     program = load_program(directory, manifest, device)
     report = CompileReport(records=program.state.records, seconds=dict(manifest["report"]["seconds"]),
@@ -221,7 +372,8 @@ def load_compiled(directory: str | os.PathLike, device: torch.device | str | Non
     executable = lowering.lower(program, opts)
     report.seconds["lower"] = time.perf_counter() - t0
     report.notes["loaded from"] = str(directory)
-    return CompiledModel(executable, opts, program.state.spec, program.state.quant, backend, report)
+    return CompiledModel(executable, opts, program.state.spec, program.state.quant, backend, report,
+                         _resolve_tokenizer(tokenizer, program.model_config), manifest.get("wraps", "graphopt"))
 
 
 def _graphopt_version() -> str:
@@ -259,3 +411,117 @@ def _resolve_quant(quant: Any):
         return None
     from .quant.config import resolve_quant_config
     return resolve_quant_config(quant)
+
+
+def _resolve_tokenizer(tokenizer: Any, config):
+    """The tokenizer given (a tokenizer.json path is loaded), else the embedded one for the embedded
+    model. A model does not remember the directory it was loaded from, so the embedded model is
+    recognised by its config (MTP layers aside: load(mtp=False) drops them)."""
+    from .models import load_tokenizer
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    if tokenizer is not None:
+        if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
+            raise TypeError(f"tokenizer must have encode(str) -> ids and decode(ids) -> str; got "
+                            f"{type(tokenizer).__name__}")
+        return tokenizer
+    from .models.checkpoint import DEFAULT_MODEL_DIR
+    from .models.config import DeepseekV3Config
+    embedded = DeepseekV3Config.from_json(DEFAULT_MODEL_DIR / "config.json")
+    if embedded.replace(num_nextn_predict_layers=0) == config.replace(num_nextn_predict_layers=0):
+        return load_tokenizer()
+    return None
+
+
+def _config_eos(config) -> int | None:
+    eos = config.eos_token_id   # a list (several eos ids): the first one stops on the device
+    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos if isinstance(eos, int) else None
+
+
+def _output_text(tokenizer, output) -> str:
+    """The text of a finished request: cut before a stop string, without its eos token."""
+    from .runtime.request import FinishReason
+    if output.finish_reason is FinishReason.STOP:
+        return output.text
+    ids = output.token_ids[:-1] if output.finish_reason is FinishReason.EOS else output.token_ids
+    return tokenizer.decode(ids)
+
+
+class _TextPieces:
+    """One request's streamed tokens as text pieces that add up to its final text: the end of the
+    text is held back while it is an incomplete UTF-8 character."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
+
+    def add(self, new_ids: list[int], finished_output=None) -> str:
+        self.ids += new_ids
+        if finished_output is not None:
+            text = _output_text(self.tokenizer, finished_output)
+        else:
+            text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        if not text.startswith(self.shown):   # the tokenizer respelled earlier text: wait for more
+            return ""
+        piece, self.shown = text[len(self.shown):], text
+        return piece
+
+
+class _Progress:
+    """One line per compile phase on stderr (tqdm): capture, each pass phase per graph, lowering."""
+
+    def __init__(self, enabled: bool):
+        from tqdm import tqdm
+        self.bar = tqdm(desc="graphopt compile", unit="phase", disable=not enabled, file=sys.stderr,
+                        bar_format="{desc}: {n} phases, {elapsed}{postfix}")
+        self.start = time.perf_counter()
+
+    def done(self, phase: str, graph: str) -> None:
+        if self.bar.disable:
+            return
+        now = time.perf_counter()
+        self.bar.write(f"graphopt compile: {phase:<10} {graph:<20} {now - self.start:6.2f} s", file=sys.stderr)
+        self.bar.update()
+        self.start = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _token_spans(mask: torch.Tensor, shape) -> list[tuple[int, int]]:
+    """(start, end) of each row's ones; a ValueError unless every row is one contiguous run of ones."""
+    if tuple(mask.shape) != tuple(shape) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"attention_mask must be 0/1 of the input's shape {tuple(shape)}, got "
+                         f"{tuple(mask.shape)}")
+    spans = []
+    for row, ones in enumerate(mask.bool().cpu()):
+        where = ones.nonzero().flatten().tolist()
+        if not where or where[-1] - where[0] + 1 != len(where):
+            raise ValueError(f"attention_mask row {row} is not supported: each row must hold one contiguous "
+                             f"run of at least one 1 (no padding, left padding or right padding)")
+        spans.append((where[0], where[-1] + 1))
+    return spans
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+def _aliases(module: torch.nn.Module) -> list[str]:
+    """state_dict names of tensors already listed under an earlier name (graphs share their weights)."""
+    seen, aliases = set(), []
+    for name, t in torch.nn.Module.state_dict(module, keep_vars=True).items():
+        if id(t) in seen:
+            aliases.append(name)
+        seen.add(id(t))
+    return aliases
+
+
+def _drop_aliases(module, state_dict, prefix, local_metadata) -> None:
+    for name in module._aliases:
+        state_dict.pop(prefix + name, None)
+
+
+def _aliases_are_loaded(module, incompatible_keys) -> None:
+    aliases = set(module._aliases)   # loaded through the name that is kept: the same tensor
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in aliases]

@@ -6,17 +6,22 @@ compiled model with MTP speculation (k drafts), all on the same prompts in one p
 clock is synchronised before each reading. Each compiled variant's compile report (stage times and
 the passes' notes, e.g. how calibration ran) is printed under the table, and the variant's row is
 added to that report (`CompiledModel.report.notes["bench"]`), so numbers and compile never part.
+A progress bar (stderr, after 2 s; --quiet: none) names the variant being measured.
+
+The arguments are declared in graphopt/cli.py (`graphopt bench --help`).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
+
+from graphopt.models.fileio import write_file_atomically
 
 
 def _sync(device: torch.device) -> None:
@@ -32,21 +37,28 @@ def _timed(fn, device) -> tuple[float, object]:
     return time.perf_counter() - t0, out
 
 
-def run(model, prompts: list[list[int]], new_tokens: int, ks: list[int], device: torch.device) -> list[dict]:
+def run(model, prompts: list[list[int]], new_tokens: int, ks: list[int], device: torch.device,
+        progress: bool = False) -> list[dict]:
     import graphopt
     from graphopt.models.generate import greedy_generate
 
     rows = []
+    bar = tqdm(total=1 + 2 * len(ks), desc="bench", unit="stage", delay=2.0, disable=not progress, leave=False)
+    bar.set_postfix_str("eager reference")
     greedy_generate(model, prompts[0], 2)  # warm-up
     dt, outs = _timed(lambda: [greedy_generate(model, p, new_tokens) for p in prompts], device)
+    bar.update()
     n = sum(len(o) for o in outs)
     rows.append(dict(variant="eager reference (one sequence at a time)", tokens=n, seconds=dt,
                      steps=n, exact="reference"))
     for k in ks:
         spec = graphopt.SpecConfig(num_speculative_tokens=k) if k else None
+        bar.set_postfix_str(f"compile k={k}")
         t0 = time.perf_counter()
         compiled = graphopt.compile(model, spec=spec)
         compile_seconds = time.perf_counter() - t0
+        bar.update()
+        bar.set_postfix_str(f"generate k={k}")
         compiled.generate(prompts[:1], max_new_tokens=2)  # warm-up
         engine = compiled.engine()
         steps = 0
@@ -69,6 +81,8 @@ def run(model, prompts: list[list[int]], new_tokens: int, ks: list[int], device:
                                           f"greedy output {row['exact']}")
         row["report"] = compiled.report.all_notes()
         rows.append(row)
+        bar.update()
+    bar.close()
     return rows
 
 
@@ -90,20 +104,11 @@ def render(rows: list[dict], header: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="graphopt bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: embedded model)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--k", type=int, nargs="*", default=[0, 1], help="draft counts to compare (0 = no spec)")
-    parser.add_argument("--out", default=None, help="also write the table to this Markdown file")
-    args = parser.parse_args(argv)
-
+def run_cli(args: argparse.Namespace) -> int:
+    """`graphopt bench` with parsed (and validated) arguments."""
     from graphopt.cli import _load_model
     model, tok, what = _load_model(args.model, args.dtype)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(device)
     model.model.rotary_emb.reset_parameters(device)
     text = (Path(__file__).parent / "models" / "data" / "heldout.txt").read_text()
@@ -114,18 +119,18 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [[(7 * i + j) % model.config.vocab_size for j in range(8 + i)] for i in range(args.prompts)]
     ks = [k for k in args.k if k == 0 or len(model.mtp)]
     with torch.no_grad():
-        rows = run(model, prompts, args.new_tokens, ks, device)
+        rows = run(model, prompts, args.new_tokens, ks, device, progress=not args.quiet)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = (f"Model: {what}; device: {name}; dtype: {args.dtype}; {args.prompts} prompts, "
               f"{args.new_tokens} new tokens each; torch {torch.__version__}")
     table = render(rows, header)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent)
-        with os.fdopen(fd, "w") as f:
-            f.write(table)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        write_file_atomically(args.out, table.encode("utf-8"))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`graphopt bench ARGS`, for scripts that call it as a function."""
+    from graphopt.cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

@@ -1,18 +1,291 @@
 """`graphopt demo|compile|dump|calibrate|eval|bench|train-tiny` — the command line.
 
-Each subcommand is a thin wrapper: argument parsing here, the work in the library.
+Every verb's arguments are declared here, in one place, and this module imports neither torch nor
+the rest of graphopt: `graphopt --help`, `graphopt VERB --help` and `graphopt --version` answer at
+once. The work lives in the library and is imported only when a verb runs.
+
+Conventions, the same in every verb:
+  --model DIR    the checkpoint directory (HF layout: config.json + safetensors); absent: the embedded
+                 tiny model. `graphopt compile DIR` (the old positional form) still works, with a
+                 deprecation note on stderr.
+  --quiet        calibrate, eval, bench, train-tiny: no progress bars (shown only after 2 s of work).
+  --debug        a full traceback on error.
+  errors         one line on stderr; exit status 2 for bad input (options, paths, checkpoints),
+                 1 for anything else.
+
+Options are validated in two steps, both before a model is loaded: argparse types (ranges, paths),
+then `_validate` (pass names, quantisation presets: these need the library, hence torch).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import re
 import sys
 import time
 from pathlib import Path
 
+__all__ = ["build_parser", "main"]
+
+_CONVENTIONS = __doc__[__doc__.index("Conventions"):__doc__.index("Options are validated")].rstrip() + "\n"
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):"]
+QUANTISED_MARKER = "quant_model.json"  # graphopt.quant.formats.DESCRIPTION_FILE (imported there, not here)
 
 
+# -- parsing ----------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: `graphopt VERB: error: ... (see graphopt VERB --help)`."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    """graphopt/__init__.py's __version__, read from the file: importing the package may pull torch."""
+    text = (Path(__file__).parent / "__init__.py").read_text(encoding="utf-8")
+    match = re.search(r"^__version__\s*=\s*[\"']([^\"']+)[\"']", text, re.MULTILINE)
+    return match[1] if match else "unknown"
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _model_dir(text: str) -> str:
+    """A checkpoint directory: exists, holds config.json, and is not a quantised one."""
+    root = Path(text)
+    if not root.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a directory")
+    if (root / QUANTISED_MARKER).is_file():
+        raise argparse.ArgumentTypeError(
+            f"{text} is a quantised checkpoint (written by `graphopt calibrate`): pass it as "
+            f"`graphopt eval --quantized {text}`, or load it with graphopt.quant.load_quantized")
+    if not (root / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no config.json: not an HF checkpoint directory")
+    return text
+
+
+def _quantised_dir(text: str) -> str:
+    if not (Path(text) / QUANTISED_MARKER).is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no {QUANTISED_MARKER}: not a `graphopt calibrate` output")
+    return text
+
+
+def _existing_file(text: str) -> Path:
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is not a file")
+    return Path(text)
+
+
+def _output_path(text: str) -> Path:
+    """Somewhere to write: anything but an existing file where a directory is wanted is left to the writer."""
+    if Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a directory")
+    return Path(text)
+
+
+def _pass_names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
+def _common(debug_default) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true", default=debug_default, help="full traceback on error")
+    return p
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=_model_dir, metavar="DIR",
+                   help="checkpoint directory (config.json + safetensors; default: the embedded tiny model)")
+
+
+def _add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_compile_options(p: argparse.ArgumentParser, k_default: int) -> None:
+    p.add_argument("--k", type=_int_at_least(0), default=k_default, help="speculative draft tokens (0: off)")
+    p.add_argument("--disable-passes", type=_pass_names, default=[], metavar="NAME[,NAME...]",
+                   help="passes to switch off, by name (see docs/passes.md)")
+    p.add_argument("--dump-dir", type=_output_path, metavar="DIR",
+                   help="write every pass's graphs and a report here")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphopt", formatter_class=argparse.RawDescriptionHelpFormatter,
+                     description="Compile, inspect, quantise, evaluate, benchmark and train DeepSeek-V3-family "
+                                 "models.",
+                     epilog=_CONVENTIONS + "\n`graphopt VERB --help` lists a verb's options; docs/cli.md has "
+                            "examples.", parents=[_common(False)])
+    parser.add_argument("--version", action="version", version=f"graphopt {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="VERB", parser_class=_Parser)
+    common = [_common(argparse.SUPPRESS)]  # `graphopt VERB --debug` as well as `graphopt --debug VERB`
+
+    p = sub.add_parser("demo", parents=common, help="compile the embedded model and generate completions")
+    _add_model(p)
+    _add_compile_options(p, k_default=1)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1), default=48)
+    p.set_defaults(run=cmd_demo)
+
+    for name, helptext in (("compile", "compile a checkpoint and print the pass report"),
+                           ("dump", "compile and write every pass's graphs and a report to --dump-dir")):
+        p = sub.add_parser(name, parents=common, help=helptext)
+        _add_model(p)
+        p.add_argument("legacy_model", nargs="?", type=_model_dir, metavar="MODEL",
+                       help="deprecated: the checkpoint directory; use --model DIR")
+        _add_compile_options(p, k_default=0)
+        p.add_argument("--quant", help="quantisation preset (e.g. w8a8; see docs/quantization.md)")
+        p.add_argument("--verify", action="store_true", help="check every pass's numerics")
+        p.add_argument("--out", type=_output_path, metavar="DIR",
+                       help="write the compiled artefact here (graphopt.load_compiled reads it)")
+        if name == "dump":
+            p.set_defaults(dump_dir=Path("graphopt_dump"))
+        p.set_defaults(run=cmd_compile)
+
+    for name, helptext in (("calibrate", "calibrate and quantise a checkpoint"),
+                           ("eval", "perplexity, KL, top-1 and MTP acceptance of a quantised model against "
+                                    "its 16-bit original, on held-out text")):
+        p = sub.add_parser(name, parents=common, help=helptext, description=helptext)
+        _add_model(p)
+        _add_quant_options(p)
+        _add_quiet(p)
+        if name == "calibrate":
+            p.add_argument("--out", type=_output_path, required=True, metavar="DIR",
+                           help="directory for the quantised checkpoint (and the tokenizer)")
+            p.set_defaults(run="graphopt.quant.cli:calibrate")
+        else:
+            p.add_argument("--quantized", type=_quantised_dir, metavar="DIR",
+                           help="a directory written by `graphopt calibrate` (else: quantise now)")
+            p.add_argument("--eval-data", help="evaluation tokens, a source spec such as tokens:PATH or "
+                           "text:PATH (default: the held-out evaluation slice)")
+            p.add_argument("--windows", type=_int_at_least(1), default=32)
+            p.add_argument("--eval-seq-len", type=_int_at_least(2), default=256)
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table row")
+            p.set_defaults(run="graphopt.quant.cli:evaluate")
+
+    p = sub.add_parser("bench", parents=common, help="generation speed: compiled vs the eager reference")
+    _add_model(p)
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--prompts", type=_int_at_least(1), default=4)
+    p.add_argument("--new-tokens", type=_int_at_least(1), default=32)
+    p.add_argument("--k", type=_int_at_least(0), nargs="+", default=[0, 1],
+                   help="draft counts to compare (0 = no spec)")
+    p.add_argument("--out", type=_output_path, help="also write the table to this Markdown file")
+    _add_quiet(p)
+    p.set_defaults(run="graphopt.bench:run_cli")
+
+    _add_train_tiny(sub.add_parser("train-tiny", parents=common, help="train the embedded tiny model"))
+    return parser
+
+
+def _add_quant_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quant", default="w8a8", help="preset name or a QuantConfig JSON file")
+    p.add_argument("--algorithm", action="append", help="e.g. smoothquant:alpha=0.6, flexsmooth, clipping, "
+                   "learnable_clipping:steps=30, hqq, hadamard (repeatable: one transform + one weight method)")
+    p.add_argument("--kv-cache", choices=("int8", "none"), help="C8 latent cache (overrides the preset)")
+    p.add_argument("--mtp-scheme", help="scheme for the MTP draft module (default: the main scheme)")
+    p.add_argument("--group-size", type=_int_at_least(1))
+    p.add_argument("--data", action="append", help="calibration source SPEC[@RATIO] (repeatable)")
+    p.add_argument("--samples", type=_int_at_least(1), help="calibration windows")
+    p.add_argument("--seq-len", type=_int_at_least(2), help="calibration window length")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16")
+
+
+def _add_train_tiny(p: argparse.ArgumentParser) -> None:
+    p.description = ("Train the embedded default model (graphopt.models.train_tiny). Writes only --out "
+                     "(default: out/tiny under the current directory), never into the installed package.")
+    p.add_argument("--corpus", type=Path, default=Path(".cache/corpus"),
+                   help="train.bin, heldout.bin, tokenizer.json (python -m graphopt.models.corpus)")
+    p.add_argument("--out", type=_output_path, default=Path("out/tiny"), help="checkpoint directory to write")
+    p.add_argument("--plot", type=_output_path, help="loss curve PNG (default: OUT/tiny_loss.png)")
+    p.add_argument("--micro", action="store_true", help="toy-size model (CPU smoke runs)")
+    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=_int_at_least(1), default=1450)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=32)
+    p.add_argument("--seq-len", type=_int_at_least(2), default=512)
+    p.add_argument("--lr", type=_positive_float, default=2e-3, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1)
+    p.add_argument("--warmup", type=_int_at_least(0), default=100)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--mtp-depths", type=_int_at_least(0), default=2, help="D: chained MTP depths in the loss")
+    p.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss")
+    p.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias update speed")
+    p.add_argument("--seq-aux-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
+    p.add_argument("--log-every", type=_int_at_least(1), default=10)
+    p.add_argument("--eval-every", type=_int_at_least(1), default=50)
+    p.add_argument("--eval-windows", type=_int_at_least(1), help="held-out windows per evaluation (default: all)")
+    p.add_argument("--accept-prompts", type=_int_at_least(1), default=32)
+    p.add_argument("--accept-new-tokens", type=_int_at_least(1), default=64)
+    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--time-budget", type=float, default=330.0,
+                   help="seconds for the training steps; after --probe-steps the step count is cut to fit (0: off)")
+    p.add_argument("--probe-steps", type=_int_at_least(1), default=20)
+    _add_quiet(p)
+    p.set_defaults(run="graphopt.models.train_tiny:run_cli")
+
+
+# -- validation that needs the library (after argparse, before any model is loaded) -----------
+class UsageError(ValueError):
+    """Bad input found before the work started."""
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if args.command in ("compile", "dump"):
+        if args.legacy_model is not None:
+            if args.model is not None and args.model != args.legacy_model:
+                raise UsageError(f"two models given: --model {args.model} and {args.legacy_model}")
+            print(f"graphopt {args.command}: note: the positional MODEL is deprecated; "
+                  f"use --model {args.legacy_model}", file=sys.stderr)
+            args.model = args.legacy_model
+    if getattr(args, "disable_passes", None):
+        _check_pass_names(args.disable_passes)
+    if args.command in ("compile", "dump") and args.quant:
+        from graphopt.quant.config import resolve
+        resolve(args.quant)                                    # a QuantError naming the presets
+    if args.command in ("calibrate", "eval"):
+        from graphopt.quant.cli import quant_config
+        args.quant_config = quant_config(args)                 # every quantisation option, checked
+    if args.command == "train-tiny":
+        missing = [f for f in ("train.bin", "heldout.bin", "tokenizer.json") if not (args.corpus / f).is_file()]
+        if missing:
+            raise UsageError(f"--corpus {args.corpus} lacks {', '.join(missing)}; build it with "
+                             f"`python -m graphopt.models.corpus --out {args.corpus}`")
+
+
+def _check_pass_names(names: list[str]) -> None:
+    from graphopt.passes.pipeline import build_pipeline
+
+    known = {p.name for phase in build_pipeline(quant=True) for p in phase.passes}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise UsageError(f"--disable-passes: unknown pass(es) {', '.join(unknown)}; passes: {', '.join(sorted(known))}")
+
+
+# -- demo, compile, dump ----------------------------------------------------------------------
 def _load_model(path: str | None, dtype: str = "float32"):
     """The checkpoint at `path`, or the embedded model, or (if that is not built) a random model."""
     import torch
@@ -38,14 +311,22 @@ def _tokenizer_for(path: str | None):
     return Tokenizer.from_file(candidate) if candidate.exists() else None
 
 
-def cmd_demo(args) -> int:
+def _compile(args, model, k: int):
     import graphopt
 
+    spec = graphopt.SpecConfig(num_speculative_tokens=k) if k and len(model.mtp) else None
+    dump_dir = str(args.dump_dir) if args.dump_dir else None
+    options = {"disable_passes": tuple(args.disable_passes)} if args.disable_passes else {}
+    compiled = graphopt.compile(model, spec=spec, quant=getattr(args, "quant", None), dump_dir=dump_dir,
+                                verify=getattr(args, "verify", False), **options)
+    return compiled, spec
+
+
+def cmd_demo(args) -> int:
     model, tok, what = _load_model(args.model)
     print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    spec = graphopt.SpecConfig(num_speculative_tokens=args.k) if args.k and len(model.mtp) else None
     t0 = time.perf_counter()
-    compiled = graphopt.compile(model, spec=spec, dump_dir=args.dump_dir)
+    compiled, spec = _compile(args, model, args.k)
     print(f"compiled in {time.perf_counter() - t0:.1f} s "
           f"(speculative: {'MTP k=%d' % args.k if spec else 'off'}; backend: {compiled.backend})")
     prompts = [tok.encode(p) for p in DEMO_PROMPTS] if tok else [[1, 2, 3], [4, 5], [6]]
@@ -65,12 +346,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def cmd_compile(args, dump_required: bool = False) -> int:
-    import graphopt
-
+def cmd_compile(args) -> int:
     model, _, what = _load_model(args.model)
-    spec = graphopt.SpecConfig(num_speculative_tokens=args.k) if args.k else None
-    compiled = graphopt.compile(model, spec=spec, quant=args.quant, dump_dir=args.dump_dir, verify=args.verify)
+    compiled, _ = _compile(args, model, args.k)
     print(f"compiled {what}")
     print(f"{'graph':8} {'phase':10} {'pass':28} {'status':9} {'matches':>7} {'ms':>8} {'nodes':>11}")
     for r in compiled.report.records:
@@ -81,53 +359,37 @@ def cmd_compile(args, dump_required: bool = False) -> int:
         print(f"  {key}: {note}")
     if args.dump_dir:
         print(f"dumps and report: {args.dump_dir}/report.md")
-    if getattr(args, "out", None):
+    if args.out:
         compiled.save(args.out)
         print(f"compiled artefact: {args.out} (graphopt.load_compiled({str(args.out)!r}) skips capture and passes)")
     return 0
 
 
-def cmd_dump(args) -> int:
-    return cmd_compile(args)
+# -- entry point ------------------------------------------------------------------------------
+_BAD_INPUT = (ValueError, LookupError, FileNotFoundError, FileExistsError, IsADirectoryError,
+              NotADirectoryError, PermissionError)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="graphopt", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="compile the embedded model and generate completions")
-    demo.add_argument("--model", default=None, help="checkpoint directory (default: embedded model)")
-    demo.add_argument("--k", type=int, default=1, help="speculative draft tokens (0: off)")
-    demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.add_argument("--dump-dir", default=None)
-    demo.set_defaults(func=cmd_demo)
-
-    for name, helptext in (("compile", "compile a checkpoint and print the pass report"),
-                           ("dump", "compile and write every pass's graphs and a report to --dump-dir")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: embedded model)")
-        p.add_argument("--k", type=int, default=0, help="speculative draft tokens (0: off)")
-        p.add_argument("--quant", default=None, help="quantisation preset (e.g. w8a8)")
-        p.add_argument("--dump-dir", default=None if name == "compile" else "graphopt_dump")
-        p.add_argument("--verify", action="store_true", help="check every pass's numerics")
-        p.add_argument("--out", default=None, help="write the compiled artefact to this directory "
-                       "(graphopt.load_compiled reads it)")
-        p.set_defaults(func=cmd_compile if name == "compile" else cmd_dump)
-
-    for name, module, fn in (("calibrate", "graphopt.quant.cli", "calibrate_main"),
-                             ("eval", "graphopt.quant.cli", "eval_main"),
-                             ("train-tiny", "graphopt.models.train_tiny", "main"),
-                             ("bench", "graphopt.bench", "main")):
-        p = sub.add_parser(name, help=f"see `graphopt {name} --help`", add_help=False)
-        p.set_defaults(func=None, module=module, fn=fn)
-
-    args, rest = parser.parse_known_args(argv)
-    if args.func is None:  # delegate: the subsystem parses its own arguments
-        import importlib
-        return int(getattr(importlib.import_module(args.module), args.fn)(rest) or 0)
-    if rest:
-        parser.error(f"unrecognised arguments: {' '.join(rest)}")
-    return int(args.func(args) or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        run = args.run
+        if isinstance(run, str):                 # "module:function", imported only now
+            module, _, fn = run.partition(":")
+            run = getattr(importlib.import_module(module), fn)
+        return int(run(args) or 0)
+    except KeyboardInterrupt:
+        print(f"graphopt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 -- the one place errors become exit codes
+        if args.debug or os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        bad_input = isinstance(e, _BAD_INPUT)
+        message = " ".join(str(e).split()) or type(e).__name__
+        hint = "" if bad_input else f" ({type(e).__name__}; run with --debug for the traceback)"
+        print(f"graphopt {args.command}: error: {message}{hint}", file=sys.stderr)
+        return 2 if bad_input else 1
 
 
 if __name__ == "__main__":

@@ -76,8 +76,10 @@ def test_bad_call_inputs(compiled_random):
         compiled(torch.tensor([1, 2, 3]))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         compiled(torch.zeros(1, 300, dtype=torch.long))
-    with pytest.raises(ValueError, match="list of token-id lists"):
-        compiled.generate("def f():")
+    with pytest.raises(ValueError, match="text prompts need a tokenizer: pass tokenizer="):
+        compiled.generate("def f():")                   # the random model has no tokenizer
+    with pytest.raises(ValueError, match="a list of token-id lists"):
+        compiled.generate([1, 2, 3])
 
 
 def test_generate_keeps_one_engine_and_grows_it_only_when_a_call_needs_more(compiled_random):
@@ -127,3 +129,113 @@ def test_unknown_pass_names_fail_before_capture(monkeypatch):
         graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), disable_passes=["no_such_pass"])
     with pytest.raises(ValueError, match="spec= needs the fuse_spec_step pass"):
         graphopt.compile(random_model(), spec="mtp", disable_passes=["fuse_spec_step"])
+
+
+# -- issue 15: an nn.Module drop-in, eos by default, progress -------------------------------------
+
+def test_compiled_model_is_an_inference_module_sharing_the_graph_weights(compiled_random):
+    model, compiled, _, _ = compiled_random
+    assert isinstance(compiled, torch.nn.Module) and compiled.eval() is compiled and not compiled.training
+    assert compiled.device == torch.device("cpu") and compiled.config == model.config
+    state = compiled.state_dict()
+    ptrs = [t.data_ptr() for t in state.values()]
+    assert len(set(ptrs)) == len(ptrs)                                   # each tensor once
+    model_ptrs = {t.data_ptr() for t in model.state_dict().values()}
+    assert model.model.embed_tokens.weight.data_ptr() in ptrs and set(ptrs) & model_ptrs  # no copies
+    assert "main.model.model.embed_tokens.weight" in state
+    assert not compiled.load_state_dict(state).missing_keys
+    assert compiled.to("cpu") is compiled and compiled.to(torch.float32) is compiled
+    with pytest.raises(RuntimeError, match="cannot be moved in place.*load_compiled"):
+        compiled.to(torch.float16)
+    with pytest.raises(RuntimeError, match="cannot be converted in place"):
+        compiled.half()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        compiled.train()
+
+
+def test_attention_mask_left_and_right_padding(compiled_random):
+    _, compiled, _, _ = compiled_random
+    ids = torch.randint(0, 97, (3, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :4] = 0          # left padding
+    mask[2, 6:] = 0          # right padding
+    out = compiled(ids, attention_mask=mask)
+    torch.testing.assert_close(out[0], compiled(ids[:1])[0])
+    torch.testing.assert_close(out[1, 4:], compiled(ids[1:2, 4:])[0])
+    torch.testing.assert_close(out[2, :6], compiled(ids[2:3, :6])[0])
+    assert not out[1, :4].any()
+    torch.testing.assert_close(compiled(ids, attention_mask=torch.ones_like(ids)), compiled(ids))
+    mask[0, 4] = 0           # a hole in the middle
+    with pytest.raises(ValueError, match="row 0 is not supported.*left padding or right padding"):
+        compiled(ids, attention_mask=mask)
+
+
+def test_generate_stops_on_the_config_eos_unless_ignored(compiled_random):
+    model, compiled, _, _ = compiled_random
+    full = compiled.generate([[1, 2, 3]], max_new_tokens=30, ignore_eos=True)[0]
+    eos = full[5]                                     # pretend this token is the eos
+    assert compiled.generate([[1, 2, 3]], max_new_tokens=30, eos_token_id=eos)[0] == full[:full.index(eos) + 1]
+    config_eos = model.config.eos_token_id
+    default = compiled.generate([[1, 2, 3]], max_new_tokens=30)[0]
+    want = full[:full.index(config_eos) + 1] if config_eos in full else full
+    assert default == want
+
+
+def test_stream_of_ids_adds_up_to_generate(compiled_random):
+    _, compiled, _, _ = compiled_random
+    prompts = [[1, 2, 3], [4, 5]]
+    pieces = {}
+    for i, new in compiled.stream(prompts, max_new_tokens=7, ignore_eos=True):
+        pieces.setdefault(i, []).extend(new)
+    assert [pieces[0], pieces[1]] == compiled.generate(prompts, max_new_tokens=7, ignore_eos=True)
+    next(iter(compiled.stream(prompts, max_new_tokens=7)))   # stopped early: the engine is left idle
+    assert not compiled._engine.has_unfinished()
+
+
+def test_compile_progress_is_one_line_per_phase_and_quiet_when_off(capsys):
+    model = random_model(0, num_hidden_layers=1)
+    graphopt.compile(model, progress=True)
+    err = capsys.readouterr().err
+    for phase in ("capture", "normalise", "spec", "step", "memory", "lower"):
+        assert f"graphopt compile: {phase}" in err
+    graphopt.compile(model, progress=False)
+    graphopt.compile(model)                          # stderr is not a terminal here: quiet by default
+    assert "graphopt compile" not in capsys.readouterr().err
+
+
+def test_a_compiled_transformers_model_returns_an_output_with_logits():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.DeepseekV3Config(
+        vocab_size=64, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1)
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(config).eval()
+    compiled = graphopt.compile(hf, progress=False)
+    ids = torch.randint(0, 64, (2, 6))
+    out = compiled(ids, attention_mask=torch.ones_like(ids))
+    assert isinstance(out, transformers.modeling_outputs.CausalLMOutputWithPast)
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, hf(ids).logits, rtol=1e-4, atol=1e-4)
+    assert compiled.tokenizer is None
+
+
+class _Chars:
+    """A toy tokenizer: id i <-> the character chr(48 + i)."""
+
+    def encode(self, text):
+        return [ord(c) - 48 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(48 + i) for i in ids)
+
+
+def test_tokenizer_is_checked_and_load_compiled_takes_one(compiled_random, tmp_path):
+    with pytest.raises(TypeError, match="tokenizer must have encode"):
+        graphopt.compile(random_model(num_hidden_layers=1), tokenizer=object())
+    _, compiled, _, _ = compiled_random
+    compiled.save(tmp_path / "c")
+    reloaded = graphopt.load_compiled(tmp_path / "c", tokenizer=_Chars())
+    assert reloaded.wraps == "graphopt" and graphopt.load_compiled(tmp_path / "c").tokenizer is None
+    ids = compiled.generate([[1, 2, 3]], max_new_tokens=6, ignore_eos=True)[0]
+    assert reloaded.generate("123", max_new_tokens=6, ignore_eos=True) == _Chars().decode(ids)

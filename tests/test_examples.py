@@ -47,3 +47,9 @@ def test_fast_decode():
     out = run("fast_decode.py", "--device", "cpu", "--new-tokens", "6")
     assert "backend: eager on cpu" in out                     # "auto" on the CPU
     assert out.count(" -> [") == 3 and "tokens/s over 3 rows" in out
+
+
+def test_serve_compiled():
+    out = run("serve_compiled.py", "--max-new-tokens", "12")
+    assert out.count("--- ") == 3 and "tokens/s over 3 prompts" in out
+    assert out.index("[0] ") < out.index("--- ")                  # streamed before the summary

@@ -17,7 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1] / "graphopt"
 
 LAYERS = {"ops": 0, "models": 1, "spec": 1, "step": 2, "capture": 3, "passes": 4, "quant": 4, "backends": 5,
-          "runtime": 6, "serve": 7, "api": 7, "cli": 7, "config": 7, "bench": 7, "__init__": 7}
+          "runtime": 6, "serve": 7, "api": 7, "cli": 7, "config": 7, "bench": 7, "__init__": 7,
+          "__main__": 7}
 STEP_MAY_IMPORT = {"graphopt.models.config", "graphopt.ops"}
 RUNTIME_MAY_IMPORT = {"ops", "models", "spec", "step", "runtime"}   # it consumes an Executable, nothing above
 

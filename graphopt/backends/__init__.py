@@ -47,3 +47,5 @@ def _lazy(module: str, cls: str) -> Callable[[], Backend]:
 
 register("eager", _lazy(".eager", "EagerBackend"))          # the reference; what "auto" picks on the CPU
 register("inductor", _lazy(".inductor", "InductorBackend"))  # Inductor + CUDA graphs; what "auto" picks on CUDA
+register("onnx", _lazy(".onnx", "OnnxBackend"))              # onnxruntime on the CPU (docs/onnx.md)
+register("ascend", _lazy(".ascend", "AscendBackend"))        # torchair on Ascend NPUs; not run here (docs/backends.md)

@@ -45,6 +45,10 @@ class Backend:
 
     name: str = ""
 
+    def check(self, device: torch.device | str | None = None) -> None:
+        """Called by graphopt.compile before capture: raise if this backend cannot run here (missing
+        software, wrong device), so the user learns it before any heavy work. Default: nothing."""
+
     def lower(self, program: Program, options: CompileOptions) -> Executable:
         raise NotImplementedError
 

@@ -1,5 +1,17 @@
 """DeepSeek-V3-family reference model, its config, checkpoint I/O and tokenizer."""
 
+import warnings
+
+# torch 2.13 marks pytree's LeafSpec class deprecated with typing_extensions.deprecated, which warns
+# on every *construction*, and copy.deepcopy reconstructs the LeafSpecs torch.export itself stores in
+# graph meta (copyreg.__newobj__) whenever a pass deep-copies a captured graph (fuse_spec_step,
+# patterns.trace_pattern): six FutureWarnings per compile that no graphopt code can act on. Ignored
+# only for that message, that category and that call site (module copyreg), so a LeafSpec built by
+# user code still warns. Installed here because every path to capture (graphopt.compile, load,
+# the CLI) imports graphopt.models first.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        category=FutureWarning, module="copyreg")
+
 from .checkpoint import load, save
 from .config import ConfigError, DeepseekV3Config
 from .deepseek import DeepseekV3ForCausalLM

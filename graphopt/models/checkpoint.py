@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -54,6 +55,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FP8_BLOCK = (128, 128)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
+QUANTISED_MARKER = "quant_model.json"  # graphopt.quant.formats.DESCRIPTION_FILE (that package imports this one)
+_log = logging.getLogger("graphopt")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
 
 
@@ -67,7 +70,8 @@ def load(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.bf
          ) -> DeepseekV3ForCausalLM:
     """The model in an HF checkpoint directory (config.json + safetensors); None: the packaged tiny model.
 
-    Weights are cast to `dtype`, except the router's `mlp.gate.weight` and `e_score_correction_bias`,
+    Weights are cast to `dtype` (logged on the "graphopt" logger, with the dtype config.json records),
+    except the router's `mlp.gate.weight` and `e_score_correction_bias`,
     kept in float32: expert selection compares biased scores closer than bf16 can tell apart.
     mtp=False skips the MTP weights. With mtp=True a checkpoint whose config announces MTP layers but
     holds none of their tensors loads without MTP and warns, or raises when require_mtp=True.
@@ -90,6 +94,9 @@ def load(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.bf
         _stream(model, reader, _disk_layout(model), dtype=dtype, device=torch.device(device),
                 block=block, skip=skip)
     model.model.rotary_emb.reset_parameters(device)
+    stored = config.extra.get("torch_dtype") or config.extra.get("dtype")
+    _log.info("loaded %s as %s (routers float32; the checkpoint says %s), %d MTP layer(s), on %s",
+              root, _dtype_name(dtype), stored or "no dtype", len(model.mtp), device)
     return model
 
 
@@ -126,7 +133,13 @@ def save(model: DeepseekV3ForCausalLM, path: str | os.PathLike, *, max_shard_siz
     embedding or head always writes it. `tokenizer`: a tokenizer.json path, or an object with .save().
     """
     entries = _save_entries(model, mtp_shared_tensors)
-    _write_checkpoint(Path(path), model.config.to_json_string(), entries, max_shard_size, tokenizer)
+    config = {**model.config.to_dict(), "torch_dtype": _dtype_name(model.model.embed_tokens.weight.dtype)}
+    _write_checkpoint(Path(path), json.dumps(config, indent=2, sort_keys=True) + "\n", entries,
+                      max_shard_size, tokenizer)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # "bfloat16", as HF's config.json spells torch_dtype
 
 
 def write_fp8_checkpoint(model: DeepseekV3ForCausalLM, path: str | os.PathLike, *,
@@ -235,6 +248,10 @@ def _checkpoint_dir(path: str | os.PathLike | None) -> Path:
                                     "the path of a checkpoint directory")
         return DEFAULT_MODEL_DIR
     root = Path(path)
+    if (root / QUANTISED_MARKER).is_file():
+        raise CheckpointError(f"{root} is a quantised checkpoint (written by `graphopt calibrate`); load it "
+                              f"with graphopt.quant.load_quantized({str(root)!r}), or evaluate it with "
+                              f"`graphopt eval --quantized {root}`")
     if root.is_file():
         if root.suffix in PICKLE_SUFFIXES:
             _refuse_pickle(root)

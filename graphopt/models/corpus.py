@@ -35,6 +35,10 @@ Outputs of `build_corpus(out_dir)`, each written atomically (temporary name, the
 Build everything (about 20 s on 2 cores):
 
     python -m graphopt.models.corpus --out .cache/corpus
+
+It writes only under --out (the held-out text too: OUT/heldout.txt), never into the installed
+package. Refreshing the shipped files is explicit:
+`--tokenizer-out graphopt/models/tiny/tokenizer.json --heldout-text graphopt/models/data/heldout.txt`.
 """
 
 from __future__ import annotations
@@ -72,9 +76,6 @@ MIN_HELDOUT_FRACTION = 0.05
 
 _EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 _TOKEN_DTYPE = np.dtype("<u2")  # little-endian uint16 on every host
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_DEFAULT_TOKENIZER_OUT = _PACKAGE_DIR / "tiny" / "tokenizer.json"
-_DEFAULT_HELDOUT_TEXT = _PACKAGE_DIR / "data" / "heldout.txt"
 
 
 def stdlib_root() -> Path:
@@ -220,8 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(".cache/corpus"), help="folder for *.bin and meta.json")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
-    parser.add_argument("--tokenizer-out", type=Path, default=_DEFAULT_TOKENIZER_OUT)
-    parser.add_argument("--heldout-text", type=Path, default=_DEFAULT_HELDOUT_TEXT)
+    parser.add_argument("--tokenizer-out", type=Path,
+                        help="also save the trained tokenizer here (it is always in OUT/tokenizer.json)")
+    parser.add_argument("--heldout-text", type=Path, help="held-out evaluation text (default: OUT/heldout.txt)")
     parser.add_argument("--max-heldout-bytes", type=int, default=2_000_000)
     parser.add_argument("--stdlib", type=Path, help="library folder to read (default: this interpreter's)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -236,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         tokenizer_out=None if tokenizer else args.tokenizer_out,
         progress=not args.quiet,
     )
-    text = write_heldout_text(args.heldout_text, args.max_heldout_bytes, root=args.stdlib)
-    print(json.dumps({"corpus": str(args.out), **meta, "heldout_text": {"path": str(args.heldout_text), **text}}, indent=2))
+    heldout_text = args.heldout_text or args.out / "heldout.txt"
+    text = write_heldout_text(heldout_text, args.max_heldout_bytes, root=args.stdlib)
+    print(json.dumps({"corpus": str(args.out), **meta, "heldout_text": {"path": str(heldout_text), **text}}, indent=2))
     return 0
 
 

@@ -333,6 +333,8 @@ class DeepseekV3ForCausalLM(nn.Module):
                 raise ValueError(f"input of {T} tokens is longer than max_position_embeddings "
                                  f"({self.config.max_position_embeddings})")
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        if not _tracing():
+            _check_token_ids(input_ids, self.config.vocab_size, "input_ids")
         if kv_caches is not None and not _tracing():
             _check_cache_args(self.config, kv_caches, slot_mapping, block_tables, B, T, self.config.num_hidden_layers)
         h = self.model.embed_tokens(input_ids)
@@ -356,6 +358,8 @@ class DeepseekV3ForCausalLM(nn.Module):
         B, T = next_ids.shape
         if positions is None:
             positions = torch.arange(T, device=next_ids.device).expand(B, T)
+        if not _tracing():
+            _check_token_ids(next_ids, self.config.vocab_size, "next_ids")
         if kv_cache is not None and not _tracing():
             _check_cache_args(self.config, [kv_cache], slot_mapping, block_tables, B, T, 1)
         layer = self.mtp[depth]
@@ -387,6 +391,18 @@ class DeepseekV3ForCausalLM(nn.Module):
         ref = self.lm_head.weight
         return [torch.zeros(num_blocks, block_size, self.config.kv_cache_dim, dtype=dtype or ref.dtype,
                             device=device or ref.device) for _ in range(n)]
+
+
+def _check_token_ids(ids: torch.Tensor, vocab_size: int, what: str) -> None:
+    """A ValueError for ids outside [0, vocab_size), which the embedding would read out of bounds
+    (a device-side assert on CUDA). One aminmax and one host sync per call: eager calls only; never
+    while tracing, nor while a CUDA graph is being captured (a sync there would break the capture)."""
+    if ids.numel() == 0 or ids.is_meta or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = (int(v) for v in torch.aminmax(ids))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{what} hold token ids in [{lo}, {hi}]; this model's ids must be in [0, {vocab_size}) "
+                         f"(config.vocab_size = {vocab_size})")
 
 
 def _check_cache_args(config, kv_caches, slot_mapping, block_tables, B, T, n_layers) -> None:

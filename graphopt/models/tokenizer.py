@@ -147,8 +147,9 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     with importlib.resources.as_file(resource) as packaged:
         if not packaged.is_file():
             raise FileNotFoundError(
-                f"the packaged tokenizer {packaged} has not been built yet; build it with "
-                "`python -m graphopt.models.corpus --out .cache/corpus`"
+                f"the packaged tokenizer {packaged} has not been built yet; build one with "
+                "`python -m graphopt.models.corpus --out .cache/corpus` and pass its path "
+                "(.cache/corpus/tokenizer.json), or ship it with --tokenizer-out " + str(packaged)
             )
         return Tokenizer.from_file(packaged)
 

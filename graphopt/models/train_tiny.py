@@ -31,29 +31,33 @@ are the shipped run's and take under 3 minutes of training on an H200 (docs/embe
 Seeded (weights, data order); CUDA kernels are not bitwise deterministic.
 
     python -m graphopt.models.corpus --out .cache/corpus     # once
-    python -m graphopt.models.train_tiny --out out/tiny      # docs/embedded_model.md: the exact run
+    graphopt train-tiny --corpus .cache/corpus --out out/tiny  # docs/embedded_model.md: the exact run
+
+Both write only where they are told (defaults under the current directory), never into the
+installed package; shipping a new embedded model is copying out/tiny into graphopt/models/tiny.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import platform
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .config import DeepseekV3Config
 from .deepseek import DeepseekV3ForCausalLM, TopkRouter
 from .evaluate import heldout_prompts, mtp_acceptance, mtp_top1_accuracy, multi_token_logits, perplexity
+from .fileio import write_file_atomically
 
-__all__ = ["RouterBalancer", "main", "micro_config", "route_in_float32", "tiny_config", "train", "training_loss"]
+__all__ = ["RouterBalancer", "micro_config", "route_in_float32", "tiny_config", "train", "training_loss"]
 
 
 def tiny_config(**overrides) -> DeepseekV3Config:
@@ -231,13 +235,15 @@ def train(args: argparse.Namespace) -> dict:
         model.train()
         eval_seconds += time.perf_counter() - t0
         evals.append({"step": step, "tokens": step * tokens_per_step, "heldout": losses})
-        print(f"eval step {step}: held-out main {losses[0]:.4f} "
-              + " ".join(f"mtp{d} {x:.4f}" for d, x in enumerate(losses[1:], 1)), flush=True)
+        tqdm.write(f"eval step {step}: held-out main {losses[0]:.4f} "
+                   + " ".join(f"mtp{d} {x:.4f}" for d, x in enumerate(losses[1:], 1)))
         if args.keep_best and losses[0] < best["loss"]:
             best.update(loss=losses[0], step=step,
                         state={k: v.detach().clone() for k, v in model.state_dict().items()})
 
     step = 0
+    # a bar on stderr once the run takes more than 2 s; the step logs print above it
+    bar = tqdm(total=steps, desc="train", unit="step", delay=2.0, disable=getattr(args, "quiet", False))
     while step < steps:
         lr = learning_rate(step, steps, args.lr, args.warmup, args.min_lr_ratio)
         for group in optimizer.param_groups:
@@ -255,14 +261,17 @@ def train(args: argparse.Namespace) -> dict:
         sums += torch.stack([loss.detach(), *(p.detach() for p in parts)])
         n_sum += 1
         step += 1
+        bar.update()
         if step == args.probe_steps and args.time_budget:  # fit the run into the time budget
             if device.type == "cuda":
                 torch.cuda.synchronize()
             per_step = (time.perf_counter() - t_train) / step
             if per_step * steps > args.time_budget:
                 steps = max(step, int(args.time_budget / per_step))
-                print(f"time budget {args.time_budget:.0f} s at {per_step * 1e3:.0f} ms/step: "
-                      f"{args.steps} -> {steps} steps", flush=True)
+                tqdm.write(f"time budget {args.time_budget:.0f} s at {per_step * 1e3:.0f} ms/step: "
+                           f"{args.steps} -> {steps} steps")
+                bar.total = steps
+                bar.refresh()
         log_now = step % args.log_every == 0 or step == steps
         imbalance = balancer.imbalance() if log_now else None  # before the update resets the counts
         balancer.update_bias(args.bias_gamma)
@@ -273,13 +282,14 @@ def train(args: argparse.Namespace) -> dict:
                       "main": means[1], "mtp": means[2:], "router_imbalance": imbalance,
                       "tokens_per_s": n_sum * tokens_per_step / elapsed}
             history.append(record)
-            print(f"step {step}/{steps} loss {means[0]:.4f} main {means[1]:.4f} mtp "
-                  + " ".join(f"{x:.4f}" for x in means[2:])
-                  + f" lr {lr:.2e} imbalance {imbalance:.2f} {record['tokens_per_s'] / 1e3:.0f}k tok/s", flush=True)
+            tqdm.write(f"step {step}/{steps} loss {means[0]:.4f} main {means[1]:.4f} mtp "
+                       + " ".join(f"{x:.4f}" for x in means[2:])
+                       + f" lr {lr:.2e} imbalance {imbalance:.2f} {record['tokens_per_s'] / 1e3:.0f}k tok/s")
             sums.zero_()
             n_sum, t_log = 0, time.perf_counter()
         if step % args.eval_every == 0 or step == steps:
             evaluate_now(step)
+    bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize()
     train_seconds = time.perf_counter() - t_train
@@ -306,7 +316,7 @@ def train(args: argparse.Namespace) -> dict:
     _save(model, args, log)
     log["eval"] = final_evaluation(model, heldout_ids, args)
     log["wall_seconds"] = time.perf_counter() - t_start
-    (args.out / "train_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    write_file_atomically(args.out / "train_log.json", (json.dumps(log, indent=1) + "\n").encode("utf-8"))
     plot_losses(log, args.plot or args.out / "tiny_loss.png")
     return log
 
@@ -372,45 +382,17 @@ def plot_losses(log: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_file_atomically(path, png.getvalue())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="graphopt train-tiny", description=__doc__.split("\n")[0])
-    p.add_argument("--corpus", type=Path, default=Path(".cache/corpus"), help="train.bin, heldout.bin, tokenizer.json")
-    p.add_argument("--out", type=Path, default=Path("out/tiny"), help="checkpoint directory to write")
-    p.add_argument("--plot", type=Path, help="loss curve PNG (default: OUT/tiny_loss.png)")
-    p.add_argument("--micro", action="store_true", help="toy-size model (CPU smoke runs)")
-    p.add_argument("--device", help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=1450)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--mtp-depths", type=int, default=2, help="D: chained MTP depths in the loss")
-    p.add_argument("--mtp-weight", type=float, default=0.3, help="lambda of the MTP loss")
-    p.add_argument("--bias-gamma", type=float, default=1e-3, help="router bias update speed")
-    p.add_argument("--seq-aux-alpha", type=float, default=1e-4, help="sequence-wise balance loss weight")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-windows", type=int, help="held-out windows per evaluation (default: all)")
-    p.add_argument("--accept-prompts", type=int, default=32)
-    p.add_argument("--accept-new-tokens", type=int, default=64)
-    p.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--time-budget", type=float, default=330.0,
-                   help="seconds for the training steps; after --probe-steps the step count is cut to fit")
-    p.add_argument("--probe-steps", type=int, default=20)
-    args = p.parse_args(argv)
+def run_cli(args: argparse.Namespace) -> int:
+    """`graphopt train-tiny` with parsed (and validated) arguments; they are declared in graphopt/cli.py."""
     log = train(args)
     print(f"done: {log['steps']} steps, {log['tokens_seen'] / 1e6:.1f}M tokens, {log['train_seconds']:.0f} s "
           f"training, {log['wall_seconds']:.0f} s total; held-out ppl {log['eval']['perplexity']:.3f}")
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

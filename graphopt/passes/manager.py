@@ -74,13 +74,15 @@ def verify_from_env() -> bool:
 
 class PassManager:
     def __init__(self, phases: list[Phase], disabled: set[str] = frozenset(), verify: bool = False,
-                 dumper=None, known: set[str] | None = None):
+                 dumper=None, known: set[str] | None = None, on_phase=None):
         known = known if known is not None else {p.name for ph in phases for p in ph.passes}
         unknown = set(disabled) - known
         if unknown:
             raise ValueError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes: {sorted(known)}")
         self.phases, self.disabled, self.verify, self.dumper = phases, set(disabled), verify, dumper
         self.records: list[PassRecord] = []
+        # on_phase(phase, graph): called when a phase has run over one graph ("program" for module phases)
+        self.on_phase = on_phase or (lambda phase, graph: None)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext, phases: list[Phase] | None = None,
             ran: list[str] | None = None) -> torch.fx.GraphModule:
@@ -124,6 +126,7 @@ class PassManager:
                 gm = self._run_one(p, phase, gm, ctx, ran)
             if self.verify:
                 check_invariants(gm, f"{ctx.graph_name}: after phase {phase.name!r}")
+            self.on_phase(phase.name, ctx.graph_name)
         return gm
 
     def _run_module_phase(self, phase: Phase, program: Program, ctx: PassContext,
@@ -133,6 +136,7 @@ class PassManager:
         if self.verify:
             for name, gm in program.graphs.items():
                 check_invariants(gm, f"{name}: after phase {phase.name!r}")
+        self.on_phase(phase.name, "program")
         return program
 
     def _run_module(self, p: ModulePass, phase: Phase, program: Program, ctx: PassContext,

@@ -8,13 +8,17 @@
 
 Data specs are those of CalibrationConfig ("default", "heldout", "text:PATH", "tokens:PATH"), with an
 optional "@RATIO" for mixing. Evaluation reads the held-out slice (quant.calibration.heldout_tokens).
+`calibrate` writes the tokenizer (the source directory's tokenizer.json, else the embedded one) beside
+the quantised weights, so the output directory is complete on its own.
+
+The arguments are declared in graphopt/cli.py with every other verb's (so `--help` needs no torch);
+this module does the work.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -25,9 +29,14 @@ from .eval import compare, windows_from
 from .formats import load_quantized, save_quantized
 from .model_quant import quantize_model, quantized_names
 
-__all__ = ["calibrate_main", "eval_main"]
+__all__ = ["calibrate", "evaluate", "quant_config"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def _tokenizer_file(model_path: str | None) -> Path | None:
+    candidate = Path(model_path) / "tokenizer.json" if model_path else None
+    return candidate if candidate is not None and candidate.is_file() else None
 
 
 def _load(model_path: str | None, dtype: torch.dtype):
@@ -35,14 +44,16 @@ def _load(model_path: str | None, dtype: torch.dtype):
     from graphopt.models.tokenizer import load_tokenizer
 
     model = checkpoint.load(model_path, dtype=dtype)
-    tok_file = Path(model_path) / "tokenizer.json" if model_path else None
-    tokenizer = load_tokenizer(tok_file if tok_file and tok_file.is_file() else None)
-    return model, tokenizer
+    return model, load_tokenizer(_tokenizer_file(model_path))
 
 
-def _quant_config(args) -> QuantConfig:
+def quant_config(args: argparse.Namespace) -> QuantConfig:
+    """The QuantConfig the options ask for; a QuantError (a ValueError) names the bad option."""
     if args.quant.endswith(".json"):
-        config = QuantConfig.from_dict(json.loads(Path(args.quant).read_text()))
+        try:
+            config = QuantConfig.from_dict(json.loads(Path(args.quant).read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--quant {args.quant}: not valid JSON ({e})") from None
     else:
         config = resolve(args.quant)
     changes = {}
@@ -71,52 +82,26 @@ def _source(spec: str) -> tuple[str, float]:
     return spec, 1.0
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="HF checkpoint directory (default: the embedded tiny model)")
-    p.add_argument("--quant", default="w8a8", help="preset name or a QuantConfig JSON file")
-    p.add_argument("--algorithm", action="append", help="e.g. smoothquant:alpha=0.6, flexsmooth, clipping, "
-                   "learnable_clipping:steps=30, hqq, hadamard (repeatable: one transform + one weight method)")
-    p.add_argument("--kv-cache", choices=("int8", "none"), help="C8 latent cache (overrides the preset)")
-    p.add_argument("--mtp-scheme", help="scheme for the MTP draft module (default: the main scheme)")
-    p.add_argument("--group-size", type=int)
-    p.add_argument("--data", action="append", help="calibration source SPEC[@RATIO] (repeatable)")
-    p.add_argument("--samples", type=int, help="calibration windows")
-    p.add_argument("--seq-len", type=int, help="calibration window length")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default="bfloat16")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
-def calibrate_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="graphopt calibrate", description="Calibrate and quantise a checkpoint.")
-    _common(p)
-    p.add_argument("--out", required=True, help="directory for the quantised checkpoint")
-    args = p.parse_args(argv)
+def calibrate(args: argparse.Namespace) -> int:
+    """`graphopt calibrate`: quantise --model and write it (with its tokenizer) to --out."""
+    config = getattr(args, "quant_config", None) or quant_config(args)
     model, tokenizer = _load(args.model, _DTYPES[args.dtype])
-    qmodel = quantize_model(model, _quant_config(args), tokenizer=tokenizer, progress=not args.quiet)
-    save_quantized(qmodel, args.out)
+    qmodel = quantize_model(model, config, tokenizer=tokenizer, progress=not args.quiet)
+    save_quantized(qmodel, args.out, tokenizer=_tokenizer_file(args.model) or tokenizer)
     schemes = quantized_names(qmodel)
     print(f"quantised {len(schemes)} matmuls ({', '.join(sorted(set(schemes.values())))}) -> {args.out}")
     return 0
 
 
-def eval_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="graphopt eval", description="Perplexity, KL, top-1 and MTP acceptance "
-                                "of a quantised model against its 16-bit original, on held-out text.")
-    _common(p)
-    p.add_argument("--quantized", help="a directory written by `graphopt calibrate` (else: quantise now)")
-    p.add_argument("--eval-data", help="evaluation tokens, a source spec such as tokens:PATH or text:PATH "
-                   "(default: the held-out evaluation slice)")
-    p.add_argument("--windows", type=int, default=32)
-    p.add_argument("--eval-seq-len", type=int, default=256)
-    p.add_argument("--json", action="store_true", help="print JSON instead of a table row")
-    args = p.parse_args(argv)
+def evaluate(args: argparse.Namespace) -> int:
+    """`graphopt eval`: the quantised model (--quantized, or quantised now) against its 16-bit original."""
+    config = None if args.quantized else (getattr(args, "quant_config", None) or quant_config(args))
     model, tokenizer = _load(args.model, _DTYPES[args.dtype])
     if args.quantized:
         qmodel = load_quantized(args.quantized)  # tensors keep their saved dtypes (fp8, fp32 scales)
         label = args.quantized
     else:
-        qmodel = quantize_model(model, _quant_config(args), tokenizer=tokenizer, progress=not args.quiet)
+        qmodel = quantize_model(model, config, tokenizer=tokenizer, progress=not args.quiet)
         label = args.quant
     ids = source_tokens(args.eval_data, tokenizer) if args.eval_data else heldout_tokens(tokenizer)[0]
     check_vocab(ids, model.config.vocab_size, "evaluation data")
@@ -131,7 +116,3 @@ def eval_main(argv: list[str] | None = None) -> int:
         print(f"{label:<24} {stats.ppl:9.3f} {stats.ppl_change:+8.2%} {stats.kl:9.5f} {stats.top1:7.3f} "
               f"{acc(stats.mtp_accept):>8}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(calibrate_main())

@@ -89,7 +89,7 @@ def compare(base: nn.Module, models: dict[str, nn.Module], windows: Tensor, batc
     all of them (memory: one batch of log-probs per model, whatever the number of windows)."""
     dev = base.lm_head.weight.device
     ref, tallies = _Tally(), {name: _Tally() for name in models}
-    for i in tqdm(range(0, len(windows), batch), desc="evaluate", disable=not progress):
+    for i in tqdm(range(0, len(windows), batch), desc="evaluate", unit="batch", delay=2.0, disable=not progress):
         ids = windows[i: i + batch].to(dev)
         p = _forward(base, ids, ref)
         for name, model in models.items():

@@ -1,7 +1,9 @@
 """Quantised checkpoints: save and load a model produced by quantize_model, bit-exact.
 
-A directory with three files, each written atomically (temporary name in the same folder, then
-os.replace); `quant_model.json` is written last, so its presence means the others are complete:
+A directory, written atomically as a whole (graphopt.models.fileio.replace_dir_atomically: a
+temporary sibling, then a rename; readers see the old directory or the whole new one). An existing
+directory is replaced only when empty or a quantised checkpoint itself. `quant_model.json` is
+written last inside it, so its presence vouches for the rest:
 
     config.json          the model's HF config (graphopt.models.config)
     model.safetensors    every tensor of the quantised model under its module path:
@@ -17,6 +19,7 @@ os.replace); `quant_model.json` is written last, so its presence means the other
                           "modules": {path: {"kind": "linear" | "experts" | "kv", scheme, rotate_block,
                           act_block, input_zero, meta (searched alpha/beta, clip ratios...), shape}},
                           "packed_int4": {tensor name: unpacked dtype}, "aliases": {name: same tensor's saved name}}
+    tokenizer.json       the tokenizer the ids belong to, when save_quantized is given one
 
 Loading rebuilds the reference model on the meta device, swaps in the quantised modules the JSON
 lists and assigns every tensor (strict: a missing or unexpected tensor is an error that names it).
@@ -26,8 +29,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 from pathlib import Path
+from typing import Any
 
 import safetensors.torch
 import torch
@@ -35,36 +39,27 @@ from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from graphopt.models.config import DeepseekV3Config
+from graphopt.models.fileio import replace_dir_atomically
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
 
 from .config import QuantConfig
 from .qlinear import QuantExperts, QuantizedLinear, QuantLatentNorm, QuantLinear
 from .schemes import QuantError
 
-__all__ = ["save_quantized", "load_quantized", "write_atomically", "FORMAT", "DESCRIPTION_FILE"]
+__all__ = ["save_quantized", "load_quantized", "FORMAT", "DESCRIPTION_FILE"]
 
 FORMAT, VERSION = "graphopt-quant", 1
 DESCRIPTION_FILE, WEIGHTS_FILE = "quant_model.json", "model.safetensors"
 
 
-def write_atomically(path: Path, write) -> None:
-    """`write(tmp_path)` then os.replace onto `path`: readers see the old file or the whole new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike, tokenizer: Any = None) -> None:
+    """Write `model` (from quantize_model / load_quantized) to the directory `path`, atomically.
 
-
-def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike) -> None:
+    `tokenizer`: a tokenizer.json path or an object with .save(path), copied beside the weights.
+    """
     if not hasattr(model, "quant_config"):
         raise QuantError("save_quantized needs a model from quantize_model / load_quantized "
                          "(it has no quant_config); quantise it first")
-    root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
     tensors, aliases, seen = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.dtype, tuple(t.shape)) if t.numel() else None
@@ -80,9 +75,18 @@ def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike) -> Non
         tensors[n] = pack_int4(tensors[n])
     description = {"format": FORMAT, "version": VERSION, "quant_config": model.quant_config.to_dict(),
                    "modules": modules, "packed_int4": packed, "aliases": aliases}
-    write_atomically(root / "config.json", lambda p: p.write_text(model.config.to_json_string()))
-    write_atomically(root / WEIGHTS_FILE, lambda p: safetensors.torch.save_file(tensors, str(p)))
-    write_atomically(root / DESCRIPTION_FILE, lambda p: p.write_text(json.dumps(description, indent=1) + "\n"))
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(model.config.to_json_string())
+        safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
+        if isinstance(tokenizer, (str, os.PathLike)):
+            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
+        elif tokenizer is not None:
+            tokenizer.save(tmp / "tokenizer.json")
+        (tmp / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1) + "\n")  # last: vouches for the rest
+
+    replace_dir_atomically(path, write, is_ours=lambda d: (d / DESCRIPTION_FILE).is_file(),
+                           what=f"quantised checkpoint (no {DESCRIPTION_FILE})")
 
 
 def _describe(model: nn.Module) -> dict:

@@ -40,7 +40,7 @@ def test_inductor_on_the_cpu_is_token_identical_to_greedy_decoding():
     compiled = graphopt.compile(model, spec=graphopt.SpecConfig(num_speculative_tokens=1), backend="inductor",
                                 progress=False, block_size=4, max_batch_size=4)
     assert compiled.backend == "inductor" and not compiled.executable.cuda_graphs
-    assert compiled.generate(PROMPTS, max_new_tokens=8) == [greedy_generate(model, p, 8) for p in PROMPTS]
+    assert compiled.generate(PROMPTS, max_new_tokens=8, ignore_eos=True) == [greedy_generate(model, p, 8) for p in PROMPTS]
 
 
 # -- on the GPU ------------------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def test_cuda_graph_steps_are_token_identical_to_greedy_in_float32(gpu_model, k)
     assert compiled.backend == "inductor" and compiled.executable.cuda_graphs
     ragged = PROMPTS + [[1, 7] * 9, [3]]
     want = [greedy_generate(gpu_model, p, 24) for p in ragged]
-    assert compiled.generate(ragged, max_new_tokens=24) == want          # 5 rows: the bucket of 8, padded
-    assert compiled.generate(ragged[:1], max_new_tokens=24) == want[:1]  # the bucket of 1
+    assert compiled.generate(ragged, max_new_tokens=24, ignore_eos=True) == want          # 5 rows: the bucket of 8, padded
+    assert compiled.generate(ragged[:1], max_new_tokens=24, ignore_eos=True) == want[:1]  # the bucket of 1
     assert compiled.executable.captures >= 2
     sampled = compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
     assert sampled == compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)

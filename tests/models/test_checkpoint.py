@@ -412,3 +412,20 @@ def test_load_mtp_weights_names_missing_mtp_tensors(saved):
     edit_tensors(path, lambda t: t.pop(MTP + "eh_proj.weight"))
     with pytest.raises(CheckpointError, match=r"lacks.*model\.layers\.3\.eh_proj\.weight"):
         from_transformers(hf_model, mtp_weights=path)
+
+
+def test_a_quantised_directory_names_its_loader(tmp_path):
+    save(small_model(), tmp_path / "q")
+    (tmp_path / "q" / "quant_model.json").write_text("{}")      # what `graphopt calibrate` writes last
+    with pytest.raises(CheckpointError, match=r"quantised checkpoint .* graphopt\.quant\.load_quantized"):
+        load(tmp_path / "q")
+
+
+def test_save_records_torch_dtype_and_load_logs_the_dtype_it_chose(tmp_path, caplog):
+    save(small_model().to(torch.bfloat16), tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    with caplog.at_level("INFO", logger="graphopt"):
+        model = load(tmp_path / "m", dtype=torch.float32)
+    assert model.lm_head.weight.dtype == torch.float32
+    [record] = [r for r in caplog.records if r.name == "graphopt"]
+    assert "as float32" in record.getMessage() and "the checkpoint says bfloat16" in record.getMessage()

@@ -203,3 +203,31 @@ def test_model_exports_without_graph_breaks(model):
     ep = torch.export.export(model, args).run_decompositions({})  # functional form
     mutated = [s for s in ep.graph_signature.output_specs if s.kind.name == "USER_INPUT_MUTATION"]
     assert len(mutated) == 3  # every layer's cache is updated in place
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(model):
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match=rf"input_ids hold token ids in \[0, {V}\]; .* \[0, {V}\)"):
+        model(torch.tensor([[0, 5, V]]))
+    with pytest.raises(ValueError, match=rf"input_ids hold token ids in \[-1, 5\]; .* \[0, {V}\)"):
+        model(torch.tensor([[-1, 5]]))
+    hidden = model.hidden_states(torch.tensor([[1, 2]]))
+    with pytest.raises(ValueError, match=rf"next_ids hold token ids in \[2, {V + 3}\]"):
+        model.mtp_forward(0, torch.tensor([[2, V + 3]]), hidden)
+    assert model(torch.tensor([[0, V - 1]])).shape == (1, 2, V)    # both ends of the range are fine
+
+
+def test_deep_copying_a_captured_graph_is_silent_but_leafspec_still_warns():
+    # torch 2.13 deprecates pytree.LeafSpec; deepcopy of export's graph meta rebuilds them (copyreg).
+    # A subprocess, because pytest's own filterwarnings setting already hides the warning here.
+    import subprocess
+    import sys
+
+    code = ("import copy, graphopt.models\n"
+            "from torch.utils._pytree import tree_flatten, LeafSpec\n"
+            "copy.deepcopy(tree_flatten(1)[1])\n"
+            "print('deepcopy: silent', flush=True)\n"
+            "LeafSpec()\n")
+    run = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], capture_output=True, text=True)
+    assert "deepcopy: silent" in run.stdout, run.stderr
+    assert run.returncode != 0 and "FutureWarning" in run.stderr   # the filter is that narrow

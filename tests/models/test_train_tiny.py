@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from graphopt.cli import main as cli_main
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
-from graphopt.models.train_tiny import (RouterBalancer, learning_rate, main, micro_config, route_in_float32,
+from graphopt.models.train_tiny import (RouterBalancer, learning_rate, micro_config, route_in_float32,
                                         tiny_config, training_loss)
 
 
@@ -157,7 +158,7 @@ def test_cli_smoke_run_writes_checkpoint_log_and_plot(tmp_path, monkeypatch):
     from graphopt.models.tokenizer import load_tokenizer
     load_tokenizer().save(corpus / "tokenizer.json")
     out = tmp_path / "ckpt"
-    main(["--micro", "--device", "cpu", "--corpus", str(corpus), "--out", str(out), "--steps", "4",
+    cli_main(["train-tiny", "--micro", "--device", "cpu", "--corpus", str(corpus), "--out", str(out), "--steps", "4",
           "--batch-size", "2", "--seq-len", "32", "--warmup", "2", "--log-every", "2", "--eval-every", "2",
           "--accept-prompts", "1", "--accept-new-tokens", "8", "--time-budget", "0"])
     log = json.loads((out / "train_log.json").read_text())
@@ -174,3 +175,49 @@ def test_cli_smoke_run_writes_checkpoint_log_and_plot(tmp_path, monkeypatch):
     with torch.no_grad():
         logits = model(ids)
     assert torch.isfinite(logits).all() and F.softmax(logits, -1).sum(-1).allclose(torch.ones(1, 16))
+
+
+def _package_hashes() -> dict[str, str]:
+    import hashlib
+    from pathlib import Path
+
+    import graphopt
+
+    root = Path(graphopt.__file__).parent
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+def test_corpus_and_train_tiny_write_only_under_the_current_directory(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("matplotlib")
+    from graphopt.models import corpus
+
+    lib = tmp_path / "lib"                                    # a stdlib-shaped tree, 10% held out (json/)
+    for rel, text in {"os.py": "def add(a, b):\n    return a + b\n" * 300,
+                      "collections/abc.py": "class Point:\n    x: int = 0\n" * 300,
+                      "json/__init__.py": "import sys\nprint(sys.argv)\n" * 120}.items():
+        (lib / rel).parent.mkdir(parents=True, exist_ok=True)
+        (lib / rel).write_text(text)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _package_hashes()
+    assert corpus.main(["--stdlib", str(lib), "--vocab-size", "300", "--quiet"]) == 0        # default --out
+    assert cli_main(["train-tiny", "--micro", "--device", "cpu", "--steps", "2", "--batch-size", "2",
+                     "--seq-len", "16", "--warmup", "1", "--log-every", "1", "--eval-every", "2",
+                     "--eval-windows", "2", "--accept-prompts", "1", "--accept-new-tokens", "4",
+                     "--time-budget", "0", "--quiet"]) == 0                                    # default --corpus, --out
+    assert _package_hashes() == before                        # not one byte of the package changed
+    written = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file())
+    assert written == [".cache/corpus/heldout.bin", ".cache/corpus/heldout.txt", ".cache/corpus/meta.json",
+                       ".cache/corpus/tokenizer.json", ".cache/corpus/train.bin", "out/tiny/config.json",
+                       "out/tiny/model.safetensors", "out/tiny/tiny_loss.png", "out/tiny/tokenizer.json",
+                       "out/tiny/train_log.json"]
+    assert "train" not in capsys.readouterr().err             # --quiet: no progress bar
+
+
+def test_train_tiny_refuses_a_missing_corpus_before_building_a_model(tmp_path, capsys):
+
+    assert cli_main(["train-tiny", "--micro", "--corpus", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lacks train.bin, heldout.bin, tokenizer.json" in err

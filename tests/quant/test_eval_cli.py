@@ -10,7 +10,7 @@ from graphopt.models import checkpoint
 from graphopt.models.evaluate import perplexity
 from graphopt.models.random import random_model
 from graphopt.quant import load_quantized, quantize_model
-from graphopt.quant.cli import calibrate_main, eval_main
+from graphopt.cli import main as cli_main
 from graphopt.quant.eval import compare, windows_from
 
 
@@ -32,17 +32,54 @@ def test_calibrate_then_eval_from_the_command_line(tmp_path, capsys):
     model = random_model()
     ckpt, out = tmp_path / "ckpt", tmp_path / "q"
     checkpoint.save(model, ckpt)
+    from graphopt.models.tokenizer import load_tokenizer
+    (ckpt / "tokenizer.json").write_text(load_tokenizer().backend.to_str(pretty=True))  # not how .save() writes
     tokens = tmp_path / "tokens.bin"
     np.random.default_rng(0).integers(0, 97, 4000).astype("<u2").tofile(tokens)
     assert calibrate_main(["--model", str(ckpt), "--quant", "w8a8", "--algorithm", "smoothquant:alpha=0.6",
                            "--data", f"tokens:{tokens}@1", "--samples", "4", "--seq-len", "16",
                            "--dtype", "float32", "--quiet", "--out", str(out)]) == 0
     assert "quantised" in capsys.readouterr().out
+    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()   # copied beside
     q = load_quantized(out)
     assert q.quant_config.algorithms[0].alpha == 0.6 and q.quant_config.calibration.num_samples == 4
     assert eval_main(["--model", str(ckpt), "--quantized", str(out), "--eval-data", f"tokens:{tokens}",
                       "--windows", "4", "--eval-seq-len", "32", "--dtype", "float32", "--quiet", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["tokens"] == 4 * 31 and 0 < stats["kl"] < 0.01
-    with pytest.raises(SystemExit):
-        calibrate_main(["--quant", "w8a8"])                      # --out is required
+    assert _rc(calibrate_main, ["--quant", "w8a8"]) == 2          # --out is required
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["calibrate", "--samples", "0", "--out", "x"], "argument --samples: must be >= 1, got 0"),
+    (["calibrate", "--quant", "w9a9", "--out", "x"], "unknown quant preset 'w9a9'"),
+    (["calibrate", "--algorithm", "nosuch", "--out", "x"], "nosuch"),
+    (["eval", "--windows", "0"], "argument --windows: must be >= 1, got 0"),
+    (["eval", "--quantized", "."], "not a `graphopt calibrate` output"),
+])
+def test_bad_options_fail_in_one_line_before_any_model_is_loaded(argv, message, capsys, monkeypatch):
+    import graphopt.quant.cli as qcli
+    from graphopt.cli import main
+
+    monkeypatch.setattr(qcli, "_load", lambda *a: pytest.fail("loaded a model despite bad options"))
+    try:
+        rc = main(argv)
+    except SystemExit as e:                                      # argparse's own checks
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1, err
+
+
+def calibrate_main(argv):
+    return cli_main(["calibrate", *argv])
+
+
+def eval_main(argv):
+    return cli_main(["eval", *argv])
+
+
+def _rc(fn, argv):
+    try:
+        return fn(argv)
+    except SystemExit as e:                                      # argparse's own checks
+        return e.code

@@ -154,3 +154,29 @@ def test_msmodelslim_errors_name_the_problem(tmp_path, model_and_data):
     weights.write_bytes(b"garbage")
     with pytest.raises(QuantError, match="corrupt msModelSlim weight file"):
         load_msmodelslim(tmp_path)
+
+
+def test_save_is_one_atomic_directory_with_the_umask_mode_and_the_tokenizer(tmp_path, model_and_data):
+    import os
+
+    from graphopt.models.tokenizer import load_tokenizer
+
+    model, calib, _ = model_and_data
+    q = quantize_model(model, "w8a8", calib, progress=False)
+    tok_file = tmp_path / "tokenizer.json"
+    load_tokenizer().save(tok_file)
+    old = os.umask(0o022)
+    try:
+        save_quantized(q, tmp_path / "q", tokenizer=tok_file)
+        save_quantized(q, tmp_path / "q", tokenizer=tok_file)            # replacing our own directory
+    finally:
+        os.umask(old)
+    files = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "q").iterdir()}
+    assert files == dict.fromkeys(["config.json", "model.safetensors", "quant_model.json", "tokenizer.json"], 0o644)
+    assert (tmp_path / "q" / "tokenizer.json").read_bytes() == tok_file.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q", "tokenizer.json"]     # no temporaries left
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a quantised checkpoint"):
+        save_quantized(q, tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]

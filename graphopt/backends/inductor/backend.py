@@ -128,9 +128,9 @@ class InductorExecutable:
         self.cuda_graphs = self.device.type == "cuda" and options.cuda_graphs
         if self.device.type == "cuda":
             kernels.register_all()
-        self._step = _Compiled(program["step"], "step")
-        self._greedy = _Compiled(program["step_greedy"], "step_greedy") if "step_greedy" in program else None
-        self._prefill = _Compiled(program["prefill"], "prefill")
+        self._step = self._compile(program["step"], "step")
+        self._greedy = self._compile(program["step_greedy"], "step_greedy") if "step_greedy" in program else None
+        self._prefill = self._compile(program["prefill"], "prefill")
         self._main = None                                        # compiled on first forward()
         self.buckets = batch_buckets(options.max_batch_size)
         self.width = blocks_for(self.config.max_position_embeddings + 2 * self.num_speculative_tokens + 1,
@@ -139,6 +139,10 @@ class InductorExecutable:
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._stats = SpecStats()
         self.captures = 0                                        # CUDA graphs captured so far
+
+    def _compile(self, gm: fx.GraphModule, name: str):
+        """One graph compiled once (a subclass may compile with another torch.compile backend)."""
+        return _Compiled(gm, name)
 
     def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.program.cache.new_caches(num_blocks, with_mtp=self.num_speculative_tokens > 0)
@@ -185,7 +189,7 @@ class InductorExecutable:
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]: the compiled main graph over a fresh cache."""
         if self._main is None:
-            self._main = _Compiled(self.program.main, "main")
+            self._main = self._compile(self.program.main, "main")
         layout = self.program.cache
         B, T = input_ids.shape
         per_row = blocks_for(T, layout.block_size)
