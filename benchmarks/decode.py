@@ -12,8 +12,11 @@ Figures (all greedy, bf16, prompts of 16 random tokens, `--new-tokens` generated
   tokens/s     generated tokens / wall time of the whole generation (prefill included), median of 3
   ms/step      the decode step alone: CUDA-event time of one replayed step (graphopt) or one
                compiled step call (torch.compile), median over 20 after warm-up
-  host us      wall time per decode step in the engine loop minus the GPU time of the step: what the
-               GPU waits for Python each step
+  wall - GPU   wall time per decode step in the engine loop minus the GPU time of the step (negative
+               or near 0 when the host works while the device runs the step ahead)
+  GPU idle     from a profiler trace of one whole generation (device events only): the time inside
+               the trace in which no kernel or copy runs, per step: what the GPU waits for Python
+  kernels      kernels launched by one replay of the decode step's CUDA graph
   floor ms     bytes the step must touch (weights of the dense and attention parts, the distinct experts
                the batch's tokens are routed to, counted from the routing of a real step, and the KV
                cache read) / the copy bandwidth measured in the same run
@@ -74,6 +77,13 @@ def build_model(name: str):
 
 
 def prompts(vocab: int, batch: int, seed: int = 0) -> list[list[int]]:
+    """Held-out text for the embedded model (so MTP acceptance means something), random ids for the
+    random-weight V2-Lite shape."""
+    from graphopt.models import load_tokenizer
+    from graphopt.models.evaluate import HELDOUT_TEXT, heldout_prompts
+    tok = load_tokenizer()
+    if tok.vocab_size == vocab:
+        return heldout_prompts(tok.encode(HELDOUT_TEXT.read_text(encoding="utf-8")[:200_000]), batch, PROMPT_LEN)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, PROMPT_LEN), generator=g).tolist()
 
@@ -98,6 +108,30 @@ def wall(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return time.perf_counter() - t0
+
+
+def gpu_trace(fn) -> dict:
+    """Run fn under the profiler: kernels launched, GPU busy time (union of kernel / copy intervals)
+    and the GPU's idle time inside the span from the first to the last device event, in us."""
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:     # device events only: little overhead
+        fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        events = json.loads(Path(f.name).read_text())["traceEvents"]
+    spans = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in events
+                   if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy, end = busy + (b - a), b
+        elif b > end:
+            busy, end = busy + (b - end), b
+    kernels = sum(1 for e in events if e.get("cat") == "kernel")
+    span = spans[-1][1] - spans[0][0] if spans else 0.0
+    return dict(kernels=kernels, busy_us=busy, idle_us=span - busy)
 
 
 def emit(row: dict) -> None:
@@ -170,17 +204,23 @@ def run_graphopt(model, name: str, k: int, batches: list[int], new_tokens: int) 
             steps_per = steps
         tokens = B * new_tokens
         dt = statistics.median(times)
-        step_ms = _graphopt_step_ms(ex, B)
-        host_us = (dt / steps_per - step_ms * 1e-3) * 1e6 if step_ms else None
+        graph = _replayed_graph(ex, B)
+        step_ms = events_ms(graph.replay) if graph is not None else None
+        kernels = gpu_trace(lambda: [graph.replay() for _ in range(5)])["kernels"] / 5 if graph is not None else None
+        steps = 0
+        loop = gpu_trace(go)                           # the engine loop: how long the GPU waits for the host
         emit(dict(system=name, batch=B, tokens_per_s=tokens / dt, ms_per_step=step_ms, wall_ms_per_step=1e3 * dt / steps_per,
-                  host_us=host_us, steps=steps_per, compile_s=compile_s, first_call_s=t_first,
-                  acceptance=(ex.stats or {}).get("acceptance_rate"), captures=ex.captures))
+                  host_us=(dt / steps_per - step_ms * 1e-3) * 1e6 if step_ms else None,
+                  gpu_idle_us=loop["idle_us"] / steps, kernels=kernels, steps=steps_per, compile_s=compile_s,
+                  first_call_s=t_first, acceptance=(ex.stats or {}).get("acceptance_rate"), captures=ex.captures))
 
 
-def _graphopt_step_ms(ex, B: int):
+def _replayed_graph(ex, B: int):
+    """The CUDA graph the engine replays for B rows: bound to its batch tensors, else the bucket's own."""
     rows = next(b for b in ex.buckets if b >= B)
-    entry = ex._graphs.get((rows, True))
-    return events_ms(entry.graph.replay) if entry is not None else None
+    bound = [g for (key, greedy), g in ex._bound.items() if g.rows == rows and greedy]
+    entry = bound[0] if bound else ex._graphs.get((rows, True))
+    return entry.graph if entry is not None else None
 
 
 def run_torch_compile(model, batches: list[int], new_tokens: int) -> None:
@@ -284,9 +324,10 @@ def render(rows: list[dict], model: str, failures: dict[str, str], command: str 
     tc = {r["batch"]: r.get("ms_per_step") for r in rows if r["system"] == "torch.compile"}
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     command = command or f"python benchmarks/decode.py --model {model}"
-    lines = [f"# Decode speed, {model} model, bf16, greedy", "", f"Command: `{command}`", "",
+    lines = [f"# Decode speed, {model} model, bf16, greedy", "", f"Commands (one H200 run each): `{command}`", "",
              "| system | batch | tokens/s | x hf eager | ms/step (GPU) | x floor | x torch.compile step | wall ms/step | "
-             "host us/step | acceptance | compile s | first call s |", "|" + "---|" * 12]
+             "wall - GPU us/step | GPU idle us/step | kernels/step | acceptance | compile s | first call s |",
+             "|" + "---|" * 14]
     for r in rows:
         if r["system"] == "floor":
             continue
@@ -296,7 +337,8 @@ def render(rows: list[dict], model: str, failures: dict[str, str], command: str 
             f(r["tokens_per_s"] / hf[B]) if B in hf and r.get("tokens_per_s") else "-",
             f(ms, 3), f(ms / floor[B]) if ms and B in floor else "-",
             f(tc[B] / ms) if ms and tc.get(B) else "-",
-            f(r.get("wall_ms_per_step"), 3), f(r.get("host_us"), 0), f(r.get("acceptance")),
+            f(r.get("wall_ms_per_step"), 3), f(r.get("host_us"), 0), f(r.get("gpu_idle_us"), 0),
+            f(r.get("kernels"), 0), f(r.get("acceptance")),
             f(r.get("compile_s"), 1), f(r.get("first_call_s"), 1)]) + " |")
     lines += ["", "| batch | floor ms/step | bytes touched | copy bandwidth TB/s |", "|---|---|---|---|"]
     lines += [f"| {r['batch']} | {r['ms_per_step']:.3f} | {r['bytes'] / 1e9:.3f} GB | {r['bandwidth'] / 1e12:.2f} |"
@@ -304,6 +346,22 @@ def render(rows: list[dict], model: str, failures: dict[str, str], command: str 
     for s, why in failures.items():
         lines.append(f"\n{s}: FAILED ({why})")
     return "\n".join(lines) + "\n"
+
+
+def combine(files: list[Path], model: str, out: Path) -> None:
+    """One table from several runs (each of a few systems, as device calls are time-limited)."""
+    rows, failures, commands = [], {}, []
+    for f in files:
+        run = json.loads(f.read_text())
+        ran = {r["system"] for r in run["rows"]} | set(run["failures"])
+        rows = [r for r in rows if r["system"] not in ran] + run["rows"]
+        failures = {s: w for s, w in failures.items() if s not in ran} | run["failures"]
+        commands += run.get("commands", [])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"decode_{model}.json").write_text(json.dumps({"rows": rows, "failures": failures, "commands": commands},
+                                                         indent=1))
+    (out / f"decode_{model}.md").write_text(render(rows, model, failures, "`, `".join(commands)))
+    print(render(rows, model, failures, "`, `".join(commands)))
 
 
 def main() -> None:
@@ -315,9 +373,14 @@ def main() -> None:
     ap.add_argument("--system", help=argparse.SUPPRESS)     # child mode
     ap.add_argument("--timeout", type=int, default=400)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--combine", nargs="+", metavar="JSON", type=Path,
+                    help="no run: merge the rows of earlier runs' decode_<model>.json (a later file wins for "
+                         "the systems it ran) into --out")
     args = ap.parse_args()
     if args.system:
         return child(args)
+    if args.combine:
+        return combine(args.combine, args.model, Path(args.out))
     rows, failures = [], {}
     command = "python benchmarks/decode.py " + " ".join(sys.argv[1:])
     out = Path(args.out)
@@ -346,7 +409,8 @@ def main() -> None:
             failures[s] = f"{type(e).__name__}: {e}"
         if s in failures:
             print(f"{s}: FAILED {failures[s]}", flush=True)
-        (out / f"decode_{args.model}.json").write_text(json.dumps({"rows": rows, "failures": failures}, indent=1))
+        (out / f"decode_{args.model}.json").write_text(json.dumps({"rows": rows, "failures": failures,
+                                                                    "commands": [command]}, indent=1))
         (out / f"decode_{args.model}.md").write_text(render(rows, args.model, failures, command))
     print(render(rows, args.model, failures, command))
 

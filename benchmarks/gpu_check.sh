@@ -2,7 +2,7 @@
 # GPU tests, the decode benchmark on the H200, and a CPU test subset under the machine's own
 # torch/transformers (2.11 / 5.17), so the code is checked on both versions.
 #   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
-#   STAGE=tests|embedded|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
+#   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -11,9 +11,17 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     timeout 500 python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/test_gpu.py tests/backends 2>&1 | grep -v DEBUG \
         | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|FAILED"
 fi
-if [ "$STAGE" = embedded ] || [ "$STAGE" = all ]; then
-    # graphopt (k = 0..3) against transformers eager / static+compile and plain torch.compile of the reference
-    timeout 560 python3 benchmarks/decode.py --model embedded --batches 1 8 32 64 --timeout 150 --out "$OUT" | grep -v "^ROW"
+if [ "$STAGE" = graphopt ] || [ "$STAGE" = all ]; then
+    # graphopt, spec off and MTP k = 1..3, on the embedded model
+    timeout 560 python3 benchmarks/decode.py --model embedded --batches 1 8 32 64 --new-tokens 32 --timeout 140 \
+        --systems graphopt graphopt-k1 graphopt-k2 graphopt-k3 --out "$OUT/graphopt" | grep -v "^ROW"
+fi
+if [ "$STAGE" = peers ] || [ "$STAGE" = all ]; then
+    # transformers eager / static cache + torch.compile and plain torch.compile of the reference model;
+    # then where bf16 speculative decoding departs from plain greedy decoding
+    timeout 380 python3 benchmarks/decode.py --model embedded --batches 1 8 32 64 --new-tokens 32 --timeout 120 \
+        --systems torch.compile hf-eager hf-static-compile --out "$OUT/peers" | grep -v "^ROW"
+    timeout 200 python3 benchmarks/spec_divergence.py --out "$OUT"
 fi
 if [ "$STAGE" = v2lite ] || [ "$STAGE" = all ]; then
     timeout 560 python3 benchmarks/decode.py --model v2lite --batches 1 8 32 64 128 --systems graphopt torch.compile \

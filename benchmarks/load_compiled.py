@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import graphopt
 from graphopt.models import load
@@ -48,20 +49,28 @@ print(json.dumps({"import": t1 - t0, "load": t2 - t1, "generate": t3 - t2, "toke
 
 def _variant(name: str, kwargs: dict, work: Path) -> dict:
     model = load()
+    bar = tqdm(total=4, desc=f"{name}: compile", unit="stage", leave=False)   # the four timed stages
     t0 = time.perf_counter()
     compiled = graphopt.compile(model, progress=False, **kwargs)
     compile_s = time.perf_counter() - t0
+    bar.update()
+    bar.set_description(f"{name}: generate")
     t0 = time.perf_counter()
     expected = compiled.generate(PROMPTS, max_new_tokens=NEW_TOKENS)
     generate_s = time.perf_counter() - t0
+    bar.update()
+    bar.set_description(f"{name}: save")
     out = work / name
     t0 = time.perf_counter()
     compiled.save(out)
     save_s = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in out.iterdir())
+    bar.update()
+    bar.set_description(f"{name}: fresh process")
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(out), json.dumps(PROMPTS), str(NEW_TOKENS)],
                           capture_output=True, text=True, check=True)
     child = json.loads(proc.stdout.strip().splitlines()[-1])
+    bar.close()
     return {"variant": name, "compile": compile_s, "save": save_s, "MB": size / 1e6, "compiled generate": generate_s,
             **child, "same tokens": child["tokens"] == expected}
 

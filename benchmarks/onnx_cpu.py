@@ -22,6 +22,7 @@ from pathlib import Path
 
 import onnxruntime
 import torch
+from tqdm import tqdm
 
 import graphopt
 from graphopt.backends.onnx import OnnxExecutable
@@ -70,23 +71,23 @@ def main() -> None:
     prompts = (PROMPTS * args.batch)[: args.batch]
 
     t0 = time.perf_counter()
-    eager = graphopt.compile(load(dtype=torch.float32), backend="eager", spec=args.spec, progress=False)
+    eager = graphopt.compile(load(dtype=torch.float32), backend="eager", spec=args.spec)   # phases on a terminal
     compile_s = time.perf_counter() - t0
     rows, reference = [], None
     t0 = time.perf_counter()
     onnx_exe = OnnxExecutable(eager.program, threads=args.threads)
     lower_s = time.perf_counter() - t0
     onnx = CompiledModel(onnx_exe, eager.options, eager.spec, eager.quant, "onnx", eager.report)
-    for label, compiled, binding in (("eager", eager, None), ("onnx (alias)", onnx, "alias"),
-                                     ("onnx (copy)", onnx, "copy")):
+    for label, compiled, binding in tqdm((("eager", eager, None), ("onnx (alias)", onnx, "alias"),
+                                          ("onnx (copy)", onnx, "copy")), desc="measure", unit="variant"):
         if binding is not None:
             onnx_exe.cache_binding = binding
         out, tps, ms, steps = _measure(compiled, prompts, args.new_tokens, args.repeats)
         reference = reference or out
         lower = lower_s if binding is not None else 0.0
         rows.append((label, tps, ms, steps, lower, out == reference))
-        print(f"{label:14s} {tps:8.1f} tok/s {ms:8.2f} ms/step  steps {steps}  lower {lower:.1f} s  "
-              f"same tokens {out == reference}", flush=True)
+        tqdm.write(f"{label:14s} {tps:8.1f} tok/s {ms:8.2f} ms/step  steps {steps}  lower {lower:.1f} s  "
+                   f"same tokens {out == reference}")
 
     cmd = "nice python benchmarks/onnx_cpu.py" + (f" --spec {args.spec}" if args.spec else "") + \
         (f" --batch {args.batch}" if args.batch != 1 else "") + f" --new-tokens {args.new_tokens}" + \

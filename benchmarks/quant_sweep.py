@@ -93,6 +93,7 @@ def run_device(presets, device, dtype, with_spec, on_row, timeout=900) -> None:
 
 def main(argv=None) -> int:
     import torch
+    from tqdm import tqdm
     from graphopt.quant.config import PRESETS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -104,8 +105,13 @@ def main(argv=None) -> int:
 
     refs: dict[str, object] = {}
     if not args.no_reference:
-        run_device(args.presets, "cpu", "float32", False,
-                   lambda preset, spec, r: refs.__setitem__(preset, torch.tensor(r["logits"]) if r["ok"] else None))
+        bar = tqdm(total=len(args.presets), desc="float32 CPU reference", unit="preset")   # its rows print nothing
+
+        def on_reference(preset, spec, r):
+            refs[preset] = torch.tensor(r["logits"]) if r["ok"] else None
+            bar.update()
+        run_device(args.presets, "cpu", "float32", False, on_reference)
+        bar.close()
     rows = [f"`python benchmarks/quant_sweep.py --device {args.device} --dtype {args.dtype}`", "",
             "| preset | MTP | compile s | generated | MTP == plain | logits vs CPU fp32: rel. norm | top-1 agreement |",
             "|---|---|---|---|---|---|---|"]

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from graphopt.step.provider import SpecStepProvider, speculative_generate
 from graphopt.models import load, load_tokenizer
@@ -44,13 +45,13 @@ def main(argv=None) -> int:
     ids = load_tokenizer().encode(HELDOUT_TEXT.read_text(encoding="utf-8"))
     prompts = heldout_prompts(ids, args.prompts, args.prompt_len)
     t0 = time.perf_counter()
-    greedy = [greedy_generate(model, p, args.new_tokens) for p in prompts]
+    greedy = [greedy_generate(model, p, args.new_tokens) for p in tqdm(prompts, desc="greedy", unit="prompt")]
     greedy_s = time.perf_counter() - t0
 
     header = ("| k | row-steps | acceptance rate (accepted / proposed) | tokens / step | per-position acceptance "
               "| accepted drafts histogram | identical to greedy | seconds |")
     lines = [header, "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for k in args.k:
+    for k in tqdm(args.k, desc="speculative", unit="k"):
         provider = SpecStepProvider.from_model(model, k, args.block_size, sampling=False)
         t0 = time.perf_counter()
         out = speculative_generate(provider, prompts, args.new_tokens)

@@ -32,6 +32,10 @@ __all__ = ["build_parser", "main"]
 _CONVENTIONS = __doc__[__doc__.index("Conventions"):__doc__.index("Options are validated")].rstrip() + "\n"
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):"]
 QUANTISED_MARKER = "quant_model.json"  # graphopt.quant.formats.DESCRIPTION_FILE (imported there, not here)
+DUMP_FORMATS = {  # `graphopt dump --format`: what goes into --dump-dir
+    "fx": "every pass's graphs as FX code, op counts, final.dot (+ .svg), report.md/html (always written)",
+    "onnx": "also every final graph as GRAPH/final.onnx, for Netron (needs `pip install graphopt[onnx]`)",
+}
 
 
 # -- parsing ----------------------------------------------------------------------------------
@@ -109,6 +113,15 @@ def _pass_names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _dump_formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in DUMP_FORMATS] if formats else [repr(text)]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown format(s) {', '.join(unknown)}; accepted: "
+                                         f"{', '.join(DUMP_FORMATS)} (comma-separated)")
+    return formats
+
+
 def _common(debug_default) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--debug", action="store_true", default=debug_default, help="full traceback on error")
@@ -161,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="write the compiled artefact here (graphopt.load_compiled reads it)")
         if name == "dump":
             p.set_defaults(dump_dir=Path("graphopt_dump"))
+            p.add_argument("--format", type=_dump_formats, default=["fx"], metavar="FORMAT[,FORMAT...]",
+                           help="; ".join(f"{k}: {v}" for k, v in DUMP_FORMATS.items()).replace("%", "%%"))
         p.set_defaults(run=cmd_compile)
 
     for name, helptext in (("calibrate", "calibrate and quantise a checkpoint"),
@@ -263,6 +278,11 @@ def _validate(args: argparse.Namespace) -> None:
             args.model = args.legacy_model
     if getattr(args, "disable_passes", None):
         _check_pass_names(args.disable_passes)
+    if "onnx" in getattr(args, "format", ()):
+        try:
+            importlib.import_module("graphopt.backends.onnx")
+        except ImportError as e:                               # the message says `pip install graphopt[onnx]`
+            raise UsageError(f"--format onnx: {e}") from None
     if args.command in ("compile", "dump") and args.quant:
         from graphopt.quant.config import resolve
         resolve(args.quant)                                    # a QuantError naming the presets
@@ -323,15 +343,23 @@ def _compile(args, model, k: int):
 
 
 def cmd_demo(args) -> int:
+    from tqdm import tqdm
+
     model, tok, what = _load_model(args.model)
-    print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    print(f"model: {what}; {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {dtype}")
     t0 = time.perf_counter()
     compiled, spec = _compile(args, model, args.k)
     print(f"compiled in {time.perf_counter() - t0:.1f} s "
           f"(speculative: {'MTP k=%d' % args.k if spec else 'off'}; backend: {compiled.backend})")
     prompts = [tok.encode(p) for p in DEMO_PROMPTS] if tok else [[1, 2, 3], [4, 5], [6]]
+    outs = [[] for _ in prompts]
+    # streamed, so a tokens/s bar shows on stderr once generation takes 2 s (it stops short at eos)
     t0 = time.perf_counter()
-    outs = compiled.generate(prompts, max_new_tokens=args.max_new_tokens)
+    with tqdm(total=len(prompts) * args.max_new_tokens, desc="generate", unit="tok", delay=2.0, leave=False) as bar:
+        for i, new_ids in compiled.stream(prompts, max_new_tokens=args.max_new_tokens):
+            outs[i] += new_ids
+            bar.update(len(new_ids))
     dt = time.perf_counter() - t0
     for prompt, out in zip(prompts, outs):
         text = (tok.decode(prompt), tok.decode(out)) if tok else (prompt, out)
@@ -339,7 +367,7 @@ def cmd_demo(args) -> int:
         print(f"{text[0]}\033[1m{text[1]}\033[0m" if tok and sys.stdout.isatty() else f"{text[0]}{text[1]}")
     print("-" * 60)
     n = sum(len(o) for o in outs)
-    print(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f} s")
+    print(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f} s ({n / dt:.1f} tokens/s)")
     stats = getattr(compiled, "stats", None)
     if stats is not None and spec is not None:
         print(f"speculative decoding: {stats}")
@@ -358,11 +386,25 @@ def cmd_compile(args) -> int:
     for key, note in compiled.report.all_notes().items():   # pass notes, stage times, backend
         print(f"  {key}: {note}")
     if args.dump_dir:
+        if "onnx" in getattr(args, "format", ()):
+            for path in _write_onnx(compiled, args.dump_dir):
+                print(f"onnx (open in Netron): {path}")
         print(f"dumps and report: {args.dump_dir}/report.md")
     if args.out:
         compiled.save(args.out)
         print(f"compiled artefact: {args.out} (graphopt.load_compiled({str(args.out)!r}) skips capture and passes)")
     return 0
+
+
+def _write_onnx(compiled, dump_dir: Path) -> list[Path]:
+    """The final graphs as GRAPH/final.onnx in the dump, then the report again, now linking them."""
+    from graphopt.backends.onnx import export_program
+    from graphopt.passes.dump import ONNX_LAYOUT, Dumper
+
+    print(f"exporting {len(compiled.program.names)} graphs to ONNX (one torch.export each)...", flush=True)
+    paths = export_program(compiled.program, dump_dir, layout=ONNX_LAYOUT)
+    Dumper(dump_dir).write_report(compiled.report.records, compiled.report.all_notes())
+    return paths
 
 
 # -- entry point ------------------------------------------------------------------------------

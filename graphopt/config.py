@@ -16,16 +16,21 @@ from .passes.program import CompileOptions
 __all__ = ["BACKENDS", "CompileOptions", "resolve_backend"]
 
 BACKENDS = ("auto", *_backends.names())
-AUTO_BACKEND = {"cuda": "inductor"}   # "auto" per device type; anything else gets the eager reference
+# "auto" per device type (an "npu" device exists only with torch_npu loaded); anything else gets the
+# eager reference (on the CPU it is as fast as inductor at batch 1 and compiles sooner: docs/backends.md)
+AUTO_BACKEND = {"cuda": "inductor", "npu": "ascend"}
 
 
 def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
     """The registered name `backend` stands for on `device`; a ValueError listing the accepted names
-    otherwise. "auto": inductor on CUDA, eager elsewhere (docs/backends.md says why)."""
+    otherwise. "auto": inductor on CUDA, ascend on an NPU, eager elsewhere (docs/backends.md says why)."""
     accepted = ("auto", *_backends.names())
     if backend not in accepted:
         raise ValueError(f"unknown backend {backend!r}; accepted: {', '.join(accepted)}")
     if backend != "auto":
         return backend
-    kind = torch.device(device).type if device is not None else "cpu"
+    if device is None:
+        kind = "cpu"
+    else:   # a string is read without torch.device(), which knows "npu" only once torch_npu is imported
+        kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
     return AUTO_BACKEND.get(kind, "eager")

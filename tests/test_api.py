@@ -1,5 +1,7 @@
 """graphopt.compile / CompiledModel: drop-in forward, generate, dumps, the model left untouched, bad input."""
 
+import re
+
 import pytest
 import torch
 
@@ -239,3 +241,45 @@ def test_tokenizer_is_checked_and_load_compiled_takes_one(compiled_random, tmp_p
     assert reloaded.wraps == "graphopt" and graphopt.load_compiled(tmp_path / "c").tokenizer is None
     ids = compiled.generate([[1, 2, 3]], max_new_tokens=6, ignore_eos=True)[0]
     assert reloaded.generate("123", max_new_tokens=6, ignore_eos=True) == _Chars().decode(ids)
+
+
+def test_cli_demo_streams_with_a_tokens_per_second_bar_and_reports_dtype_and_speed(compiled_random, monkeypatch,
+                                                                                  capsys):
+    import io
+
+    import tqdm as tqdm_module
+
+    from graphopt import cli
+
+    model, compiled, _, _ = compiled_random
+    monkeypatch.setattr(cli, "_load_model", lambda path: (model, None, "test model"))
+    monkeypatch.setattr(cli, "_compile", lambda args, model, k: (compiled, None))
+    made, real = [], tqdm_module.tqdm
+
+    def make(*args, **kwargs):   # the bar drawn at once into a buffer (the demo's waits 2 s)
+        made.append({"kwargs": kwargs, "out": io.StringIO()})
+        return real(*args, **{**kwargs, "delay": 0, "leave": True, "mininterval": 0, "file": made[-1]["out"]})
+    monkeypatch.setattr(tqdm_module, "tqdm", make)
+    assert cli.main(["demo", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "test model; " in out and "M parameters, float32" in out
+    prompts = [[1, 2, 3], [4, 5], [6]]                             # the demo's prompts without a tokenizer
+    for prompt, generated in zip(prompts, compiled.generate(prompts, max_new_tokens=5)):
+        assert f"{prompt}{generated}" in out                       # streamed = generate, token for token
+    assert re.search(r"generated \d+ tokens for 3 prompts in [\d.]+ s \([\d.]+ tokens/s\)", out)
+    [bar] = made
+    assert bar["kwargs"]["delay"] == 2.0 and bar["kwargs"]["unit"] == "tok" and "tok/s" in bar["out"].getvalue()
+
+
+def test_compile_progress_starts_no_tqdm_monitor_thread(monkeypatch):
+    # the monitor thread made the first generate after a compile on a terminal 60-100x slower (2-core CPU)
+    import io
+
+    import tqdm as tqdm_module
+
+    monkeypatch.setattr(tqdm_module.tqdm, "monitor_interval", 10)     # tqdm's default ...
+    monkeypatch.setattr(tqdm_module.tqdm, "monitor", None)            # ... and none started yet
+    graphopt.compile(random_model(0, num_hidden_layers=1), progress=True)
+    with tqdm_module.tqdm(total=2, file=io.StringIO()) as bar:         # a later bar: the demo's generate
+        bar.update()
+        assert tqdm_module.tqdm.monitor_interval == 0 and tqdm_module.tqdm.monitor is None

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_every_model_verb_names_the_model_with_dash_dash_model(capsys):
     (["demo", "--model", "/no/such/dir"], "/no/such/dir is not a directory"),
     (["compile", "--disable-passes", "fuse_swiglu,nosuch"], "unknown pass(es) nosuch; passes:"),
     (["dump", "--quant", "w9"], "unknown quant preset 'w9'"),
+    (["dump", "--format", "fx,netron"], "argument --format: unknown format(s) netron; accepted: fx, onnx"),
     (["bench", "--prompts", "0"], "argument --prompts: must be >= 1"),
     (["train-tiny", "--steps", "0"], "argument --steps: must be >= 1"),
 ])
@@ -91,6 +93,46 @@ def test_errors_from_the_work_are_one_line_exit_2(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_load_model", fake_load)
     assert main(["demo"]) == 2
     assert capsys.readouterr().err == "graphopt demo: error: tensor x: expected shape (2,), got (3,)\n"
+
+
+def test_dump_format_onnx_without_the_extra_is_one_line_exit_2_before_loading(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("model loaded without onnx"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)           # as if not installed
+    for name in [m for m in sys.modules if m.startswith("graphopt.backends.onnx")]:
+        monkeypatch.delitem(sys.modules, name)                      # re-imported, restored afterwards
+    assert main(["dump", "--format", "onnx"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "missing: onnxruntime" in err and "pip install graphopt[onnx]" in err
+
+
+def test_dump_format_onnx_exports_the_final_graphs_into_the_dump_and_links_them(tmp_path, monkeypatch, capsys):
+    # the CLI's part only: the export is faked (tests/backends/test_onnx.py runs the real one)
+    onnx_backend = pytest.importorskip("graphopt.backends.onnx")
+    from graphopt.api import CompileReport
+
+    compiled = SimpleNamespace(program=SimpleNamespace(names=["main", "step"]),
+                               report=CompileReport(notes={"backend": "eager"}))
+    layouts = []
+
+    def fake_export(program, directory, layout):
+        layouts.append(layout)
+        paths = [Path(directory) / layout.format(name=n) for n in program.names]
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"onnx")
+        return paths
+
+    monkeypatch.setattr(cli, "_load_model", lambda *a: (None, None, "a model"))
+    monkeypatch.setattr(cli, "_compile", lambda args, model, k: (compiled, None))
+    monkeypatch.setattr(onnx_backend, "export_program", fake_export)
+    assert main(["dump", "--dump-dir", str(tmp_path / "fx")]) == 0 and layouts == []   # default: fx only
+    assert main(["dump", "--format", "fx,onnx", "--dump-dir", str(tmp_path)]) == 0
+    assert layouts == ["{name}/final.onnx"]
+    out = capsys.readouterr().out
+    assert f"onnx (open in Netron): {tmp_path / 'step' / 'final.onnx'}" in out
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    assert "- main: [final.onnx](main/final.onnx)" in md and "- step: [final.onnx](step/final.onnx)" in md
+    assert "<a href='step/final.onnx'>final.onnx</a>" in page
 
 
 def test_python_dash_m_graphopt_is_the_same_command():

@@ -58,6 +58,7 @@ SCALE_SUFFIX = "_scale_inv"  # X.weight -> X.weight_scale_inv
 QUANTISED_MARKER = "quant_model.json"  # graphopt.quant.formats.DESCRIPTION_FILE (that package imports this one)
 _log = logging.getLogger("graphopt")
 _MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F8_E4M3": "float8_e4m3fn"}
 
 
 class CheckpointError(ValueError):
@@ -93,10 +94,11 @@ def load(path: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.bf
 
         _stream(model, reader, _disk_layout(model), dtype=dtype, device=torch.device(device),
                 block=block, skip=skip)
+        stored = config.extra.get("torch_dtype") or config.extra.get("dtype")
+        stored = stored or f"no torch_dtype, its embedding is stored as {reader.dtype('model.embed_tokens.weight')}"
     model.model.rotary_emb.reset_parameters(device)
-    stored = config.extra.get("torch_dtype") or config.extra.get("dtype")
     _log.info("loaded %s as %s (routers float32; the checkpoint says %s), %d MTP layer(s), on %s",
-              root, _dtype_name(dtype), stored or "no dtype", len(model.mtp), device)
+              root, _dtype_name(dtype), stored, len(model.mtp), device)
     return model
 
 
@@ -325,6 +327,13 @@ class _Reader:
 
     def get(self, key: str) -> torch.Tensor:
         return self._guard(self.where[key], lambda: self._handles[self.where[key]].get_tensor(key))
+
+    def dtype(self, key: str) -> str:
+        """The stored dtype of `key` in torch's spelling ("bfloat16"), read from the header only."""
+        if key not in self.where:
+            return "unknown"
+        name = self._guard(self.where[key], lambda: self._handles[self.where[key]].get_slice(key).get_dtype())
+        return _SAFETENSORS_DTYPES.get(name, name)
 
     def describe(self) -> str:
         return ", ".join(str(f) for f in self.files)

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..ops.paged import slot_mapping
 from .deepseek import DeepseekV3ForCausalLM
@@ -101,32 +102,39 @@ def _window_batches(token_ids, window: int, batch_size: int, min_len: int, devic
 
 
 @torch.no_grad()
-def _teacher_forced(model: DeepseekV3ForCausalLM, token_ids, window: int, batch_size: int, depths: int
-                    ) -> tuple[float, list[int], list[int]]:
+def _teacher_forced(model: DeepseekV3ForCausalLM, token_ids, window: int, batch_size: int, depths: int,
+                    progress: bool = False) -> tuple[float, list[int], list[int]]:
     """One pass over the windows: (main NLL sum, hits per head, scored tokens per head)."""
     device = model.lm_head.weight.device
     nll, hits, counts = 0.0, [0] * (depths + 1), [0] * (depths + 1)
-    for batch in _window_batches(token_ids, window, batch_size, 2, device):
-        heads = multi_token_logits(model, batch, depths if batch.shape[1] >= depths + 2 else 0)
-        nll += F.cross_entropy(heads[0][0].flatten(0, 1).float(), heads[0][1].flatten(), reduction="sum").item()
-        for i, (logits, targets) in enumerate(heads):
-            hits[i] += int((logits.argmax(-1) == targets).sum())
-            counts[i] += targets.numel()
+    n = _as_ids(token_ids).numel()
+    n_windows = n // window + (n % window >= 2)                  # + the short tail, when it is scored
+    # on stderr once the work has taken 2 s; gone when it ends
+    with tqdm(total=n_windows, desc="score windows", unit="window", delay=2.0, leave=False,
+              disable=not progress) as bar:
+        for batch in _window_batches(token_ids, window, batch_size, 2, device):
+            heads = multi_token_logits(model, batch, depths if batch.shape[1] >= depths + 2 else 0)
+            nll += F.cross_entropy(heads[0][0].flatten(0, 1).float(), heads[0][1].flatten(), reduction="sum").item()
+            for i, (logits, targets) in enumerate(heads):
+                hits[i] += int((logits.argmax(-1) == targets).sum())
+                counts[i] += targets.numel()
+            bar.update(len(batch))
     if not counts[0]:
         raise ValueError("no window of at least 2 tokens to score")
     return nll, hits, counts
 
 
-def perplexity(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8) -> float:
+def perplexity(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8,
+               progress: bool = False) -> float:
     """exp(mean NLL) of each non-overlapping window's tokens 1.. given that window's earlier tokens."""
-    nll, _, counts = _teacher_forced(model, token_ids, window, batch_size, 0)
+    nll, _, counts = _teacher_forced(model, token_ids, window, batch_size, 0, progress)
     return math.exp(nll / counts[0])
 
 
 def mtp_top1_accuracy(model: DeepseekV3ForCausalLM, token_ids, window: int = 512, batch_size: int = 8,
-                      depths: int = 1) -> dict[str, float]:
+                      depths: int = 1, progress: bool = False) -> dict[str, float]:
     """Teacher-forced top-1 accuracy: {"main": token t+1, "mtp_1": token t+2, ..., "mtp_D": t+1+D}."""
-    return _accuracies(*_teacher_forced(model, token_ids, window, batch_size, depths)[1:])
+    return _accuracies(*_teacher_forced(model, token_ids, window, batch_size, depths, progress)[1:])
 
 
 def _accuracies(hits: list[int], counts: list[int]) -> dict[str, float]:
@@ -168,7 +176,7 @@ def _draft_chains(model: DeepseekV3ForCausalLM, seq: list[int], first: int, k_ma
 
 @torch.no_grad()
 def mtp_acceptance(model: DeepseekV3ForCausalLM, prompts: Sequence[Sequence[int]], k_max: int = 3,
-                   new_tokens: int = 64) -> dict:
+                   new_tokens: int = 64, progress: bool = False) -> dict:
     """Greedy MTP speculative-decoding acceptance over the greedy continuations of `prompts`.
 
     Returns rates[j-1] = P(drafts 1..j all accepted), over every decode position of every prompt;
@@ -180,7 +188,7 @@ def mtp_acceptance(model: DeepseekV3ForCausalLM, prompts: Sequence[Sequence[int]
         raise ValueError(f"new_tokens ({new_tokens}) must exceed k_max ({k_max})")
     all_accepted = []
     walks = {k: [0, 0] for k in range(1, k_max + 1)}  # k -> [tokens, steps]
-    for prompt in prompts:
+    for prompt in tqdm(prompts, desc="MTP acceptance", unit="prompt", delay=2.0, leave=False, disable=not progress):
         prompt = list(prompt)
         seq = prompt + greedy_generate(model, prompt, new_tokens)
         first = len(prompt) - 1
@@ -242,11 +250,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ids = torch.tensor(tokenizer.encode(args.text.read_text(encoding="utf-8")))
     scored = ids if args.max_windows is None else ids[: args.max_windows * args.window]
     t0 = time.perf_counter()
-    nll, hits, counts = _teacher_forced(model, scored, args.window, 8, args.depths)  # = perplexity + top-1
+    nll, hits, counts = _teacher_forced(model, scored, args.window, 8, args.depths, progress=True)  # ppl + top-1
     ppl, acc = math.exp(nll / counts[0]), _accuracies(hits, counts)
     t1 = time.perf_counter()
     prompts = heldout_prompts(ids, args.prompts, args.prompt_len)
-    spec = mtp_acceptance(model, prompts, args.k_max, args.new_tokens)
+    spec = mtp_acceptance(model, prompts, args.k_max, args.new_tokens, progress=True)
     t2 = time.perf_counter()
 
     rows = [("held-out tokens scored", f"{scored.numel()} (windows of {args.window})"),

@@ -180,10 +180,12 @@ def sample_windows(data: torch.Tensor, batch_size: int, seq_len: int, gen: torch
 
 @torch.no_grad()
 def heldout_losses(model: DeepseekV3ForCausalLM, windows: torch.Tensor, depths: int, batch_size: int,
-                   autocast) -> list[float]:
+                   autocast, progress: bool = False) -> list[float]:
     """Mean [main CE, CE_1 .. CE_D] over windows [n, T] (non-overlapping, each scored on its own)."""
     totals = torch.zeros(depths + 1, dtype=torch.float64)
-    for start in range(0, windows.shape[0], batch_size):
+    # below the train bar, after 2 s; gone when done
+    for start in tqdm(range(0, windows.shape[0], batch_size), desc="held-out eval", unit="batch", delay=2.0,
+                      leave=False, disable=not progress):
         with autocast():
             _, parts = training_loss(model, windows[start:start + batch_size], depths, 0.0)
         totals += torch.stack(parts).double().cpu() * (min(batch_size, windows.shape[0] - start))
@@ -231,7 +233,8 @@ def train(args: argparse.Namespace) -> dict:
         nonlocal eval_seconds
         t0 = time.perf_counter()
         model.eval()
-        losses = heldout_losses(model, eval_windows, args.mtp_depths, args.batch_size, autocast)
+        losses = heldout_losses(model, eval_windows, args.mtp_depths, args.batch_size, autocast,
+                                progress=not getattr(args, "quiet", False))
         model.train()
         eval_seconds += time.perf_counter() - t0
         evals.append({"step": step, "tokens": step * tokens_per_step, "heldout": losses})
@@ -344,12 +347,14 @@ def final_evaluation(model: DeepseekV3ForCausalLM, heldout_ids: torch.Tensor, ar
     """Held-out perplexity, MTP top-1 accuracy and greedy acceptance of the saved weights (float32)."""
     model.eval()
     ids = heldout_ids if args.eval_windows is None else heldout_ids[: args.eval_windows * args.seq_len]
+    progress = not getattr(args, "quiet", False)
     t0 = time.perf_counter()
     out = {"heldout_tokens": ids.numel(), "window": args.seq_len,
-           "perplexity": perplexity(model, ids, args.seq_len),
-           "top1": mtp_top1_accuracy(model, ids, args.seq_len, depths=args.mtp_depths)}
+           "perplexity": perplexity(model, ids, args.seq_len, progress=progress),
+           "top1": mtp_top1_accuracy(model, ids, args.seq_len, depths=args.mtp_depths, progress=progress)}
     prompts = heldout_prompts(heldout_ids, args.accept_prompts, 64)
-    out["acceptance"] = mtp_acceptance(model, prompts, k_max=3, new_tokens=args.accept_new_tokens)
+    out["acceptance"] = mtp_acceptance(model, prompts, k_max=3, new_tokens=args.accept_new_tokens,
+                                       progress=progress)
     out["seconds"] = time.perf_counter() - t0
     print(json.dumps({k: v for k, v in out.items()}, indent=1), flush=True)
     return out

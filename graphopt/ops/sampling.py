@@ -123,8 +123,8 @@ def _top_k_top_p(z: Tensor, top_k: Tensor, top_p: Tensor, max_top_k: int) -> Ten
     cand = cand / cand.sum(dim=-1, keepdim=True)
     before = cand.cumsum(dim=-1) - cand                                           # mass ranked above
     nucleus = (rank < k[:, None]) & ((before < top_p[:, None]) | (top_p[:, None] >= 1))
-    last = nucleus.sum(dim=-1, keepdim=True) - 1                                  # >= 0: rank 0 stays
-    return z >= values.gather(1, last)
+    last = (nucleus.sum(dim=-1, keepdim=True) - 1).clamp(min=0)                   # rank 0 stays, even for
+    return z >= values.gather(1, last)                                            # a top_p <= 0 (invalid) row
 
 
 @torch.library.custom_op("graphopt::sampling_probs", mutates_args=())

@@ -180,7 +180,7 @@ class LayerRunner:
         with torch.no_grad():
             self.hidden = model.model.embed_tokens(self.tokens)                   # [n, T, H]
         n_steps = (len(model.model.layers) + len(model.mtp)) * 2 * -(-len(tokens) // batch)
-        self.bar = tqdm(total=n_steps, desc="calibrate", unit="batch", disable=not progress)
+        self.bar = tqdm(total=n_steps, desc="calibrate", unit="batch", delay=2.0, disable=not progress)
 
     def _chunks(self) -> Iterator[slice]:
         for i in range(0, self.hidden.shape[0], self.batch):

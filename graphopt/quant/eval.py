@@ -89,14 +89,20 @@ def compare(base: nn.Module, models: dict[str, nn.Module], windows: Tensor, batc
     all of them (memory: one batch of log-probs per model, whatever the number of windows)."""
     dev = base.lm_head.weight.device
     ref, tallies = _Tally(), {name: _Tally() for name in models}
-    for i in tqdm(range(0, len(windows), batch), desc="evaluate", unit="batch", delay=2.0, disable=not progress):
+    # counts window forwards (base + each model), so a single batch still moves the bar
+    bar = tqdm(total=len(windows) * (1 + len(models)), desc=f"evaluate (base + {len(models)})", unit="window",
+               delay=2.0, disable=not progress)
+    for i in range(0, len(windows), batch):
         ids = windows[i: i + batch].to(dev)
         p = _forward(base, ids, ref)
+        bar.update(len(ids))
         for name, model in models.items():
             q = _forward(model, ids, tallies[name])
             t = tallies[name]
             t.kl += float((p.exp() * (p - q)).sum())
             t.agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+            bar.update(len(ids))
+    bar.close()
     return {name: EvalStats(t.ppl(), ref.ppl(), t.kl / t.tokens, t.agree / t.tokens, t.accept(), ref.accept(),
                             t.tokens) for name, t in tallies.items()}
 

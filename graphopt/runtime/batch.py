@@ -1,49 +1,72 @@
 """The persistent decode batch on the device, and the few host <-> device copies a step makes.
 
 One row per batch slot, allocated once: tokens [S, 1+k], start_pos [S], block_tables [S, W],
-the sampling fields [S] and active [S] (S = max_batch_size, W = the widest block table a request can
-need). A decode step reads views of rows [0, n) and writes its outputs back into them on the device:
+the sampling fields [S] and active [S] (S = max_batch_size, or the provider's batch bucket above it;
+W = the widest block table a request can need). A decode step reads views of rows [0, n) and writes its outputs back into them on the device:
 
     tokens <- next_tokens,  start_pos <- next_start_pos,  active <- active & ~finished
 
 so consecutive steps need nothing from the host. Host -> device traffic happens only when
 membership changes (a request's sampling fields on admission; its first tokens come from the
-prefill outputs, device to device) and when a request grows into a new cache block (one indexed
-write of (slot, index, block) triples). Device -> host: out_tokens, num_emitted and finished, copied
-non-blocking into pinned buffers on CUDA.
+prefill outputs, device to device) and when a prompt chunk takes cache blocks (one indexed write
+of (slot, index, block) triples). Device -> host: out_tokens, num_emitted and finished, copied
+non-blocking into pinned buffers on CUDA and read one step later.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..step.contract import SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from ..step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from .request import Request
 
-__all__ = ["DecodeBatch", "HostCopy"]
+__all__ = ["DecodeBatch", "HostCopy", "Pending"]
 
 
 class HostCopy:
-    """Copies step outputs to the host: pinned buffers + non_blocking + one event wait on CUDA."""
+    """Copies step outputs to the host without stalling the device queue.
+
+    `start(**tensors)` enqueues the copies (pinned buffers, non_blocking, one event on CUDA) and
+    returns a `Pending`; `Pending.wait()` blocks until they landed and returns python lists. Two
+    buffer sets alternate, so the copies of step N+1 can be in flight while the host reads step N's.
+    Calling the object (`copy(**tensors)`) is `start(...).wait()`.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._pinned: dict[str, torch.Tensor] = {}
+        self._pinned: list[dict[str, torch.Tensor]] = [{}, {}]
+        self._turn = 0
 
     def __call__(self, **tensors: torch.Tensor) -> dict[str, list]:
+        return self.start(**tensors).wait()
+
+    def start(self, **tensors: torch.Tensor) -> "Pending":
         if not self.cuda:
-            return {k: t.tolist() for k, t in tensors.items()}
+            return Pending({k: t.tolist() for k, t in tensors.items()}, None)
+        pinned, self._turn = self._pinned[self._turn], 1 - self._turn
         views = {}
         for k, t in tensors.items():
-            buf = self._pinned.get(k)
+            buf = pinned.get(k)
             if buf is None or buf.numel() < t.numel():
-                buf = self._pinned[k] = torch.empty(max(t.numel(), 64), dtype=t.dtype, pin_memory=True)
+                buf = pinned[k] = torch.empty(max(t.numel(), 64), dtype=t.dtype, pin_memory=True)
             views[k] = buf[:t.numel()].view(t.shape)
             views[k].copy_(t, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        done.synchronize()  # the only wait of a step: the step's own outputs
-        return {k: v.tolist() for k, v in views.items()}
+        return Pending(views, done)
+
+
+class Pending:
+    """Step outputs on their way to the host (see HostCopy)."""
+
+    def __init__(self, values: dict, done):
+        self._values, self._done = values, done
+
+    def wait(self) -> dict[str, list]:
+        if self._done is not None:
+            self._done.synchronize()       # the only wait of a step: that step's own outputs
+            self._values, self._done = {k: v.tolist() for k, v in self._values.items()}, None
+        return self._values
 
 
 class DecodeBatch:
@@ -51,14 +74,16 @@ class DecodeBatch:
         def zeros(*shape, dtype=torch.int64):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
-        self.device = device
+        self.device, self.max_rows, self.width = device, max_rows, table_width
         self.tokens = zeros(max_rows, 1 + num_speculative_tokens)
         self.start_pos = zeros(max_rows)
         self.block_tables = zeros(max_rows, table_width)
-        self.params = {name: zeros(max_rows, dtype=dtype) for name, dtype in SAMPLING_FIELDS}
+        self.params = {name: torch.full((max_rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
+                       for name, dtype in SAMPLING_FIELDS}   # rows without a request: valid, idle values
         self.active = zeros(max_rows, dtype=torch.bool)
         self.greedy = [True] * max_rows   # host copy of temperature == 0 per slot: picks the greedy-only step
-        self.copy_out = HostCopy(device)
+        self.copy_out = HostCopy(device)      # decode outputs (two buffer sets: one step in flight)
+        self.copy_prefill = HostCopy(device)  # prefill outputs, read at once
 
     # -- membership (host -> device) ----------------------------------------------------------
     def admit(self, requests: list[Request]) -> None:
@@ -101,6 +126,8 @@ class DecodeBatch:
 
     # -- step inputs and outputs --------------------------------------------------------------
     def decode_inputs(self, n: int, width: int, kv_caches, mtp_caches) -> SpecStepInputs:
+        """Views of rows [0, n): the same tensors every step for the same n (a full-width table is a
+        view too; a narrower one is copied to be contiguous)."""
         return SpecStepInputs(tokens=self.tokens[:n], start_pos=self.start_pos[:n],
                               block_tables=self.block_tables[:n, :width].contiguous(),
                               **{k: v[:n] for k, v in self.params.items()}, active=self.active[:n],

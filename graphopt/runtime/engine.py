@@ -2,14 +2,17 @@
 
 One `Engine.step()`:
     1. admit waiting requests (FIFO) into free batch slots when the cache can reserve them;
-    2. allocate the cache blocks this step writes (new block-table entries: the one H2D write);
-    3. decode: one provider call over the decode batch; its outputs feed the next step on the device;
-    4. prefill: one call for earlier prompt chunks, one for last chunks (which emit first tokens and
-       join the decode batch from the next step on);
-    5. on the host: copy out emitted tokens, apply eos / max_new_tokens / stop strings, stream
-       events, release finished requests' slots and blocks.
-Everything a step needs from the previous one (tokens, positions, active rows) stays on the device;
-see `docs/runtime.md` for the per-step traffic.
+    2. allocate the blocks of this step's prompt chunks (a last chunk takes the request's whole
+       reservation, so decode never grows a table): new block-table entries, the one H2D write;
+    3. decode: launch one provider call over the decode batch; its outputs feed the next step on the
+       device and start their copy to the host;
+    4. on the host, for the PREVIOUS decode step (its copy landed while this one runs): emitted
+       tokens, eos / max_new_tokens / stop strings, events, release of finished requests;
+    5. prefill: one call for earlier prompt chunks, one for last chunks (which emit first tokens and
+       join the decode batch from the next step on).
+Everything a step needs from the previous one (tokens, positions, active rows) stays on the device,
+so the device runs one step ahead of the host; see `docs/runtime.md` for why that is safe and for
+the per-step traffic.
 """
 
 from __future__ import annotations
@@ -19,9 +22,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 
-from ..step.contract import SpecStepOutputs, StepProvider, window
+from ..step.contract import StepProvider, window
 from ..step.reference_provider import ReferenceStepProvider
-from .batch import DecodeBatch
+from .batch import DecodeBatch, Pending
 from .kv_cache import PagedKVCache, blocks_for_budget
 from .request import FinishReason, Request, RequestEvent, RequestOutput, SamplingParams, Status
 from .scheduler import Chunk, Scheduler
@@ -57,12 +60,16 @@ class Engine:
                                                        max_positions))
         self.cache = PagedKVCache(kv, mtp, max_positions, debug)
         width = min(self.cache.blocks_for(max_positions + self.window), self.cache.allocator.num_usable)
-        self.batch = DecodeBatch(max_batch_size, provider.num_speculative_tokens, width, self.cache.device)
+        self._decode_shape = getattr(provider, "decode_shape", None)   # optional: see StepProvider
+        rows = max_batch_size if self._decode_shape is None else max(max_batch_size, self._decode_shape(max_batch_size, width)[0])
+        # rows past max_batch_size never hold a request: padding up to the provider's bucket
+        self.batch = DecodeBatch(rows, provider.num_speculative_tokens, width, self.cache.device)
         self.scheduler = Scheduler(self.cache, max_batch_size, prefill_chunk_size, self.window)
         self._live: dict[int, Request] = {}
         self._outputs: dict[int, RequestOutput] = {}
         self._stops: dict[int, StopStrings] = {}
         self._next_id = 0
+        self._pending: tuple[list[Request], list[int], Pending] | None = None   # the decode step in flight
 
     @classmethod
     def from_model(cls, model, *, block_size: int = 16, **engine_kwargs) -> "Engine":
@@ -121,24 +128,52 @@ class Engine:
 
     # -- the loop -----------------------------------------------------------------------------
     def step(self) -> list[RequestEvent]:
+        """One step of the loop (module docstring). The decode call is launched before the host reads
+        the previous decode step's outputs, so the device runs step N+1 while the host streams step N:
+        a step's tokens are reported by the next `step()` call (the last ones by the call that finds
+        nothing more to launch)."""
         events: list[RequestEvent] = []
         sched, batch = self.scheduler, self.batch
         batch.admit(sched.admit())
         last, partial = sched.prefill_chunks()
         batch.set_blocks(sched.grow(last + partial))
+        pending, self._pending = self._pending, None
         decoding = sched.decoding()
+        if pending is not None and self._all_done_after(decoding, pending[0]):
+            decoding = []              # every row ends with the step in flight: nothing more to launch
         if decoding:
-            n = sched.batch_rows()
-            out = self.provider.decode(batch.decode_inputs(n, sched.table_width(decoding),
-                                                           self.cache.kv_caches, self.cache.mtp_caches))
-            batch.absorb(n, out)
-            self._collect(decoding, [r.slot for r in decoding], out, events)
+            self._pending = self._launch(decoding)
+        if pending is not None:
+            requests, slots, copy = pending
+            self._collect(requests, slots, copy.wait(), events)
         for group in (partial, last):
             if group:
                 self._prefill(group, events)
         if self.debug:
             self.cache.check_invariants()
         return events
+
+    def _launch(self, decoding: list[Request]) -> tuple[list[Request], list[int], Pending]:
+        """One decode call over slots [0, n), its outputs absorbed as the next inputs on the device and
+        on their way to the host."""
+        rows, width = self.scheduler.batch_rows(), self.scheduler.table_width(decoding)
+        if self._decode_shape is not None:   # e.g. a CUDA-graph bucket: the same tensors every step
+            rows, width = self._decode_shape(rows, width)
+            rows, width = min(rows, self.batch.max_rows), min(width, self.batch.width)
+        inputs = self.batch.decode_inputs(rows, width, self.cache.kv_caches, self.cache.mtp_caches)
+        inputs.greedy = all(r.params.temperature == 0 for r in decoding)   # padding rows do not count
+        out = self.provider.decode(inputs)
+        self.batch.absorb(rows, out)
+        copy = self.batch.copy_out.start(out_tokens=out.out_tokens, num_emitted=out.num_emitted,
+                                         finished=out.finished)
+        return decoding, [r.slot for r in decoding], copy
+
+    @staticmethod
+    def _all_done_after(decoding: list[Request], launched: list[Request]) -> bool:
+        """Whether every decoding request has certainly finished once the step in flight lands (a step
+        emits >= 1 token for every active row, so a row one token short of max_new_tokens ends with it)."""
+        in_flight = {id(r) for r in launched}
+        return all(id(r) in in_flight and len(r.generated) + 1 >= r.params.max_new_tokens for r in decoding)
 
     def _prefill(self, chunks: list[Chunk], events: list[RequestEvent]) -> None:
         requests = [c.request for c in chunks]
@@ -153,14 +188,18 @@ class Engine:
             self.batch.join([r.slot for r in requests], out)
             for r in requests:
                 r.status, r.pos = Status.DECODE, len(r.prompt) - 1   # _collect adds the first token
-            self._collect(requests, list(range(len(requests))), out, events)
+            host = self.batch.copy_prefill(out_tokens=out.out_tokens, num_emitted=out.num_emitted,
+                                           finished=out.finished)
+            self._collect(requests, list(range(len(requests))), host, events)
 
-    def _collect(self, requests: list[Request], rows: list[int], out: SpecStepOutputs,
+    def _collect(self, requests: list[Request], rows: list[int], host: dict[str, list],
                  events: list[RequestEvent]) -> None:
-        """Copy a step's emitted tokens to the host and apply the stop conditions."""
-        host = self.batch.copy_out(out_tokens=out.out_tokens, num_emitted=out.num_emitted, finished=out.finished)
+        """Apply a step's emitted tokens (already on the host) and the stop conditions. Requests the
+        host finished since the step was launched (stop string, abort) are skipped."""
         stopped = []
         for r, row in zip(requests, rows):
+            if r.status is not Status.DECODE:
+                continue
             n = host["num_emitted"][row]
             tokens = host["out_tokens"][row][:n]
             r.pos += n

@@ -15,7 +15,8 @@ e.g. DeepSeek-V3 in bf16, block_size 64, 61 + 1 layers: 64 * 576 * 2 * 62 = 4.57
 
 Admission reserves, growth allocates. A request is admitted only when the blocks it could ever need
 (prompt + max_new_tokens + the speculative window) are free of other reservations; the blocks
-themselves are taken one by one as the request grows and all return when it leaves. Reserving the
+themselves are taken as the request's prompt chunks are scheduled (the rest of the reservation with
+its last chunk) and all return when it leaves. Reserving the
 worst case means a running request never finds the cache full (no preemption, no recompute); the
 price is that an early eos leaves part of the reservation unused until the request leaves.
 """

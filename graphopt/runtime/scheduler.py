@@ -87,17 +87,17 @@ class Scheduler:
         return max((r.slot + 1 for r in self.decoding()), default=0)
 
     def grow(self, chunks: list[Chunk]) -> list[tuple[int, int, int]]:
-        """Allocate the blocks this step writes; returns new block-table entries (slot, index, block).
+        """Allocate the blocks this step's prefill chunks write; returns new block-table entries
+        (slot, index, block).
 
-        A chunk writes positions up to its end (a last chunk also drafts k - 1 positions past the
-        prompt when k >= 2, covered by window - 1); a decode step at `pos` writes pos .. pos + window - 1.
+        An earlier chunk takes the blocks up to its end; a last chunk takes the request's whole
+        reservation (every position its decode steps can write), so a decoding request never waits
+        for the host to grow its table and consecutive decode steps need nothing from the host.
         """
         entries = []
         for c in chunks:
-            end = c.start + c.length + (self.window - 1 if c.is_last else 0)
+            end = c.request.needed_positions if c.is_last else c.start + c.length
             entries += [(c.request.slot, i, b) for i, b in self.cache.grow(c.request, end)]
-        for r in self.decoding():
-            entries += [(r.slot, i, b) for i, b in self.cache.grow(r, r.pos + self.window)]
         return entries
 
     def table_width(self, requests: list[Request]) -> int:

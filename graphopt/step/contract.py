@@ -29,7 +29,8 @@ import torch
 
 from graphopt.models.config import DeepseekV3Config
 
-__all__ = ["SpecPrefillInputs", "SpecStepInputs", "SpecStepOutputs", "StepProvider", "SAMPLING_FIELDS"]
+__all__ = ["IDLE_SAMPLING", "SAMPLING_FIELDS", "SpecPrefillInputs", "SpecStepInputs", "SpecStepOutputs",
+           "StepProvider"]
 
 # Per-row request parameters shared by prefill and decode inputs: (name, dtype).
 SAMPLING_FIELDS = (
@@ -41,6 +42,11 @@ SAMPLING_FIELDS = (
     ("eos_token_id", torch.int64),    # -1 = none
     ("max_pos", torch.int64),         # finish after emitting the token at this position
 )
+
+# The fields' values for a row that holds no request (padding rows of a batch bucket): greedy, no
+# filters; such a row is also inactive, so it emits nothing and writes only the sink slot.
+IDLE_SAMPLING = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0, "eos_token_id": -1,
+                 "max_pos": 0}
 
 
 @dataclass
@@ -143,6 +149,11 @@ class StepProvider(Protocol):
     def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs: ...
 
     def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs: ...
+
+    # Optional: `decode_shape(rows, width) -> (rows, width)`, the rows and block-table width the
+    # provider runs a decode batch of `rows` rows and `width` table columns with (e.g. a CUDA-graph
+    # bucket). A runtime that passes inputs of that shape, padded with inactive rows, as views of the
+    # same tensors every step, lets a replaying provider read them in place instead of copying them.
 
 
 def window(num_speculative_tokens: int) -> int:

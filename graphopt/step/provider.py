@@ -27,14 +27,19 @@ class SpecStats:
         self._sums: dict[str, torch.Tensor] | None = None
         self.k: int | None = None
 
+    def prepare(self, k: int, device: torch.device) -> None:
+        """Allocate the counters (zero) for k drafts; `update` then only adds in place, so it can be
+        recorded into a CUDA graph and accumulate on every replay."""
+        if self._sums is None:
+            self.k = k
+            z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)  # noqa: E731
+            self._sums = {"steps": z(), "accepted": z(), "tokens": z(), "per_position": z(k), "histogram": z(k + 1)}
+
     def update(self, outputs: SpecStepOutputs) -> None:
         n = outputs.num_emitted
         k = outputs.out_tokens.shape[1] - 1
-        if self._sums is None:
-            self.k = k
-            z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=n.device)
-            self._sums = {"steps": z(), "accepted": z(), "tokens": z(), "per_position": z(k), "histogram": z(k + 1)}
-        elif k != self.k:
+        self.prepare(k, n.device)
+        if k != self.k:
             raise ValueError(f"SpecStats: outputs of a k = {k} step added to statistics of k = {self.k}")
         counted = ((n > 0) & ~outputs.finished).long()                            # [B]
         accepted = (n - 1).clamp(min=0)

@@ -14,9 +14,10 @@ PROMPTS = [[1, 50, 60, 70], [1, 42], [1, 9, 8, 7, 6, 5, 4, 3, 2]]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def test_auto_picks_inductor_on_cuda_and_eager_on_the_cpu():
+def test_auto_picks_inductor_on_cuda_ascend_on_an_npu_and_eager_on_the_cpu():
     assert resolve_backend("auto", "cuda") == "inductor" and resolve_backend("auto", torch.device("cuda", 0)) == "inductor"
     assert resolve_backend("auto", "cpu") == "eager" and resolve_backend("inductor", "cpu") == "inductor"
+    assert resolve_backend("auto", "npu:0") == "ascend"          # an NPU device means torch_npu is loaded
 
 
 def test_buckets_cover_every_batch_size_up_to_the_largest():
@@ -61,10 +62,19 @@ def test_cuda_graph_steps_are_token_identical_to_greedy_in_float32(gpu_model, k)
     ragged = PROMPTS + [[1, 7] * 9, [3]]
     want = [greedy_generate(gpu_model, p, 24) for p in ragged]
     assert compiled.generate(ragged, max_new_tokens=24, ignore_eos=True) == want          # 5 rows: the bucket of 8, padded
+    ex = compiled.executable
+    assert ex._bound                            # a graph bound to the engine's own batch rows
     assert compiled.generate(ragged[:1], max_new_tokens=24, ignore_eos=True) == want[:1]  # the bucket of 1
-    assert compiled.executable.captures >= 2
     sampled = compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
     assert sampled == compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
+    # rows finishing at different steps move the batch to smaller buckets: each is captured once (its
+    # copying graph, then a bound one); a repeat of a generation replays what it captured
+    captures, steps = ex.captures, ex.stats["steps"] if k else 0
+    assert captures <= 2 * 2 * len(ex.buckets)
+    assert compiled.generate(ragged, max_new_tokens=24, ignore_eos=True) == want
+    assert ex.captures == captures
+    if k:
+        assert ex.stats["steps"] > steps        # counted inside the replayed graph
     if k:
         assert compiled.stats["acceptance_rate"] > 0.2
 

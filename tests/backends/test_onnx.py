@@ -2,9 +2,16 @@
 (equal to the references), and greedy generation through onnxruntime token-identical to eager.
 
 The default run lowers a one-layer random model (spec k = 1 and quant="w8a8" together) once for the
-module: exporting a graph is one torch.export of it, ~35 s per graph of the embedded model on 2 cores.
+module (`tiny`) and every test shares it, the functional rewrite's included: exporting a graph is one
+torch.export of it (~10-50 s per graph of that model on 2 cores, ~35 s+ for the embedded model), so
+no test exports a graph another has exported (`export_program(exported=executable.graphs)`).
 The embedded model (`graphopt.models.load`, float32) is in the `slow` tests: spec="mtp" + w8a8 shared
-by a module fixture, then plain / mtp / w8a8 compiled separately."""
+by a module fixture, then plain / mtp / w8a8 compiled separately (32 greedy steps each); the slow
+`graphopt dump --format onnx` test exports every graph of a fresh compile."""
+
+import os
+import subprocess
+import sys
 
 import onnx
 import pytest
@@ -14,9 +21,10 @@ import graphopt
 from graphopt import backends
 from graphopt.api import CompiledModel
 from graphopt.backends.onnx import decompositions as D
-from graphopt.backends.onnx import functional_graph
+from graphopt.backends.onnx import export_program, functional_graph
 from graphopt.backends.onnx.functional import cache_inputs
 from graphopt.models.random import random_model
+from graphopt.passes.dump import ONNX_LAYOUT, Dumper
 
 G = torch.ops.graphopt
 PROMPTS = [[1, 50, 60, 70], [1, 42], [1, 9, 8, 7, 6, 5, 4, 3, 2, 11, 12]]
@@ -43,20 +51,14 @@ def embedded():
     return graphopt.compile(model, backend="onnx", spec="mtp", quant="w8a8", progress=False)
 
 
-# -- the functional rewrite --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def small():
-    return graphopt.compile(random_model(0, num_hidden_layers=1, first_k_dense_replace=0), backend="eager",
-                            spec=graphopt.SpecConfig(num_speculative_tokens=1), progress=False, block_size=4)
-
+# -- the functional rewrite (over tiny's in-place graphs: no second compile) ----------------------------
 
 def _targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-def test_cache_writes_become_values_returned_after_the_outputs(small):
-    gm = small.program["step_greedy"]
+def test_cache_writes_become_values_returned_after_the_outputs(tiny):
+    gm = tiny.program["step_greedy"]
     assert _targets(gm).count(G.kv_cache_write.default) == 2                  # one main layer, one MTP
     f = functional_graph(gm)
     targets = _targets(f)
@@ -67,9 +69,9 @@ def test_cache_writes_become_values_returned_after_the_outputs(small):
     assert len(out) == 5 + len(cache_inputs(gm)) == 7
 
 
-def test_the_functional_step_computes_what_the_in_place_step_computes(small):
-    exe = small.executable
-    gm, f = small.program["step_greedy"], functional_graph(small.program["step_greedy"])
+def test_the_functional_step_computes_what_the_in_place_step_computes(tiny):
+    exe = tiny.executable
+    gm, f = tiny.program["step_greedy"], functional_graph(tiny.program["step_greedy"])
     kv, mtp = exe.new_caches(6)
     gen = torch.Generator().manual_seed(0)
     for c in kv + mtp:
@@ -194,10 +196,52 @@ def test_forward_runs_the_main_graph_through_onnxruntime(tiny):
     torch.testing.assert_close(got, _eager_twin(tiny)(ids), rtol=1e-4, atol=1e-4)
 
 
+def test_dump_layout_files_are_the_checked_session_models_and_the_report_links_them(tiny, tmp_path):
+    exe = tiny.executable
+    names = [n for n in tiny.program.names if n in exe.graphs]            # exported already: none re-exported
+    paths = export_program(tiny.program, tmp_path, layout=ONNX_LAYOUT, names=names, exported=exe.graphs)
+    assert paths == [tmp_path / n / "final.onnx" for n in names] and {"prefill", "step_greedy"} <= set(names)
+    for name, path in zip(names, paths):
+        assert path.read_bytes() == exe.graphs[name].serialize()           # the model onnx.checker passed
+    Dumper(tmp_path).write_report(tiny.report.records, tiny.report.all_notes())
+    md, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
+    for name in names:
+        assert f"[final.onnx]({name}/final.onnx)" in md and f"<a href='{name}/final.onnx'>final.onnx</a>" in page
+
+
+# a fresh interpreter where onnx, onnxruntime and onnxscript cannot be imported (the `onnx` extra absent)
+WITHOUT_ONNX = """
+import sys
+for m in ("onnx", "onnxruntime", "onnxscript"):
+    sys.modules[m] = None                                   # `import m` now raises ImportError
+import graphopt
+from graphopt.models.random import random_model
+model = random_model(0, num_hidden_layers=1, first_k_dense_replace=1)   # dense: the cheapest compile
+compiled = graphopt.compile(model, backend="eager", progress=False, block_size=4)
+assert len(compiled.generate([[1, 2, 3]], max_new_tokens=2)[0]) == 2
+try:
+    graphopt.compile(model, backend="onnx")
+except ImportError as e:
+    print(e)
+"""
+
+
+def test_without_the_onnx_extra_eager_compiles_and_the_onnx_backend_names_the_extra():
+    run = subprocess.run([sys.executable, "-c", WITHOUT_ONNX], capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "missing: onnx, onnxruntime, onnxscript" in run.stdout and "pip install graphopt[onnx]" in run.stdout
+
+
 @pytest.mark.slow
-def test_export_program_writes_one_checked_model_per_graph(tiny, tmp_path):
-    from graphopt.backends.onnx import export_program
-    paths = export_program(tiny.program, tmp_path)
-    assert [p.name for p in paths] == [f"{n}.onnx" for n in tiny.program.names]
-    for p in paths:
-        onnx.checker.check_model(str(p), full_check=True)
+def test_dump_format_onnx_writes_every_final_graph_checked_and_linked(tmp_path, monkeypatch, capsys):
+    from graphopt import cli
+    model = random_model(0, num_hidden_layers=1, first_k_dense_replace=0)
+    monkeypatch.setattr(cli, "_load_model", lambda *a: (model, None, "random"))
+    assert cli.main(["dump", "--format", "onnx", "--dump-dir", str(tmp_path)]) == 0
+    names = ["main", "step", "step_greedy", "prefill"]                      # k = 0: no mtp0
+    assert sorted(p.parent.name for p in tmp_path.glob("*/final.onnx")) == sorted(names)
+    for name in names:
+        onnx.checker.check_model(str(tmp_path / name / "final.onnx"), full_check=True)
+        assert f"({name}/final.onnx)" in (tmp_path / "report.md").read_text()
+    assert f"onnx (open in Netron): {tmp_path / 'prefill' / 'final.onnx'}" in capsys.readouterr().out

@@ -441,3 +441,16 @@ def test_save_records_torch_dtype_and_load_logs_the_dtype_it_chose(tmp_path, cap
     assert model.lm_head.weight.dtype == torch.float32
     [record] = [r for r in caplog.records if r.name == "graphopt"]
     assert "as float32" in record.getMessage() and "the checkpoint says bfloat16" in record.getMessage()
+
+
+def test_load_without_torch_dtype_in_config_logs_the_stored_dtype(tmp_path, caplog):
+    save(small_model().to(torch.bfloat16), tmp_path / "m")
+    config_file = tmp_path / "m" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["torch_dtype"]                                   # as in older or hand-written checkpoints
+    config_file.write_text(json.dumps(config))
+    with caplog.at_level("INFO", logger="graphopt"):
+        load(tmp_path / "m", dtype=torch.float32)
+    [record] = [r for r in caplog.records if r.name == "graphopt"]
+    assert "as float32" in record.getMessage()
+    assert "no torch_dtype, its embedding is stored as bfloat16" in record.getMessage()

@@ -124,3 +124,33 @@ def test_heldout_prompts_are_deterministic_and_in_range():
     assert [p[0] for p in prompts] == [0, 247, 495, 742] and all(len(p) == 10 for p in prompts)
     with pytest.raises(ValueError, match="shorter than one prompt"):
         heldout_prompts(ids[:5], n=1, length=10)
+
+
+# -- progress (issue 15): a bar on stderr after 2 s of scoring or acceptance, only when asked --------
+def _bars_shown_at_once(monkeypatch, module) -> list[dict]:
+    """`module`'s tqdm bars drawn at once into buffers; one record per bar: its kwargs and its output."""
+    import io
+
+    made, real = [], module.tqdm
+
+    def make(*args, **kwargs):
+        made.append({"kwargs": kwargs, "out": io.StringIO()})
+        return real(*args, **{**kwargs, "delay": 0, "leave": True, "mininterval": 0, "file": made[-1]["out"]})
+    monkeypatch.setattr(module, "tqdm", make)
+    return made
+
+
+def test_scoring_and_acceptance_show_progress_only_when_asked(monkeypatch):
+    from graphopt.models import evaluate
+
+    bars = _bars_shown_at_once(monkeypatch, evaluate)
+    model = random_model(seed=3)
+    ids = torch.randint(0, 97, (150,), generator=torch.Generator().manual_seed(1))
+    shown = perplexity(model, ids, window=32, batch_size=2, progress=True)     # 4 windows + a tail of 22
+    assert shown == pytest.approx(perplexity(model, ids, window=32, batch_size=2))
+    assert [b["kwargs"]["delay"] for b in bars] == [2.0, 2.0]                   # real runs: after 2 s only
+    assert "score windows: 100%" in bars[0]["out"].getvalue() and "5/5 [" in bars[0]["out"].getvalue()
+    assert "2/5 [" in bars[0]["out"].getvalue()                                # moves batch by batch
+    assert bars[1]["out"].getvalue() == ""                                       # progress=False: silent
+    mtp_acceptance(model, [[1, 2, 3], [4, 5, 6]], k_max=1, new_tokens=4, progress=True)
+    assert "MTP acceptance: 100%" in bars[2]["out"].getvalue() and "2/2 [" in bars[2]["out"].getvalue()

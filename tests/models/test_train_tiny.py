@@ -221,3 +221,23 @@ def test_train_tiny_refuses_a_missing_corpus_before_building_a_model(tmp_path, c
     assert cli_main(["train-tiny", "--micro", "--corpus", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "lacks train.bin, heldout.bin, tokenizer.json" in err
+
+
+def test_held_out_evaluation_shows_progress_after_two_seconds_only_when_asked(monkeypatch):
+    import contextlib
+    import io
+
+    from graphopt.models import train_tiny
+
+    made, real = [], train_tiny.tqdm
+
+    def make(*args, **kwargs):   # bars drawn at once into a buffer, so the test can read them
+        made.append({"kwargs": kwargs, "out": io.StringIO()})
+        return real(*args, **{**kwargs, "delay": 0, "leave": True, "mininterval": 0, "file": made[-1]["out"]})
+    monkeypatch.setattr(train_tiny, "tqdm", make)
+    model = _micro_model().eval()
+    windows = torch.randint(3, 64, (5, 16), generator=torch.Generator().manual_seed(0))
+    shown = train_tiny.heldout_losses(model, windows, 1, 2, contextlib.nullcontext, progress=True)
+    assert shown == train_tiny.heldout_losses(model, windows, 1, 2, contextlib.nullcontext)
+    assert made[0]["kwargs"]["delay"] == 2.0 and "held-out eval: 100%" in made[0]["out"].getvalue()
+    assert "3/3 [" in made[0]["out"].getvalue() and made[1]["out"].getvalue() == ""

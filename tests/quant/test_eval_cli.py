@@ -83,3 +83,44 @@ def _rc(fn, argv):
         return fn(argv)
     except SystemExit as e:                                      # argparse's own checks
         return e.code
+
+
+# -- progress (issue 15): calibration and evaluation bars, shown after 2 s of work --------------------
+def _bars_shown_at_once(monkeypatch, module) -> list[dict]:
+    """`module`'s tqdm bars drawn at once into buffers; one record per bar: its kwargs and its output."""
+    import io
+
+    made, real = [], module.tqdm
+
+    def make(*args, **kwargs):
+        made.append({"kwargs": kwargs, "out": io.StringIO()})
+        return real(*args, **{**kwargs, "delay": 0, "leave": True, "mininterval": 0, "file": made[-1]["out"]})
+    monkeypatch.setattr(module, "tqdm", make)
+    return made
+
+
+def test_evaluation_progress_counts_window_forwards_so_one_batch_still_moves(monkeypatch):
+    from graphopt.quant import eval as quant_eval
+
+    bars = _bars_shown_at_once(monkeypatch, quant_eval)
+    model = random_model()
+    windows = windows_from(torch.randint(0, 97, (75,), generator=torch.Generator().manual_seed(0)), 25)
+    compare(model, {"same": model}, windows, batch=4, progress=True)          # 3 windows: one batch
+    out = bars[0]["out"].getvalue()
+    assert bars[0]["kwargs"]["delay"] == 2.0 and bars[0]["kwargs"]["unit"] == "window"
+    assert "evaluate (base + 1)" in out and "3/6 [" in out and "6/6 [" in out   # base, then the model
+    compare(model, {"same": model}, windows, batch=4)
+    assert bars[1]["out"].getvalue() == ""                                      # progress=False: silent
+
+
+def test_calibration_progress_waits_two_seconds_and_counts_every_layer_batch(monkeypatch):
+    from graphopt.quant import calibration
+
+    bars = _bars_shown_at_once(monkeypatch, calibration)
+    model = random_model()
+    tokens = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    runner = calibration.LayerRunner(model, tokens, batch=2)                    # progress on by default
+    runner.run(model.model.layers[0], update=True)
+    runner.close()
+    steps = (len(model.model.layers) + len(model.mtp)) * 2 * 2                   # observe + advance, 2 batches
+    assert bars[-1]["kwargs"]["delay"] == 2.0 and f"2/{steps} [" in bars[-1]["out"].getvalue()

@@ -31,6 +31,13 @@ def test_admit_writes_the_rows_sampling_fields_and_clears_stale_state():
     assert b.active.tolist() == [True, True, False, True]   # the new row waits for its prefill
 
 
+def test_rows_without_a_request_hold_valid_idle_sampling_fields():
+    # a step over a padded bucket reads them: top_p 0 would leave a sampling row with an empty nucleus
+    b = DecodeBatch(4, num_speculative_tokens=0, table_width=2, device=torch.device("cpu"))
+    assert b.params["top_p"].tolist() == [1.0] * 4 and b.params["eos_token_id"].tolist() == [-1] * 4
+    assert not b.active.any()
+
+
 def test_join_then_steps_need_nothing_from_the_host():
     b = DecodeBatch(3, num_speculative_tokens=1, table_width=2, device=torch.device("cpu"))
     b.join([2, 0], _out([[5, 6], [7, 8]], [10, 20], [False, True]))   # prefill rows -> slots 2 and 0

@@ -62,16 +62,20 @@ def test_prompts_are_split_into_chunks_and_the_last_is_flagged():
     assert seen == [(1, 0, 3, True), (0, 0, 4, False), (0, 4, 4, False), (0, 8, 2, True)]
 
 
-def test_grow_covers_the_decode_window_and_reports_new_entries():
+def test_the_last_chunk_takes_the_whole_reservation_so_decode_never_grows():
     s = _sched(num_blocks=33, block_size=4, window=5)
-    r = _req(0, 4, 8, sched=s)
+    r = _req(0, 10, 8, sched=s)              # prompt 10, 8 new tokens: 10 + 8 - 2 + 5 = 21 positions
     s.add(r)
     s.admit()
-    last, _ = s.prefill_chunks()
-    entries = s.grow(last)                  # prompt 4 + 4 written ahead -> 8 positions, 2 blocks
-    assert [(slot, i) for slot, i, _ in entries] == [(0, 0), (0, 1)]
-    r.status, r.prefilled, r.pos = Status.DECODE, 4, 4
-    assert s.grow([]) == [(0, 2, s.cache.tables[r][2])]   # decode at 4 writes 4..8 -> 3 blocks
-    assert s.batch_rows() == 1 and s.table_width([r]) == 3
+    s.prefill_chunk_size = 4
+    first, = s.prefill_chunks()[1]
+    assert [(slot, i) for slot, i, _ in s.grow([first])] == [(0, 0)]            # an earlier chunk: its end
+    r.prefilled = 8
+    last, = s.prefill_chunks()[0]
+    entries = s.grow([last])                  # the last chunk: every block of the 21 reserved positions
+    assert [(slot, i) for slot, i, _ in entries] == [(0, 1), (0, 2), (0, 3), (0, 4), (0, 5)]
+    r.status, r.prefilled, r.pos = Status.DECODE, 10, 10
+    assert s.grow([]) == [] and s.cache._reserved[r] == 0
+    assert s.batch_rows() == 1 and s.table_width([r]) == 6
     s.finish(r)
     assert s.cache.allocator.num_free == 32 and not s.has_work()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 from torch import fx
@@ -10,7 +11,7 @@ from torch import fx
 from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the graphs may call
 from ...ops import core as _core
 from ...passes.program import CompileOptions, Program
-from ...step.contract import SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from ...step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from ...step.provider import SpecStats
 from ...step.paged import blocks_for, dense_block_tables, slot_mapping
 from ...step.spec_step import as_outputs, decode_args, prefill_args
@@ -70,45 +71,71 @@ class _Compiled:
 
 
 class _CapturedStep:
-    """One CUDA graph of the decode step for `rows` rows, over static input buffers and one set of caches."""
+    """One CUDA graph of the decode step for `rows` rows over one set of caches.
 
-    def __init__(self, fn: _Compiled, rows: int, k: int, width: int, kv, mtp, pool, device):
-        z = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+    Two kinds: over its own static input buffers (`bind=None`: each call copies the caller's rows in,
+    pads the rest with inactive rows), or bound to the caller's own input tensors (`bind=inputs` of
+    exactly `rows` rows: a call with the same tensors only replays). The speculative statistics are
+    updated inside the graph, so a replay is the whole step."""
+
+    def __init__(self, fn: _Compiled, rows: int, k: int, width: int, kv, mtp, pool, device,
+                 stats: SpecStats | None, bind: SpecStepInputs | None = None):
         self.rows, self.width = rows, width
-        self.tokens, self.start_pos, self.block_tables = z(rows, 1 + k), z(rows), z(rows, width)
-        idle = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 0, "eos_token_id": -1, "max_pos": 0}
-        self.params = {name: torch.full((rows,), idle[name], dtype=dtype, device=device) for name, dtype in SAMPLING_FIELDS}
-        self.active = z(rows, dtype=torch.bool)     # all rows idle while warming up: writes go to the sink
-        self.caches = (list(kv), list(mtp))
-        self.key = _cache_key(kv, mtp)
-        args = (self.tokens, self.start_pos, self.block_tables, *self.params.values(), self.active, *self.caches)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):                      # compile (first call) and settle the allocator
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
+        self.key, self._caches = _cache_key(kv, mtp), (*kv, *mtp)
+        if bind is None:
+            z = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+            self.tokens, self.start_pos, self.block_tables = z(rows, 1 + k), z(rows), z(rows, width)
+            self.params = {name: torch.full((rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
+                           for name, dtype in SAMPLING_FIELDS}
+            self.active = z(rows, dtype=torch.bool)     # all rows idle while warming up: writes go to the sink
+            args = (self.tokens, self.start_pos, self.block_tables, *self.params.values(), self.active, kv, mtp)
+            self.bound = None
+        else:
+            args = decode_args(bind)
+            self.bound = _input_key(bind)
+        if bind is None:    # a bound graph is captured after a graph of the same rows ran: no warm-up
+            side = torch.cuda.Stream()                  # (it would run a step over the caller's live rows)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):                      # compile (first call) and settle the allocator
+                    fn(*args)
+            torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.outputs = fn(*args)
+            self.outputs = as_outputs(fn(*args))
+            if stats is not None:
+                stats.update(self.outputs)              # accumulates on every replay
+
+    def holds(self, kv, mtp) -> bool:
+        """Whether the graph was captured over exactly these cache tensors."""
+        return len(kv) + len(mtp) == len(self._caches) and all(map(operator.is_, (*kv, *mtp), self._caches))
 
     def run(self, inputs: SpecStepInputs) -> SpecStepOutputs:
+        if self.bound is not None:                      # the caller's tensors are the graph's inputs
+            self.graph.replay()
+            return self.outputs
         n, w = inputs.tokens.shape[0], inputs.block_tables.shape[1]
-        self.tokens[:n].copy_(inputs.tokens)
-        self.start_pos[:n].copy_(inputs.start_pos)
-        self.block_tables[:n, :w].copy_(inputs.block_tables)
+        copies = [(self.tokens[:n], inputs.tokens), (self.start_pos[:n], inputs.start_pos),
+                  (self.block_tables[:n, :w], inputs.block_tables), (self.active[:n], inputs.active)]
+        copies += [(self.params[name][:n], getattr(inputs, name)) for name, _ in SAMPLING_FIELDS]
+        torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
         if w < self.width:
             self.block_tables[:n, w:].zero_()
-        for name, _ in SAMPLING_FIELDS:
-            self.params[name][:n].copy_(getattr(inputs, name))
-        self.active[:n].copy_(inputs.active)
-        self.active[n:].zero_()                     # padding rows: inactive, they write the sink slot
+        if n < self.rows:
+            self.active[n:].zero_()                     # padding rows: inactive, they write the sink slot
         self.graph.replay()
-        return SpecStepOutputs(*(t[:n] for t in self.outputs))
+        return SpecStepOutputs(*(t[:n] for t in self.outputs.__dict__.values()))
 
 
 def _cache_key(kv, mtp) -> tuple:
     return tuple((c.data_ptr(), tuple(c.shape)) for c in (*kv, *mtp))
+
+
+def _input_key(inputs: SpecStepInputs) -> tuple:
+    """Where the step's row inputs live: equal keys mean a graph bound to one set reads the other."""
+    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype) for t in
+                 (inputs.tokens, inputs.start_pos, inputs.block_tables, *(getattr(inputs, n) for n, _ in SAMPLING_FIELDS),
+                  inputs.active))
 
 
 class InductorExecutable:
@@ -135,9 +162,13 @@ class InductorExecutable:
         self.buckets = batch_buckets(options.max_batch_size)
         self.width = blocks_for(self.config.max_position_embeddings + 2 * self.num_speculative_tokens + 1,
                                 self.block_size)
-        self._graphs: dict[tuple[int, bool], _CapturedStep] = {}
+        self._graphs: dict[tuple[int, bool], _CapturedStep] = {}   # (rows, greedy) -> over own buffers
+        self._bound: dict[tuple, _CapturedStep] = {}               # caller's input tensors -> bound graph
+        self._last_inputs: dict[tuple[int, bool], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._stats = SpecStats()
+        if self.cuda_graphs and self.num_speculative_tokens:
+            self._stats.prepare(self.num_speculative_tokens, self.device)   # graphs update it in place
         self.captures = 0                                        # CUDA graphs captured so far
 
     def _compile(self, gm: fx.GraphModule, name: str):
@@ -152,31 +183,55 @@ class InductorExecutable:
         inputs.validate()
         return as_outputs(self._prefill(*prefill_args(inputs)))
 
+    def decode_shape(self, rows: int, width: int) -> tuple[int, int]:
+        """The rows and block-table width a batch of `rows` is replayed with: a caller that passes
+        inputs of this shape, as the same tensors step after step, gets a graph bound to them (no
+        copies per step; see `docs/backends.md`)."""
+        if not self.cuda_graphs or rows > self.buckets[-1] or width > self.width:
+            return rows, width
+        return next(b for b in self.buckets if b >= rows), self.width
+
     @torch.no_grad()
     def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
+        n, w = inputs.tokens.shape[0], inputs.block_tables.shape[1]
+        greedy = inputs.greedy and self._greedy is not None
+        entry = self._bound.get((_input_key(inputs), greedy)) if self._bound else None
+        if entry is not None and entry.holds(inputs.kv_caches, inputs.mtp_caches):
+            return entry.run(inputs)                     # the same tensors as last step: replay only
         inputs.validate()
         k = self.num_speculative_tokens
         if inputs.tokens.shape[1] != 1 + k:
             raise ValueError(f"SpecStepInputs.tokens: this executable verifies 1 + k = {1 + k} tokens per row, "
                              f"got {inputs.tokens.shape[1]}")
-        greedy = inputs.greedy and self._greedy is not None
-        n, w = inputs.tokens.shape[0], inputs.block_tables.shape[1]
-        if self.cuda_graphs and n <= self.buckets[-1] and w <= self.width:
-            out = self._captured(n, greedy, inputs).run(inputs)
-        else:
+        if not (self.cuda_graphs and n <= self.buckets[-1] and w <= self.width):
             out = as_outputs((self._greedy if greedy else self._step)(*decode_args(inputs)))
-        self._stats.update(out)
-        return out
+            if k:
+                self._stats.update(out)
+            return out
+        return self._captured(n, greedy, inputs).run(inputs)
 
     def _captured(self, n: int, greedy: bool, inputs: SpecStepInputs) -> _CapturedStep:
+        """The graph for this call: bound to the caller's tensors when they are exactly a bucket's rows
+        and were passed in the previous call too, else the bucket's graph over its own buffers."""
         rows = next(b for b in self.buckets if b >= n)
-        entry = self._graphs.get((rows, greedy))
-        if entry is None or entry.key != _cache_key(inputs.kv_caches, inputs.mtp_caches):
-            if entry is not None:             # the engine's caches changed: every graph holds the old ones
-                self._graphs.clear()
-            fn = self._greedy if greedy else self._step
+        caches = _cache_key(inputs.kv_caches, inputs.mtp_caches)
+        if any(g.key != caches for g in (*self._graphs.values(), *self._bound.values())):
+            self._graphs.clear()                  # the engine's caches changed: every graph holds the old ones
+            self._bound.clear()
+        fn = self._greedy if greedy else self._step
+        stats = self._stats if self.num_speculative_tokens else None
+        key = _input_key(inputs)
+        if n == rows and key == self._last_inputs.get((rows, greedy)) and (rows, greedy) in self._graphs:
             entry = _CapturedStep(fn, rows, self.num_speculative_tokens, self.width, inputs.kv_caches,
-                                  inputs.mtp_caches, self._pool, self.device)
+                                  inputs.mtp_caches, self._pool, self.device, stats, bind=inputs)
+            self._bound[(key, greedy)] = entry
+            self.captures += 1
+            return entry
+        self._last_inputs[(rows, greedy)] = key
+        entry = self._graphs.get((rows, greedy))
+        if entry is None:
+            entry = _CapturedStep(fn, rows, self.num_speculative_tokens, self.width, inputs.kv_caches,
+                                  inputs.mtp_caches, self._pool, self.device, stats)
             self._graphs[(rows, greedy)] = entry
             self.captures += 1
         return entry

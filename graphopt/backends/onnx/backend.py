@@ -108,7 +108,8 @@ class OnnxExecutable:
 
     def _session(self, name: str) -> "OnnxSession":
         if name not in self.sessions:
-            self.graphs[name] = export_graph(self.program, name)
+            if name not in self.graphs:                 # export_program(exported=self.graphs) may have it
+                self.graphs[name] = export_graph(self.program, name)
             self.sessions[name] = OnnxSession(self.graphs[name], self.threads, self._cache_binding)
         return self.sessions[name]
 

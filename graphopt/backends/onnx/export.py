@@ -23,6 +23,7 @@ import onnx
 import torch
 from torch.export import Dim
 
+from ...models.fileio import write_file_atomically
 from ...passes.program import Program
 from .functional import cache_inputs, functional_graph
 
@@ -115,14 +116,20 @@ def export_graph(program: Program, name: str) -> OnnxGraph:
     return OnnxGraph(name, model, inputs, outputs, caches)
 
 
-def export_program(program: Program, directory) -> list[Path]:
-    """Write one `<graph>.onnx` per Program graph into `directory` (created); returns the paths in
-    pipeline order. What `graphopt dump --format onnx` is meant to call."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+def export_program(program: Program, directory, layout: str = "{name}.onnx", names=None,
+                   exported: dict[str, OnnxGraph] | None = None) -> list[Path]:
+    """Write each Program graph as a checked ONNX model at `directory / layout.format(name=graph)`
+    (atomically, folders created); returns the paths in pipeline order.
+
+    names: which graphs (default: all, pipeline order). exported: graphs exported already, by name
+    (`OnnxExecutable.graphs`): reused, and what is exported here is added to it. `graphopt dump
+    --format onnx` calls this with the dump's layout (`passes.dump.ONNX_LAYOUT`: <graph>/final.onnx)."""
+    exported = {} if exported is None else exported
     paths = []
-    for name in program.names:
-        path = out / f"{name}.onnx"
-        path.write_bytes(export_graph(program, name).serialize())
+    for name in program.names if names is None else names:
+        if name not in exported:
+            exported[name] = export_graph(program, name)
+        path = Path(directory) / layout.format(name=name)
+        write_file_atomically(path, exported[name].serialize())
         paths.append(path)
     return paths
