@@ -1,10 +1,11 @@
-"""Greedy decode speed on the CPU: the inductor backend against the eager backend and the eager
-reference model, through the same runtime Engine, side by side in one process.
+"""Greedy decode speed on the CPU: the inductor and onnx backends against the eager backend and the
+eager reference model, through the same runtime Engine, side by side in one process.
 
     nice python benchmarks/cpu_backends.py --batch 1 4 --new-tokens 32
 
 The embedded model (float32) is compiled once with the eager backend; the inductor executable lowers
-that same Program (Inductor C++ / OpenMP code, no CUDA graphs on the CPU); the reference is
+that same Program (Inductor C++ / OpenMP code, no CUDA graphs on the CPU), and so does the onnx
+executable (onnxruntime sessions, caches bound in place; skipped without the `onnx` extra); the reference is
 `Engine.from_model(model)` (the model's own forward per step). Per row: one warm-up generation, then
 the best of `--repeats` timed generations; checks that every system emitted the same tokens.
 Rows are printed as measured; the table lands in benchmarks/results/cpu_backends.md.
@@ -65,6 +66,17 @@ def main() -> None:
     systems = {"reference model": reference,
                "eager backend": lambda p, n: eager.generate(p, max_new_tokens=n, ignore_eos=True),
                "inductor backend": lambda p, n: inductor.generate(p, max_new_tokens=n, ignore_eos=True)}
+    onnx_s = None
+    try:
+        from graphopt.backends.onnx import OnnxExecutable
+    except ImportError as e:
+        print(f"onnx backend skipped: {e}", flush=True)
+    else:
+        t0 = time.perf_counter()
+        onnx = CompiledModel(OnnxExecutable(eager.program, threads=torch.get_num_threads()), eager.options,
+                             eager.spec, eager.quant, "onnx", eager.report)
+        onnx_s = time.perf_counter() - t0
+        systems["onnx backend"] = lambda p, n: onnx.generate(p, max_new_tokens=n, ignore_eos=True)
     rows = []
     for B in args.batch:
         prompts = (PROMPTS * B)[:B]
@@ -78,7 +90,8 @@ def main() -> None:
     cmd = f"nice python benchmarks/cpu_backends.py --batch {' '.join(map(str, args.batch))} --new-tokens {args.new_tokens}"
     lines = ["# CPU: inductor backend vs eager backend vs the eager reference model (embedded model, float32, greedy)",
              "", f"`{cmd}` ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-             f"eager compile {compile_s:.0f} s, inductor lowering + first call {lower_s:.0f} s; best of {args.repeats})",
+             f"eager compile {compile_s:.0f} s, inductor lowering + first call {lower_s:.0f} s"
+             + (f", onnx export + sessions {onnx_s:.0f} s" if onnx_s is not None else "") + f"; best of {args.repeats})",
              "", "| system | batch | tokens/s | x eager backend | same tokens |", "| --- | ---: | ---: | ---: | --- |"]
     lines += [f"| {n} | {b} | {t:.1f} | {'-' if x is None else f'{x:.2f}'} | {same} |" for n, b, t, x, same in rows]
     lines += ["", "The machine is shared (2 cores): rerun before quoting small differences.", ""]

@@ -17,7 +17,8 @@ __all__ = ["BACKENDS", "CompileOptions", "resolve_backend"]
 
 BACKENDS = ("auto", *_backends.names())
 # "auto" per device type (an "npu" device exists only with torch_npu loaded); anything else gets the
-# eager reference (on the CPU it is as fast as inductor at batch 1 and compiles sooner: docs/backends.md)
+# eager reference (on the CPU inductor and onnx decode faster but compile ~60 s longer, which is the
+# whole cost of the default model's typical job: docs/backends.md)
 AUTO_BACKEND = {"cuda": "inductor", "npu": "ascend"}
 
 

@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 from ..ops.paged import slot_mapping
 from .deepseek import DeepseekV3ForCausalLM
+from .fileio import write_file_atomically
 from .generate import greedy_generate
 
 __all__ = [
@@ -279,8 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             samples[text] = tokenizer.decode(out)
             print(f"\n--- {text!r}\n{text}{samples[text]}")
     if args.json:
-        args.json.write_text(json.dumps({"perplexity": ppl, "window": args.window, "tokens": scored.numel(),
-                                         "top1": acc, "acceptance": spec, "samples": samples}, indent=2) + "\n")
+        figures = {"perplexity": ppl, "window": args.window, "tokens": scored.numel(), "top1": acc,
+                   "acceptance": spec, "samples": samples}
+        write_file_atomically(args.json, (json.dumps(figures, indent=2) + "\n").encode())
     return 0
 
 
