@@ -32,6 +32,8 @@ from .passes.base import PassContext
 from .passes.manager import PassManager, verify_from_env
 from .passes.pipeline import check_options
 from .passes.program import CompileState, Program
+from .runtime.request import config_eos
+from .runtime.text import TextPieces, output_text
 from .step.contract import window
 from .step.paged import CacheLayout, blocks_for
 
@@ -194,7 +196,7 @@ class CompiledModel(torch.nn.Module):
         outputs = engine.run_until_done()
         if not as_text:
             return [o.token_ids for o in outputs]
-        texts = [_output_text(self.tokenizer, o) for o in outputs]
+        texts = [output_text(self.tokenizer, o) for o in outputs]
         return texts[0] if single else texts
 
     def stream(self, prompts, max_new_tokens: int = 16, temperature: float = 0.0, top_k: int | None = None,
@@ -207,7 +209,7 @@ class CompiledModel(torch.nn.Module):
             temperature=temperature, top_k=top_k or 0, top_p=1.0 if top_p is None else top_p, min_p=min_p or 0.0,
             seed=seed, stop=stop), eos_token_id, ignore_eos)
         index = {rid: i for i, rid in enumerate(rids)}
-        texts = {rid: _TextPieces(self.tokenizer) for rid in rids} if as_text else {}
+        texts = {rid: TextPieces(self.tokenizer) for rid in rids} if as_text else {}
         taken = set()
         try:
             while engine.has_unfinished():
@@ -243,7 +245,7 @@ class CompiledModel(torch.nn.Module):
     def _submit(self, prompts: list[list[int]], max_new_tokens: int, sampling: dict, eos_token_id, ignore_eos):
         """The engine with one request per prompt added, and their request ids."""
         from .runtime.request import SamplingParams
-        eos = None if ignore_eos else eos_token_id if eos_token_id is not None else _config_eos(self.config)
+        eos = None if ignore_eos else eos_token_id if eos_token_id is not None else config_eos(self.config)
         params = SamplingParams(max_new_tokens=max_new_tokens, eos_token_id=eos, **sampling)
         # seed None: prompt i draws with seed i on every call (the engine is reused, its request ids grow)
         per_prompt = [params if params.seed is not None else replace(params, seed=i) for i in range(len(prompts))]
@@ -433,48 +435,11 @@ def _resolve_tokenizer(tokenizer: Any, config):
     return None
 
 
-def _config_eos(config) -> int | None:
-    eos = config.eos_token_id   # a list (several eos ids): the first one stops on the device
-    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos if isinstance(eos, int) else None
-
-
-def _output_text(tokenizer, output) -> str:
-    """The text of a finished request: cut before a stop string, without its eos token."""
-    from .runtime.request import FinishReason
-    if output.finish_reason is FinishReason.STOP:
-        return output.text
-    ids = output.token_ids[:-1] if output.finish_reason is FinishReason.EOS else output.token_ids
-    return tokenizer.decode(ids)
-
-
-class _TextPieces:
-    """One request's streamed tokens as text pieces that add up to its final text: the end of the
-    text is held back while it is an incomplete UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer, self.ids, self.shown = tokenizer, [], ""
-
-    def add(self, new_ids: list[int], finished_output=None) -> str:
-        self.ids += new_ids
-        if finished_output is not None:
-            text = _output_text(self.tokenizer, finished_output)
-        else:
-            text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
-        if not text.startswith(self.shown):   # the tokenizer respelled earlier text: wait for more
-            return ""
-        piece, self.shown = text[len(self.shown):], text
-        return piece
-
-
 class _Progress:
     """One line per compile phase on stderr (tqdm): capture, each pass phase per graph, lowering."""
 
     def __init__(self, enabled: bool):
-        from tqdm import tqdm
-        # tqdm's monitor thread (started by the first visible bar) made the demo's first generate after a
-        # compile on a terminal 60-100x slower on a 2-core CPU (53-76 s instead of 0.7-0.9 s for 144
-        # tokens); our bars never need it (it only re-tunes miniters), so none is started, process-wide
-        tqdm.monitor_interval = 0
+        from tqdm import tqdm   # tqdm's monitor thread is switched off when graphopt.models is imported
         self.bar = tqdm(desc="graphopt compile", unit="phase", disable=not enabled, file=sys.stderr,
                         bar_format="{desc}: {n} phases, {elapsed}{postfix}")
         self.start = time.perf_counter()

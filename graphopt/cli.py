@@ -1,4 +1,4 @@
-"""`graphopt demo|compile|dump|calibrate|eval|bench|train-tiny` — the command line.
+"""`graphopt demo|compile|dump|calibrate|eval|bench|serve|train-tiny` — the command line.
 
 Every verb's arguments are declared here, in one place, and this module imports neither torch nor
 the rest of graphopt: `graphopt --help`, `graphopt VERB --help` and `graphopt --version` answer at
@@ -32,6 +32,7 @@ __all__ = ["build_parser", "main"]
 _CONVENTIONS = __doc__[__doc__.index("Conventions"):__doc__.index("Options are validated")].rstrip() + "\n"
 DEMO_PROMPTS = ["def fibonacci(n):", "import os\n\n\ndef ", "class Stack:\n    def __init__(self):"]
 QUANTISED_MARKER = "quant_model.json"  # graphopt.quant.formats.DESCRIPTION_FILE (imported there, not here)
+COMPILED_MARKER = "manifest.json"      # graphopt.passes.program_io.MANIFEST
 DUMP_FORMATS = {  # `graphopt dump --format`: what goes into --dump-dir
     "fx": "every pass's graphs as FX code, op counts, final.dot (+ .svg), report.md/html (always written)",
     "onnx": "also every final graph as GRAPH/final.onnx, for Netron (needs `pip install graphopt[onnx]`)",
@@ -88,6 +89,19 @@ def _model_dir(text: str) -> str:
     if not (root / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text} has no config.json: not an HF checkpoint directory")
     return text
+
+
+def _compiled_dir(text: str) -> str:
+    if not (Path(text) / COMPILED_MARKER).is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no {COMPILED_MARKER}: not a `graphopt compile --out` artefact")
+    return text
+
+
+def _port(text: str) -> int:
+    port = _int_at_least(1)(text)
+    if port > 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a TCP port (1..65535)")
+    return port
 
 
 def _quantised_dir(text: str) -> str:
@@ -211,6 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quiet(p)
     p.set_defaults(run="graphopt.bench:run_cli")
 
+    p = sub.add_parser("serve", parents=common, help="an OpenAI-compatible HTTP server (docs/serving.md)")
+    _add_model(p)
+    p.add_argument("--compiled", type=_compiled_dir, metavar="DIR",
+                   help="serve a compiled artefact (`graphopt compile --out DIR`) instead of compiling --model")
+    p.add_argument("--k", type=_int_at_least(0), default=1, help="speculative draft tokens (0: off)")
+    p.add_argument("--quant", help="quantisation preset (e.g. w8a8; see docs/quantization.md)")
+    p.add_argument("--backend", default="auto", help="auto, eager, inductor, onnx or ascend (docs/backends.md)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--served-model-name", metavar="NAME",
+                   help="the `model` clients send (default: graphopt-embedded, or the directory name)")
+    p.add_argument("--max-batch-size", type=_int_at_least(1), default=16, help="requests decoded together")
+    p.add_argument("--max-waiting", type=_int_at_least(1), default=64,
+                   help="requests queued beyond the batch; more get HTTP 429")
+    p.set_defaults(run=cmd_serve, disable_passes=[], dump_dir=None)
+
     _add_train_tiny(sub.add_parser("train-tiny", parents=common, help="train the embedded tiny model"))
     return parser
 
@@ -283,7 +313,16 @@ def _validate(args: argparse.Namespace) -> None:
             importlib.import_module("graphopt.backends.onnx")
         except ImportError as e:                               # the message says `pip install graphopt[onnx]`
             raise UsageError(f"--format onnx: {e}") from None
-    if args.command in ("compile", "dump") and args.quant:
+    if args.command == "serve":
+        try:
+            importlib.import_module("graphopt.serve")
+        except ImportError as e:                               # the message says `pip install graphopt[serve]`
+            raise UsageError(str(e)) from None
+        from graphopt.config import resolve_backend
+        resolve_backend(args.backend)                          # a ValueError naming the backends
+        if args.compiled and (args.model or args.quant):
+            raise UsageError("--compiled serves a finished artefact: it takes no --model or --quant")
+    if args.command in ("compile", "dump", "serve") and args.quant:
         from graphopt.quant.config import resolve
         resolve(args.quant)                                    # a QuantError naming the presets
     if args.command in ("calibrate", "eval"):
@@ -393,6 +432,25 @@ def cmd_compile(args) -> int:
     if args.out:
         compiled.save(args.out)
         print(f"compiled artefact: {args.out} (graphopt.load_compiled({str(args.out)!r}) skips capture and passes)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import graphopt
+    import graphopt.serve
+    if args.compiled:
+        compiled = graphopt.load_compiled(args.compiled, backend=None if args.backend == "auto" else args.backend)
+        name = args.served_model_name or Path(args.compiled).resolve().name
+    else:
+        model, tok, what = _load_model(args.model)
+        spec = graphopt.SpecConfig(num_speculative_tokens=args.k) if args.k and len(model.mtp) else None
+        compiled = graphopt.compile(model, spec=spec, quant=args.quant, backend=args.backend, tokenizer=tok,
+                                    max_batch_size=args.max_batch_size)
+        name = args.served_model_name or ("graphopt-embedded" if args.model is None else Path(args.model).resolve().name)
+        print(f"serving {what} as {name!r} (backend {compiled.backend}, speculative "
+              f"{'MTP k=%d' % args.k if spec else 'off'}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    graphopt.serve.run(compiled, host=args.host, port=args.port, model_name=name,
+                       max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
     return 0
 
 

@@ -271,15 +271,19 @@ def test_cli_demo_streams_with_a_tokens_per_second_bar_and_reports_dtype_and_spe
     assert bar["kwargs"]["delay"] == 2.0 and bar["kwargs"]["unit"] == "tok" and "tok/s" in bar["out"].getvalue()
 
 
-def test_compile_progress_starts_no_tqdm_monitor_thread(monkeypatch):
-    # the monitor thread made the first generate after a compile on a terminal 60-100x slower (2-core CPU)
-    import io
+def test_importing_graphopt_models_starts_no_tqdm_monitor_thread_for_any_first_bar():
+    # the monitor thread made the first generate after a compile on a terminal 60-100x slower (2-core CPU);
+    # switched off when graphopt.models is imported, so it holds whichever bar comes first. A fresh
+    # interpreter, because this one imported graphopt.models long ago.
+    import subprocess
+    import sys
 
-    import tqdm as tqdm_module
-
-    monkeypatch.setattr(tqdm_module.tqdm, "monitor_interval", 10)     # tqdm's default ...
-    monkeypatch.setattr(tqdm_module.tqdm, "monitor", None)            # ... and none started yet
-    graphopt.compile(random_model(0, num_hidden_layers=1), progress=True)
-    with tqdm_module.tqdm(total=2, file=io.StringIO()) as bar:         # a later bar: the demo's generate
-        bar.update()
-        assert tqdm_module.tqdm.monitor_interval == 0 and tqdm_module.tqdm.monitor is None
+    code = ("import io, graphopt\n"
+            "from tqdm import tqdm\n"
+            "assert tqdm.monitor_interval == 10 and tqdm.monitor is None\n"  # tqdm's default: would start one
+            "graphopt.compile, graphopt.load_compiled\n"                     # imported on use, graphopt.models too
+            "with tqdm(total=2, file=io.StringIO()) as bar:\n"               # e.g. the demo's generate
+            "    bar.update()\n"
+            "    assert tqdm.monitor_interval == 0 and tqdm.monitor is None, tqdm.monitor\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr

@@ -53,3 +53,9 @@ def test_serve_compiled():
     out = run("serve_compiled.py", "--max-new-tokens", "12")
     assert out.count("--- ") == 3 and "tokens/s over 3 prompts" in out
     assert out.index("[0] ") < out.index("--- ")                  # streamed before the summary
+
+
+def test_openai_client():
+    out = run("openai_client.py", "--max-tokens", "12")
+    assert "completion (" in out and "streamed: '" in out and "chat reply: " in out
+    assert "graphopt_generated_tokens_total " in out and "graphopt_cache_blocks_used 0" in out

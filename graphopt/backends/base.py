@@ -10,14 +10,15 @@ imports the runtime.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
 from ..passes.program import CompileOptions, Program
 from ..step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
+from ..step.paged import CacheLayout, blocks_for, dense_block_tables, slot_mapping
 
-__all__ = ["Backend", "Executable"]
+__all__ = ["Backend", "Executable", "fresh_cache_forward"]
 
 
 @runtime_checkable
@@ -38,6 +39,20 @@ class Executable(Protocol):
 
     @property
     def stats(self) -> dict | None: ...
+
+
+def fresh_cache_forward(main_fn: Callable, layout: CacheLayout, input_ids: torch.Tensor) -> torch.Tensor:
+    """input_ids [B, T] -> logits [B, T, vocab]: `main_fn` (the main graph, however the backend
+    lowered it) over a fresh cache, row b in the consecutive blocks 1 + b * per_row .. (block 0: the
+    sink). What every Executable's `forward` runs; the cache is dropped afterwards."""
+    B, T = input_ids.shape
+    per_row = blocks_for(T, layout.block_size)
+    tables = dense_block_tables(B, per_row, layout.device)                          # [B, per_row]
+    kv, _ = layout.new_caches(1 + B * per_row, with_mtp=False)
+    positions = torch.arange(T, device=layout.device).expand(B, T)                  # [B, T]
+    slots = slot_mapping(positions, tables, layout.block_size)                      # [B, T]
+    logits, _ = main_fn(input_ids.to(layout.device), positions, slots, tables, kv)
+    return logits
 
 
 class Backend:

@@ -119,6 +119,14 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._live)
 
+    def load(self) -> dict[str, int]:
+        """What the engine holds now: requests waiting for admission, running (prefill or decode),
+        cache blocks in use and in all (the sink excluded). Read between steps."""
+        waiting = len(self.scheduler.waiting)
+        allocator = self.cache.allocator
+        return {"waiting": waiting, "running": len(self._live) - waiting,
+                "blocks_used": allocator.num_usable - allocator.num_free, "blocks_total": allocator.num_usable}
+
     def take_output(self, request_id: int) -> RequestOutput:
         """The result of a finished request (removed from the engine once taken)."""
         if request_id not in self._outputs:

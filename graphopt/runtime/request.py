@@ -6,7 +6,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["FinishReason", "Request", "RequestEvent", "RequestOutput", "SamplingParams"]
+__all__ = ["FinishReason", "Request", "RequestEvent", "RequestOutput", "SamplingParams", "config_eos"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +110,10 @@ class Request:
     def output(self) -> RequestOutput:
         return RequestOutput(self.request_id, list(self.prompt), self.generated[:self.released],
                              self.finish_reason, self.text)
+
+
+def config_eos(config) -> int | None:
+    """The eos id generation stops on by default: the model config's `eos_token_id` (the first, when
+    the config lists several: one id stops on the device), or None."""
+    eos = getattr(config, "eos_token_id", None)
+    return eos[0] if isinstance(eos, (list, tuple)) and eos else eos if isinstance(eos, int) else None

@@ -47,3 +47,23 @@ def test_without_the_fusion_the_executable_decodes_over_the_main_graph():
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     assert compiled.generate(prompts, max_new_tokens=6) == [greedy_generate(model, p, 6, block_size=4) for p in prompts]
     assert compiled.stats is None
+
+
+def test_fresh_cache_forward_puts_each_row_in_its_own_consecutive_blocks():
+    from graphopt.backends.base import fresh_cache_forward
+    from graphopt.step.paged import CacheLayout
+
+    layout = CacheLayout(num_layers=2, block_size=4, kv_cache_dim=3, dtype=torch.float32,
+                         device=torch.device("cpu"), num_mtp=1)
+    seen = {}
+
+    def main(ids, positions, slots, tables, kv):   # the main graph's signature; logits [B, T, 1] = ids
+        seen.update(ids=ids, positions=positions, slots=slots, tables=tables, kv=kv)
+        return ids[..., None].float(), None
+    ids = torch.arange(18, dtype=torch.int32).view(2, 9)
+    assert torch.equal(fresh_cache_forward(main, layout, ids), ids[..., None].float())
+    assert seen["ids"].dtype == torch.int32                                     # ids passed as given
+    assert seen["tables"].tolist() == [[1, 2, 3], [4, 5, 6]]                    # block 0: the sink
+    assert torch.equal(seen["positions"], torch.arange(9).expand(2, 9))
+    assert seen["slots"][0].tolist() == list(range(4, 13)) and seen["slots"][1].tolist() == list(range(16, 25))
+    assert len(seen["kv"]) == 2 and all(c.shape == (7, 4, 3) and not c.any() for c in seen["kv"])  # no MTP caches

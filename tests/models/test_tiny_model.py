@@ -54,7 +54,9 @@ def test_files_fit_the_size_budget():
     assert {"config.json", "model.safetensors", "tokenizer.json", "train_log.json"} <= names
     assert sum(p.stat().st_size for p in TINY_DIR.iterdir() if p.is_file()) <= 32_000_000
     log = json.loads((TINY_DIR / "train_log.json").read_text())
-    assert log["config"] == json.loads((TINY_DIR / "config.json").read_text())
+    config = json.loads((TINY_DIR / "config.json").read_text())
+    assert config.pop("torch_dtype") == "bfloat16"     # what save() records: the weights' dtype, not the log's
+    assert log["config"] == config
     assert "H200" in log["device"] and log["train_seconds"] <= 360
 
 

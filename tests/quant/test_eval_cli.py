@@ -124,3 +124,20 @@ def test_calibration_progress_waits_two_seconds_and_counts_every_layer_batch(mon
     runner.close()
     steps = (len(model.model.layers) + len(model.mtp)) * 2 * 2                   # observe + advance, 2 batches
     assert bars[-1]["kwargs"]["delay"] == 2.0 and f"2/{steps} [" in bars[-1]["out"].getvalue()
+
+
+def test_calibration_free_quantisation_progress_waits_two_seconds_and_counts_every_layer(monkeypatch):
+    # RTN / HQQ with dynamic activations skip LayerRunner (and its bar): this one counts their layers
+    from graphopt.quant import model_quant
+
+    bars = _bars_shown_at_once(monkeypatch, model_quant)
+    model = random_model()
+    layers = len(model.model.layers) + len(model.mtp)
+    quantize_model(model, "w4a16")                                              # progress on by default
+    [bar] = bars
+    assert bar["kwargs"]["delay"] == 2.0 and bar["kwargs"]["unit"] == "layer"
+    assert "quantise w4a16" in bar["out"].getvalue() and f"{layers}/{layers} [" in bar["out"].getvalue()
+    quantize_model(model, "w8a16", progress=False)
+    assert bars[1]["out"].getvalue() == ""                                      # progress=False: silent
+    quantize_model(model, "w8a8_static", torch.randint(0, 97, (2, 8)), progress=False)
+    assert len(bars) == 2                                                       # calibrated: LayerRunner's bar only

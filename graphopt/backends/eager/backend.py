@@ -7,10 +7,9 @@ import torch
 from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the graphs may call
 from ...passes.program import CompileOptions, Program
 from ...step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
-from ...step.paged import blocks_for, dense_block_tables, slot_mapping
 from ...step.provider import SpecStepProvider
 from ...step.reference_provider import ReferenceStepProvider
-from ..base import Backend
+from ..base import Backend, fresh_cache_forward
 
 __all__ = ["EagerBackend", "EagerExecutable", "check_graph"]
 
@@ -57,17 +56,8 @@ class EagerExecutable:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]: the main graph over a fresh cache, rows in
-        consecutive blocks."""
-        layout = self.program.cache
-        B, T = input_ids.shape
-        per_row = blocks_for(T, layout.block_size)
-        tables = dense_block_tables(B, per_row, layout.device)                      # [B, per_row]
-        kv, _ = layout.new_caches(1 + B * per_row, with_mtp=False)
-        positions = torch.arange(T, device=layout.device).expand(B, T)
-        slots = slot_mapping(positions, tables, layout.block_size)
-        logits, _ = self.program.main(input_ids.to(layout.device), positions, slots, tables, kv)
-        return logits
+        """input_ids [B, T] -> logits [B, T, vocab]: the main graph over a fresh cache."""
+        return fresh_cache_forward(self.program.main, self.program.cache, input_ids)
 
 
 class EagerBackend(Backend):

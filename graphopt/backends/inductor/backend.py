@@ -13,9 +13,9 @@ from ...ops import core as _core
 from ...passes.program import CompileOptions, Program
 from ...step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from ...step.provider import SpecStats
-from ...step.paged import blocks_for, dense_block_tables, slot_mapping
+from ...step.paged import blocks_for
 from ...step.spec_step import as_outputs, decode_args, prefill_args
-from ..base import Backend
+from ..base import Backend, fresh_cache_forward
 from . import kernels
 
 __all__ = ["InductorBackend", "InductorExecutable", "batch_buckets", "for_inductor"]
@@ -245,15 +245,7 @@ class InductorExecutable:
         """input_ids [B, T] -> logits [B, T, vocab]: the compiled main graph over a fresh cache."""
         if self._main is None:
             self._main = self._compile(self.program.main, "main")
-        layout = self.program.cache
-        B, T = input_ids.shape
-        per_row = blocks_for(T, layout.block_size)
-        tables = dense_block_tables(B, per_row, layout.device)
-        kv, _ = layout.new_caches(1 + B * per_row, with_mtp=False)
-        positions = torch.arange(T, device=layout.device).expand(B, T)
-        slots = slot_mapping(positions, tables, layout.block_size)
-        logits, _ = self._main(input_ids.to(layout.device), positions, slots, tables, kv)
-        return logits
+        return fresh_cache_forward(self._main, self.program.cache, input_ids)
 
 
 class InductorBackend(Backend):

@@ -8,10 +8,9 @@ import torch
 
 from ...passes.program import CompileOptions, Program
 from ...step.contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
-from ...step.paged import blocks_for, dense_block_tables, slot_mapping
 from ...step.provider import SpecStats
 from ...step.spec_step import as_outputs, decode_args, prefill_args
-from ..base import Backend
+from ..base import Backend, fresh_cache_forward
 from .export import OnnxGraph, export_graph
 
 __all__ = ["CACHE_BINDINGS", "OnnxBackend", "OnnxExecutable", "OnnxSession"]
@@ -153,15 +152,8 @@ class OnnxExecutable:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]: the main graph's session over a fresh cache."""
-        layout = self.program.cache
-        B, T = input_ids.shape
-        per_row = blocks_for(T, layout.block_size)
-        tables = dense_block_tables(B, per_row, layout.device)
-        kv, _ = layout.new_caches(1 + B * per_row, with_mtp=False)
-        positions = torch.arange(T).expand(B, T)
-        slots = slot_mapping(positions, tables, layout.block_size)
-        logits, _ = self._session("main")(input_ids.to(torch.int64), positions, slots, tables, kv)
-        return logits
+        # int64 ids: the session binds raw buffers by dtype; the caches are on the CPU (checked in __init__)
+        return fresh_cache_forward(self._session("main"), self.program.cache, input_ids.to(torch.int64))
 
 
 class OnnxBackend(Backend):
