@@ -69,14 +69,18 @@ class SpecStepInputs:
     greedy: bool = False          # host-side hint: every row has temperature 0, so a provider may run
                                   # its greedy-only step (same outputs, no sampling work)
 
-    def validate(self) -> None:
-        """Raise ValueError naming the field whose shape or dtype breaks the contract."""
+    def validate(self, num_speculative_tokens: int | None = None) -> None:
+        """Raise ValueError naming the field whose shape or dtype breaks the contract; with
+        num_speculative_tokens, also when a row does not hold 1 + k tokens."""
         if not isinstance(self.greedy, bool):
             raise ValueError(f"SpecStepInputs.greedy: expected a python bool, got {type(self.greedy).__name__}")
         if self.tokens.dim() != 2:
             raise ValueError(f"SpecStepInputs.tokens: expected [B, 1+k] int64, got shape {tuple(self.tokens.shape)}")
-        B = self.tokens.shape[0]
-        _check(self, "tokens", (B, self.tokens.shape[1]), torch.int64)
+        B, k1 = self.tokens.shape
+        if num_speculative_tokens is not None and k1 != 1 + num_speculative_tokens:
+            raise ValueError(f"SpecStepInputs.tokens: this step verifies 1 + k = {1 + num_speculative_tokens} "
+                             f"tokens per row, got {k1}")
+        _check(self, "tokens", (B, k1), torch.int64)
         _check(self, "start_pos", (B,), torch.int64)
         _check_table(self, B)
         _check_sampling(self, B)

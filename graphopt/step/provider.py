@@ -106,10 +106,7 @@ class SpecStepProvider:
 
     @torch.no_grad()
     def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
-        inputs.validate()
-        if inputs.tokens.shape[1] != 1 + self.num_speculative_tokens:
-            raise ValueError(f"SpecStepInputs.tokens: this provider verifies 1 + k = "
-                             f"{1 + self.num_speculative_tokens} tokens per row, got {inputs.tokens.shape[1]}")
+        inputs.validate(self.num_speculative_tokens)
         step = self.greedy_step if inputs.greedy and self.greedy_step is not None else self.step
         out = as_outputs(step(*decode_args(inputs)))
         self.stats.update(out)

@@ -198,11 +198,8 @@ class InductorExecutable:
         entry = self._bound.get((_input_key(inputs), greedy)) if self._bound else None
         if entry is not None and entry.holds(inputs.kv_caches, inputs.mtp_caches):
             return entry.run(inputs)                     # the same tensors as last step: replay only
-        inputs.validate()
         k = self.num_speculative_tokens
-        if inputs.tokens.shape[1] != 1 + k:
-            raise ValueError(f"SpecStepInputs.tokens: this executable verifies 1 + k = {1 + k} tokens per row, "
-                             f"got {inputs.tokens.shape[1]}")
+        inputs.validate(k)
         if not (self.cuda_graphs and n <= self.buckets[-1] and w <= self.width):
             out = as_outputs((self._greedy if greedy else self._step)(*decode_args(inputs)))
             if k:

@@ -135,11 +135,7 @@ class OnnxExecutable:
 
     @torch.no_grad()
     def decode(self, inputs: SpecStepInputs) -> SpecStepOutputs:
-        inputs.validate()
-        k = self.num_speculative_tokens
-        if inputs.tokens.shape[1] != 1 + k:
-            raise ValueError(f"SpecStepInputs.tokens: this executable verifies 1 + k = {1 + k} tokens per row, "
-                             f"got {inputs.tokens.shape[1]}")
+        inputs.validate(self.num_speculative_tokens)
         name = "step_greedy" if inputs.greedy and "step_greedy" in self.program else "step"
         out = as_outputs(self._session(name)(*decode_args(inputs)))
         self._stats.update(out)
