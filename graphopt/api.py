@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from . import backends
-from .capture.step import capture_main, capture_mtp
+from .capture.step import LayerGraphs, capture_main, capture_mtp
 from .config import CompileOptions, resolve_backend
 from .models.deepseek import DeepseekV3ForCausalLM
 from .passes.dump import Dumper
@@ -317,9 +317,10 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     progress = _Progress(opts.progress)
 
     t0 = time.perf_counter()
-    captured = [capture_main(ref, opts.block_size)]
+    layers = LayerGraphs(ref, opts.block_size)   # each kind of decoder layer is traced once (capture/step.py)
+    captured = [capture_main(ref, opts.block_size, layers=layers)]
     if state.spec is not None:
-        captured += [capture_mtp(ref, d, opts.block_size) for d in range(len(ref.mtp))]
+        captured += [capture_mtp(ref, d, opts.block_size, layers=layers) for d in range(len(ref.mtp))]
     w = ref.lm_head.weight
     layout = CacheLayout.for_config(ref.config, opts.block_size, w.dtype, w.device, num_mtp=len(captured) - 1)
     if state.quant is not None and state.quant.needs_calibration:

@@ -74,8 +74,8 @@ def captures():
 
 def _compile(captures, monkeypatch, dev, **kw):
     model, main, mtp = captures[dev]
-    monkeypatch.setattr(api, "capture_main", lambda m, bs: copy.deepcopy(main))
-    monkeypatch.setattr(api, "capture_mtp", lambda m, d, bs: copy.deepcopy(mtp))
+    monkeypatch.setattr(api, "capture_main", lambda m, bs, **kw: copy.deepcopy(main))
+    monkeypatch.setattr(api, "capture_mtp", lambda m, d, bs, **kw: copy.deepcopy(mtp))
     return graphopt.compile(model, progress=False, **kw)
 
 

@@ -88,20 +88,25 @@ class GraphCall(torch.nn.Module):
         _SHAPES.pop(self.key, None)
 
 
-def splice(gm: fx.GraphModule, graphs: dict[int, tuple[str, fx.GraphModule]]) -> None:
-    """Replace every `graphopt::_step_graph(args, key)` node of gm by the nodes of graphs[key]
-    (prefix, flat graph module), in place; weights become get_attr targets `prefix.<name>`."""
+def splice(gm: fx.GraphModule, graphs: dict[int, tuple]) -> None:
+    """Replace every `graphopt::_step_graph(args, key)` node of gm by the nodes of graphs[key], in place.
+
+    graphs[key] is (prefix, flat graph module) or (prefix, flat graph module, root): the graph's
+    get_attr targets are read from root (default: the graph module itself), so one captured graph
+    can be spliced at several call sites, each over its own weights (the repeated decoder layers of
+    `capture.step`). Weights become get_attr targets `prefix.<target>`."""
     fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes
                      if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor))
     weights: dict[int, str] = {}
     for call in [n for n in gm.graph.nodes if n.target is torch.ops.graphopt._step_graph.default]:
-        prefix, sub = graphs[call.args[1]]
-        _splice_one(gm, call, prefix, sub, weights, fake_mode)
+        prefix, sub, *root = graphs[call.args[1]]
+        _splice_one(gm, call, prefix, sub, root[0] if root else sub, weights, fake_mode)
     gm.graph.lint()
     gm.recompile()
 
 
-def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, weights: dict, fake_mode) -> None:
+def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, root: torch.nn.Module, weights: dict,
+                fake_mode) -> None:
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env = dict(zip(placeholders, call.args[0]))
     symbols = {}   # capture's shape symbol -> this call's size (a SymInt of gm's ShapeEnv or an int)
@@ -121,7 +126,7 @@ def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, weights: di
             elif node.op == "get_attr":
                 if not node.users:   # the unlifted capture reads every weight of the model it ran
                     continue
-                env[node] = gm.graph.get_attr(_register(gm, prefix, node.target, sub, weights))
+                env[node] = gm.graph.get_attr(_register(gm, prefix, node.target, root, weights))
                 env[node].meta = dict(node.meta)
                 if "val" in node.meta:   # a weight: static sizes, only the fake mode changes
                     env[node].meta["val"] = _substitute(node.meta["val"], symbols, fake_mode)
@@ -137,9 +142,9 @@ def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, weights: di
     gm.graph.erase_node(call)
 
 
-def _register(gm: fx.GraphModule, prefix: str, target: str, sub: fx.GraphModule, weights: dict) -> str:
-    """gm's attribute path for sub's attribute `target`; one path per tensor however many graphs hold it."""
-    obj = sub
+def _register(gm: fx.GraphModule, prefix: str, target: str, root: torch.nn.Module, weights: dict) -> str:
+    """gm's attribute path for root's attribute `target`; one path per tensor however many graphs hold it."""
+    obj = root
     for part in target.split("."):
         obj = getattr(obj, part)
     if isinstance(obj, torch.Tensor) and id(obj) in weights:

@@ -20,6 +20,8 @@ results copied back into the cache inputs by trailing `copy_` nodes.
 
 from __future__ import annotations
 
+import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -30,6 +32,7 @@ from torch.export import Dim
 from ..models.deepseek import DeepseekV3ForCausalLM
 from ..step.model_step import MainStep, MTPStep
 from ..step.paged import slot_mapping
+from .splice import GraphCall, splice
 
 
 class CaptureError(RuntimeError):
@@ -112,17 +115,190 @@ def _export(module: nn.Module, args: tuple, dynamic_shapes, what: str) -> torch.
     return gm
 
 
-def capture_main(model: DeepseekV3ForCausalLM, block_size: int = 16) -> CapturedGraph:
+# -- regional capture: each distinct decoder layer is traced once -------------------------------------
+#
+# Tracing is paid per op (symbolic shapes make it ~10 ms per node on the 2-core machine), and a
+# DeepSeek model is the same decoder layer repeated: 6 layers in the embedded model, 27 in V2-Lite,
+# 61 in V3. Capture therefore exports one layer of each kind (the dense layers, the MoE layers, the
+# MTP module's block), exports the model around them with each layer as a one-node stand-in
+# (`splice.GraphCall`), and splices the layer's graph in at every call site, each over that layer's
+# own weights. The result is the graph a whole-model trace gives (the same ops, weights at the same
+# paths, tests/capture/test_step.py checks it), at the cost of tracing ~2 layers instead of all.
+
+_LAYER_PARTS = ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm")   # what DecoderLayer.forward runs
+
+
+class _LayerStep(nn.Module):
+    """One decoder layer in capture's order: (h, cos, sin, positions, slot_mapping, block_tables, cache) -> h."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h, cos, sin, positions, slot_mapping, block_tables, cache):
+        return self.layer(h, cos, sin, positions, cache, slot_mapping, block_tables)
+
+
+class _LayerStandIn(nn.Module):
+    """A decoder layer while the model around it is exported: the layer's forward is one stand-in
+    node; its other children (an MTP module's embedding, norms and projection) stay real."""
+
+    def __init__(self, layer: nn.Module, call: GraphCall):
+        super().__init__()
+        for name, child in layer.named_children():
+            if name not in _LAYER_PARTS:
+                setattr(self, name, child)
+        self.call = call
+
+    def forward(self, h, cos, sin, positions, kv_cache=None, slot_mapping=None, block_tables=None):
+        return self.call(h, cos, sin, positions, slot_mapping, block_tables, kv_cache)[0]
+
+
+def _layer_kind(layer: nn.Module) -> tuple:
+    """Layers of one kind trace to the same graph: same module types, parameter shapes and dtypes."""
+    kind = []
+    for part in _LAYER_PARTS:
+        mod = getattr(layer, part)
+        kind.append(tuple((n, type(m).__name__) for n, m in mod.named_modules()))
+        kind.append(tuple((n, tuple(t.shape), t.stride(), t.dtype, t.device)
+                          for n, t in (*mod.named_parameters(), *mod.named_buffers())))
+    return tuple(kind)
+
+
+class LayerGraphs:
+    """The decoder-layer graphs of one model, one per kind, traced on first use. Pass one instance to
+    `capture_main` and `capture_mtp` of the same model and the MTP block reuses the main layers' graph."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, block_size: int = 16):
+        self.model, self.inputs = model, StepInputFactory(model, block_size)
+        self.graphs: dict[tuple, torch.fx.GraphModule] = {}
+
+    def graph(self, layer: nn.Module, what: str) -> torch.fx.GraphModule:
+        kind = _layer_kind(layer)
+        if kind not in self.graphs:
+            self.graphs[kind] = self._trace(layer, what)
+        return self.graphs[kind]
+
+    def _trace(self, layer: nn.Module, what: str) -> torch.fx.GraphModule:
+        with torch.device("cpu"):
+            g, _, pos, slots, blocks, caches = self.inputs.common(0)
+            c = self.model.config
+            h = torch.randn(*pos.shape, c.hidden_size, generator=g).to(self.inputs.dtype).to(self.inputs.device)
+        with torch.no_grad():
+            cos, sin = self.model.model.rotary_emb(pos, h.dtype)
+        B, T, M, N = Dim("batch", min=1, max=4096), Dim("tokens", min=1, max=65536), \
+            Dim("blocks_per_seq", max=65536), Dim("num_blocks", max=1 << 24)
+        bt = {0: B, 1: T}
+        gm = _export(_LayerStep(layer), (h, cos, sin, pos, slots, blocks, caches(1)[0].to(self.inputs.device)),
+                     (bt, bt, bt, bt, bt, {0: B, 1: M}, {0: N}), what)
+        graph = gm.graph
+        for node in list(graph.nodes):
+            if node.op == "call_module" and not node.users:   # export's input guards: the model checks its own
+                graph.erase_node(node)
+            elif node.op == "get_attr":
+                if not node.target.startswith("layer."):
+                    raise CaptureError(f"capturing {what}: the layer's graph reads {node.target}, which is not one "
+                                       "of the layer's own tensors; regional capture cannot rebind it per layer")
+                node.target = node.target[len("layer."):]
+        out = next(n for n in graph.nodes if n.op == "output")
+        if not isinstance(out.args[0], (tuple, list)):
+            out.args = ((out.args[0],),)
+        graph._codegen = torch.fx.graph.CodeGen()     # flat arguments, a flat tuple out (splice's form)
+        return torch.fx.GraphModule(layer, graph)    # get_attr targets relative to the layer
+
+
+def _export_regional(make_step: Callable[[nn.Module], nn.Module], model: DeepseekV3ForCausalLM,
+                     layers: dict[str, nn.Module], args, dynamic, traced: LayerGraphs,
+                     what: str) -> torch.fx.GraphModule:
+    """Export make_step(model) with each layer in `layers` (attribute path under model ->
+    layer) as a stand-in, then splice each layer's kind graph in over that layer's weights."""
+    if traced.model is not model:
+        raise ValueError("LayerGraphs belongs to another model; make one per model")
+    shallow = _shallow_copy(model, layers)
+    calls, graphs = {}, {}
+    try:
+        for path, layer in layers.items():
+            sub = traced.graph(layer, f"{what}, layer {path}")
+            call = GraphCall(sub, id(layer))
+            calls[path] = call
+            graphs[id(layer)] = (f"model.{path}", sub, layer)
+        for path, layer in layers.items():
+            _set_path(shallow, path, _LayerStandIn(layer, calls[path]))
+        gm = _export(make_step(shallow), args, dynamic, what)
+    finally:
+        for call in calls.values():
+            call.release()
+    splice(gm, graphs)
+    _dedupe_sizes(gm)
+    return gm
+
+
+_SIZE_OPS = {torch.ops.aten.sym_size.int, operator.mul, operator.add, operator.sub, operator.floordiv}
+
+
+def _dedupe_sizes(gm: torch.fx.GraphModule) -> None:
+    """One node per distinct size expression: every spliced layer reads B and T of its inputs again."""
+    seen = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _SIZE_OPS or node.kwargs:
+            continue
+        key = (node.target, node.args)
+        if key in seen:
+            node.replace_all_uses_with(seen[key])
+            gm.graph.erase_node(node)
+        else:
+            seen[key] = node
+    gm.recompile()
+
+
+def _layers(model, block_size: int, layers: LayerGraphs | None) -> LayerGraphs:
+    if layers is None:
+        return LayerGraphs(model, block_size)
+    if layers.inputs.block_size != block_size:
+        raise ValueError(f"LayerGraphs traced with block_size {layers.inputs.block_size}, capture asks {block_size}")
+    return layers
+
+
+def _shallow_copy(model: nn.Module, layers) -> nn.Module:
+    """A copy of model sharing every tensor, whose module dicts along each layer's path are its own,
+    so stand-ins can replace layers without touching the user's model."""
+    root = copy.copy(model)
+    root._modules = dict(model._modules)
+    for path in layers:
+        mod = root
+        for part in path.split(".")[:-1]:
+            child = copy.copy(mod._modules[part])
+            child._modules = dict(child._modules)
+            mod._modules[part] = child
+            mod = child
+    return root
+
+
+def _set_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    *parents, leaf = path.split(".")
+    mod = root
+    for part in parents:
+        mod = mod._modules[part]
+    mod._modules[leaf] = value
+
+
+def capture_main(model: DeepseekV3ForCausalLM, block_size: int = 16, layers: LayerGraphs | None = None) -> CapturedGraph:
+    """The main model step; `layers` shares traced decoder layers with other captures of the model."""
     inputs = StepInputFactory(model, block_size)
-    gm = _export(MainStep(model), inputs.main(0), _dynamic_shapes(model.config.num_hidden_layers, False),
-                 f"the main model step ({type(model).__name__}, {model.config.num_hidden_layers} layers)")
+    blocks = {f"model.layers.{i}": layer for i, layer in enumerate(model.model.layers)}
+    gm = _export_regional(MainStep, model, blocks, inputs.main(0),
+                          _dynamic_shapes(model.config.num_hidden_layers, False), _layers(model, block_size, layers),
+                          f"the main model step ({type(model).__name__}, {model.config.num_hidden_layers} layers)")
     names = ["input_ids", "positions", "slot_mapping", "block_tables"] + \
         [f"kv_caches_{i}" for i in range(model.config.num_hidden_layers)]
     return CapturedGraph("main", gm, inputs.main, names, ["logits", "hidden"])
 
 
-def capture_mtp(model: DeepseekV3ForCausalLM, depth: int, block_size: int = 16) -> CapturedGraph:
+def capture_mtp(model: DeepseekV3ForCausalLM, depth: int, block_size: int = 16,
+                layers: LayerGraphs | None = None) -> CapturedGraph:
+    """MTP module `depth`'s step; `layers` as for capture_main."""
     inputs = StepInputFactory(model, block_size)
-    gm = _export(MTPStep(model, depth), inputs.mtp(0), _dynamic_shapes(1, True), f"MTP module {depth}")
+    gm = _export_regional(lambda m: MTPStep(m, depth), model, {f"mtp.{depth}": model.mtp[depth]}, inputs.mtp(0),
+                          _dynamic_shapes(1, True), _layers(model, block_size, layers), f"MTP module {depth}")
     names = ["next_ids", "hidden", "positions", "slot_mapping", "block_tables", "mtp_cache"]
     return CapturedGraph(f"mtp{depth}", gm, inputs.mtp, names, ["logits", "hidden"])
