@@ -126,7 +126,7 @@ def test_random_step_calibration_is_said_in_the_report():
 
 def test_unknown_pass_names_fail_before_capture(monkeypatch):
     import graphopt.api as api
-    monkeypatch.setattr(api, "capture_main", lambda *a: pytest.fail("captured before validating"))
+    monkeypatch.setattr(api, "capture_main", lambda *a, **kw: pytest.fail("captured before validating"))
     with pytest.raises(ValueError, match="unknown pass.*no_such_pass"):
         graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), disable_passes=["no_such_pass"])
     with pytest.raises(ValueError, match="spec= needs the fuse_spec_step pass"):

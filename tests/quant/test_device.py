@@ -32,8 +32,8 @@ def captured():
 @pytest.fixture
 def model(captured, monkeypatch):
     model, main, mtp = captured
-    monkeypatch.setattr(api, "capture_main", lambda m, bs: copy.deepcopy(main))
-    monkeypatch.setattr(api, "capture_mtp", lambda m, d, bs: copy.deepcopy(mtp))
+    monkeypatch.setattr(api, "capture_main", lambda m, bs, **kw: copy.deepcopy(main))
+    monkeypatch.setattr(api, "capture_mtp", lambda m, d, bs, **kw: copy.deepcopy(mtp))
     return model
 
 
