@@ -15,7 +15,8 @@ MTP step d: next_ids [B, T], hidden [B, T, hidden], positions, slot_mapping, blo
 
 The captured graph is the functional ATen graph of `ExportedProgram.run_decompositions({})`,
 unlifted (`.module()`): weights are get_attr nodes, cache writes are functional `index_copy`
-results copied back into the cache inputs by trailing `copy_` nodes.
+results copied back into the cache inputs by `copy_` nodes (one after each layer: each kind of
+decoder layer is traced once and spliced in per layer, see "regional capture" below).
 """
 
 from __future__ import annotations
@@ -88,9 +89,14 @@ class StepInputFactory:
             return ids, hidden, pos, slots, blocks, caches(1)[0].to(self.device)
 
 
-def _dynamic_shapes(num_layers: int, mtp: bool):
-    B, T, M, N = Dim("batch", min=1, max=4096), Dim("tokens", min=1, max=65536), Dim("blocks_per_seq", max=65536), \
+def _dims():
+    """The dynamic dimensions of every capture: batch, tokens, blocks per sequence, cache blocks."""
+    return Dim("batch", min=1, max=4096), Dim("tokens", min=1, max=65536), Dim("blocks_per_seq", max=65536), \
         Dim("num_blocks", max=1 << 24)
+
+
+def _dynamic_shapes(num_layers: int, mtp: bool):
+    B, T, M, N = _dims()
     bt, btm, cache = {0: B, 1: T}, {0: B, 1: M}, {0: N}
     if mtp:
         return (bt, {0: B, 1: T}, bt, bt, btm, cache)
@@ -186,8 +192,7 @@ class LayerGraphs:
             h = torch.randn(*pos.shape, c.hidden_size, generator=g).to(self.inputs.dtype).to(self.inputs.device)
         with torch.no_grad():
             cos, sin = self.model.model.rotary_emb(pos, h.dtype)
-        B, T, M, N = Dim("batch", min=1, max=4096), Dim("tokens", min=1, max=65536), \
-            Dim("blocks_per_seq", max=65536), Dim("num_blocks", max=1 << 24)
+        B, T, M, N = _dims()
         bt = {0: B, 1: T}
         gm = _export(_LayerStep(layer), (h, cos, sin, pos, slots, blocks, caches(1)[0].to(self.inputs.device)),
                      (bt, bt, bt, bt, bt, {0: B, 1: M}, {0: N}), what)
@@ -212,8 +217,6 @@ def _export_regional(make_step: Callable[[nn.Module], nn.Module], model: Deepsee
                      what: str) -> torch.fx.GraphModule:
     """Export make_step(model) with each layer in `layers` (attribute path under model ->
     layer) as a stand-in, then splice each layer's kind graph in over that layer's weights."""
-    if traced.model is not model:
-        raise ValueError("LayerGraphs belongs to another model; make one per model")
     shallow = _shallow_copy(model, layers)
     calls, graphs = {}, {}
     try:
@@ -254,6 +257,8 @@ def _dedupe_sizes(gm: torch.fx.GraphModule) -> None:
 def _layers(model, block_size: int, layers: LayerGraphs | None) -> LayerGraphs:
     if layers is None:
         return LayerGraphs(model, block_size)
+    if layers.model is not model:
+        raise ValueError("LayerGraphs belongs to another model; make one per model")
     if layers.inputs.block_size != block_size:
         raise ValueError(f"LayerGraphs traced with block_size {layers.inputs.block_size}, capture asks {block_size}")
     return layers
