@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--backend", default="auto")
+    ap.add_argument("--device", help="the server's --device (default: cuda if available)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     from graphopt.models import load_tokenizer
@@ -88,8 +89,10 @@ def main() -> None:
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     batch = max(args.concurrency)
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cmd = [sys.executable, "-m", "graphopt", "serve", "--k", str(args.k), "--backend", args.backend, "--port",
-           str(port), "--max-batch-size", str(batch), "--max-waiting", str(4 * batch)]
+           str(port), "--max-batch-size", str(batch), "--max-waiting", str(4 * batch), "--device", device]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     t0 = time.perf_counter()
@@ -115,13 +118,17 @@ def main() -> None:
             server.wait(60)
         except subprocess.TimeoutExpired:
             server.kill()
-    import torch
-    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    cuda = device.startswith("cuda")
+    where = (f"{torch.cuda.get_device_name(device)}, bfloat16" if cuda
+             else f"CPU ({os.cpu_count()} cores), float32")
     command = (f"python benchmarks/serve_load.py --concurrency {' '.join(map(str, args.concurrency))} "
-               f"--requests {args.requests} --max-tokens {args.max_tokens} --k {args.k} --backend {args.backend}")
+               f"--requests {args.requests} --max-tokens {args.max_tokens} --k {args.k} --backend {args.backend}"
+               f" --device {device}")
     lines = [f"# graphopt serve under load: embedded model, {where}", "", f"Command: `{command}`", "",
-             f"Server: `graphopt serve --k {args.k} --backend {args.backend} --max-batch-size {batch}` in its own "
-             f"process (up in {startup:.0f} s, compile included); clients: httpx streaming in one asyncio process.",
+             f"Server: `graphopt serve --k {args.k} --backend {args.backend} --device {device} --max-batch-size "
+             f"{batch}` in its own process (up in {startup:.0f} s: load, compile"
+             f"{' and warm-up of every batch bucket' if cuda else ''}); clients: httpx streaming in one asyncio "
+             "process.",
              "", "| clients | requests | req/s | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms |",
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['concurrency']} | {r['requests']} | {r['req_per_s']:.2f} | {r['tok_per_s']:.1f} | "
@@ -130,7 +137,7 @@ def main() -> None:
     lines += ["", "ITL is per streamed chunk: one engine step's tokens (1..k+1 with MTP).", ""]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = "serve_load_cuda.md" if torch.cuda.is_available() else "serve_load_cpu.md"
+    name = "serve_load_cuda.md" if cuda else "serve_load_cpu.md"
     (out / name).write_text("\n".join(lines))
     print("\n".join(lines))
 

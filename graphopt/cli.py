@@ -232,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_int_at_least(0), default=1, help="speculative draft tokens (0: off)")
     p.add_argument("--quant", help="quantisation preset (e.g. w8a8; see docs/quantization.md)")
     p.add_argument("--backend", default="auto", help="auto, eager, inductor, onnx or ascend (docs/backends.md)")
+    p.add_argument("--device", help="where the model runs: cuda, cuda:N or cpu (default: cuda if available; "
+                                    "with --compiled: where it was compiled)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   help="weights' dtype (default: bfloat16 on CUDA, float32 on the CPU; not with --compiled)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="serve at once: the first requests of each batch size then wait for their compiles "
+                        "(default: warm up every batch bucket before listening, on CUDA)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--served-model-name", metavar="NAME",
@@ -320,8 +327,9 @@ def _validate(args: argparse.Namespace) -> None:
             raise UsageError(str(e)) from None
         from graphopt.config import resolve_backend
         resolve_backend(args.backend)                          # a ValueError naming the backends
-        if args.compiled and (args.model or args.quant):
-            raise UsageError("--compiled serves a finished artefact: it takes no --model or --quant")
+        if args.compiled and (args.model or args.quant or args.dtype):
+            raise UsageError("--compiled serves a finished artefact: it takes no --model, --quant or --dtype")
+        args.device = _serve_device(args.device)
     if args.command in ("compile", "dump", "serve") and args.quant:
         from graphopt.quant.config import resolve
         resolve(args.quant)                                    # a QuantError naming the presets
@@ -345,7 +353,25 @@ def _check_pass_names(names: list[str]) -> None:
 
 
 # -- demo, compile, dump ----------------------------------------------------------------------
-def _load_model(path: str | None, dtype: str = "float32"):
+def _serve_device(device: str | None) -> str:
+    """`--device` checked before any loading: cuda when available and none is given."""
+    import torch
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device; accepted: cpu, cuda, cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: graphopt serve runs on cpu or cuda[:N]")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: this torch sees no CUDA device; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def _load_model(path: str | None, dtype: str = "float32", device: str = "cpu"):
     """The checkpoint at `path`, or the embedded model, or (if that is not built) a random model."""
     import torch
     from graphopt.models import checkpoint
@@ -353,13 +379,15 @@ def _load_model(path: str | None, dtype: str = "float32"):
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     try:
-        model = checkpoint.load(path, dtype=torch_dtype)
+        model = checkpoint.load(path, dtype=torch_dtype, device=device)
         tokenizer = _tokenizer_for(path)
         return model.eval(), tokenizer, "embedded trained model" if path is None else str(path)
     except FileNotFoundError:
         if path is not None:
             raise
-        return random_model().to(torch_dtype), None, "RANDOM weights (the embedded model is not built)"
+        model = random_model().to(device=device, dtype=torch_dtype)
+        model.model.rotary_emb.reset_parameters(device)
+        return model, None, "RANDOM weights (the embedded model is not built)"
 
 
 def _tokenizer_for(path: str | None):
@@ -439,17 +467,22 @@ def cmd_serve(args) -> int:
     import graphopt
     import graphopt.serve
     if args.compiled:
-        compiled = graphopt.load_compiled(args.compiled, backend=None if args.backend == "auto" else args.backend)
+        compiled = graphopt.load_compiled(args.compiled, device=args.device,
+                                          backend=None if args.backend == "auto" else args.backend)
         name = args.served_model_name or Path(args.compiled).resolve().name
+        what = f"compiled artefact {args.compiled}"
     else:
-        model, tok, what = _load_model(args.model)
+        dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+        model, tok, what = _load_model(args.model, dtype, args.device)
+        what = f"{what} ({dtype})"
         spec = graphopt.SpecConfig(num_speculative_tokens=args.k) if args.k and len(model.mtp) else None
         compiled = graphopt.compile(model, spec=spec, quant=args.quant, backend=args.backend, tokenizer=tok,
                                     max_batch_size=args.max_batch_size)
         name = args.served_model_name or ("graphopt-embedded" if args.model is None else Path(args.model).resolve().name)
-        print(f"serving {what} as {name!r} (backend {compiled.backend}, speculative "
-              f"{'MTP k=%d' % args.k if spec else 'off'}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    graphopt.serve.run(compiled, host=args.host, port=args.port, model_name=name,
+    spec = "off" if compiled.spec is None else f"MTP k={compiled.executable.num_speculative_tokens}"
+    print(f"serving {what} as {name!r} on {args.device} (backend {compiled.backend}, speculative {spec}) "
+          f"at http://{args.host}:{args.port}/v1", file=sys.stderr)
+    graphopt.serve.run(compiled, host=args.host, port=args.port, model_name=name, warmup=args.warmup,
                        max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
     return 0
 

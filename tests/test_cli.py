@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 import graphopt
 import graphopt.cli as cli
@@ -43,6 +44,9 @@ def test_every_model_verb_names_the_model_with_dash_dash_model(capsys):
     (["dump", "--format", "fx,netron"], "argument --format: unknown format(s) netron; accepted: fx, onnx"),
     (["bench", "--prompts", "0"], "argument --prompts: must be >= 1"),
     (["train-tiny", "--steps", "0"], "argument --steps: must be >= 1"),
+    (["serve", "--device", "meta"], "--device 'meta': graphopt serve runs on cpu or cuda[:N]"),
+    (["serve", "--device", "gpu0"], "--device 'gpu0' is not a device; accepted: cpu, cuda, cuda:N"),
+    (["serve", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
 ])
 def test_bad_input_is_one_line_and_exit_2_before_loading(argv, message, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("model loaded despite bad options"))
@@ -138,3 +142,14 @@ def test_dump_format_onnx_exports_the_final_graphs_into_the_dump_and_links_them(
 def test_python_dash_m_graphopt_is_the_same_command():
     run = subprocess.run([sys.executable, "-m", "graphopt", "--version"], capture_output=True, text=True)
     assert run.returncode == 0 and run.stdout.strip() == f"graphopt {graphopt.__version__}"
+
+
+def test_serve_compiled_takes_no_dtype_and_a_missing_gpu_is_named(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fastapi")
+    (tmp_path / cli.COMPILED_MARKER).write_text("{}")
+    monkeypatch.setattr(cli, "_load_model", lambda *a: pytest.fail("model loaded despite bad options"))
+    assert main(["serve", "--compiled", str(tmp_path), "--dtype", "bfloat16"]) == 2
+    assert "takes no --model, --quant or --dtype" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)     # as on a machine without a GPU
+    assert main(["serve", "--device", "cuda"]) == 2
+    assert "this torch sees no CUDA device; use --device cpu" in capsys.readouterr().err

@@ -16,15 +16,18 @@ except ImportError as e:   # pragma: no cover - depends on the install
     raise ImportError(f"graphopt.serve needs FastAPI and uvicorn: pip install 'graphopt[serve]' ({e})") from e
 
 from .app import build_app, chat_prompt
-from .loop import EngineLoop, QueueFullError
+from .loop import EngineLoop, QueueFullError, warm_up
 
-__all__ = ["EngineLoop", "QueueFullError", "build_app", "chat_prompt", "run"]
+__all__ = ["EngineLoop", "QueueFullError", "build_app", "chat_prompt", "run", "warm_up"]
 
 
 def run(compiled, *, host: str = "127.0.0.1", port: int = 8000, model_name: str = "graphopt",
-        max_batch_size: int = 16, max_waiting: int = 64, graceful_shutdown_s: float = 30.0) -> None:
+        max_batch_size: int = 16, max_waiting: int = 64, graceful_shutdown_s: float = 30.0,
+        warmup: bool | None = None) -> None:
     """Serve `compiled` until SIGINT / SIGTERM: new connections stop, running requests get
-    `graceful_shutdown_s` to finish, what is left is aborted."""
+    `graceful_shutdown_s` to finish, what is left is aborted. warmup: compile and capture every
+    batch bucket before listening (None: on CUDA, where first-shape compiles take seconds)."""
     import uvicorn
-    app = build_app(compiled, model_name=model_name, max_batch_size=max_batch_size, max_waiting=max_waiting)
+    app = build_app(compiled, model_name=model_name, max_batch_size=max_batch_size, max_waiting=max_waiting,
+                    warmup=warmup)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_shutdown_s)

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..runtime.request import FinishReason, SamplingParams, config_eos
 from ..runtime.text import TextPieces, output_text
-from .loop import EngineLoop, QueueFullError
+from .loop import EngineLoop, QueueFullError, log, warm_up
 
 __all__ = ["build_app", "chat_prompt"]
 
@@ -84,8 +84,9 @@ CHAT_STOP = "\n### "   # a chat reply ends where the template's next section wou
 
 
 def build_app(compiled, *, model_name: str, max_batch_size: int = 16, max_waiting: int = 64,
-              cache_budget_bytes: int | None = None) -> FastAPI:
-    """The app; its lifespan starts one engine over `compiled` (a CompiledModel) and stops it."""
+              cache_budget_bytes: int | None = None, warmup: bool | None = None) -> FastAPI:
+    """The app; its lifespan starts one engine over `compiled` (a CompiledModel) and stops it.
+    warmup: run every batch bucket once before the app takes requests (`loop.warm_up`); None: on CUDA."""
     tokenizer = compiled.tokenizer
     if tokenizer is None:
         raise ValueError("graphopt serve needs a tokenizer (text in, text out): compile with tokenizer=... or "
@@ -96,6 +97,9 @@ def build_app(compiled, *, model_name: str, max_batch_size: int = 16, max_waitin
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine = compiled.engine(max_batch_size=max_batch_size, cache_budget_bytes=cache_budget_bytes)
+        if warmup if warmup is not None else compiled.device.type == "cuda":
+            seconds = await asyncio.to_thread(warm_up, engine, max_batch_size)   # the port opens after it
+            log.info("warmed up batch sizes 1..%d in %.1f s", max_batch_size, seconds)
         app.state.loop = EngineLoop(engine, max_waiting=max_waiting).start()
         try:
             yield

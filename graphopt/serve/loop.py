@@ -23,10 +23,28 @@ from concurrent.futures import Future
 from ..runtime.engine import Engine
 from ..runtime.request import FinishReason, RequestEvent, RequestOutput, SamplingParams
 
-__all__ = ["EngineLoop", "QueueFullError"]
+__all__ = ["EngineLoop", "QueueFullError", "warm_up"]
 
 log = logging.getLogger("graphopt.serve")
 OnEvent = Callable[[RequestEvent, RequestOutput | None], None]
+
+
+def warm_up(engine: Engine, max_rows: int, new_tokens: int = 8) -> float:
+    """Run each batch size the server will decode (powers of two up to `max_rows`, and `max_rows`)
+    once greedy and once sampled, so the compiles and CUDA-graph captures of every bucket happen
+    before the first client waits on them. Seconds taken. Call before `EngineLoop.start`."""
+    t0 = time.perf_counter()
+    sizes = sorted({min(1 << i, max_rows) for i in range(max_rows.bit_length() + 1)})
+    prompt = list(range(1, 9))                  # 8 valid ids: one prefill chunk, then decode steps
+    for rows in sizes:
+        for params in (SamplingParams(max_new_tokens=new_tokens),
+                       SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=0)):
+            for _ in range(rows):
+                engine.add_request(prompt, params)
+            engine.run_until_done()
+            log.info("warm-up: %d rows %s, %.1f s so far", rows,
+                     "greedy" if params.temperature == 0 else "sampled", time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 class QueueFullError(RuntimeError):
@@ -48,6 +66,7 @@ class EngineLoop:
         self.generated_tokens, self.finished = 0, {r.value: 0 for r in FinishReason}
         self.started = time.monotonic()
         self._recent: deque[tuple[float, int]] = deque()   # (time, tokens) over the last 10 s
+        self._spec_base = _spec_counts(engine)              # acceptance counts from here on (after warm-up)
 
     # -- the doorway (any thread) -------------------------------------------------------------
     def start(self) -> "EngineLoop":
@@ -152,8 +171,16 @@ class EngineLoop:
         while self._recent and self._recent[0][0] < now - 10:
             self._recent.popleft()
         window = min(10.0, now - self.started) or 1.0
-        stats = getattr(self.engine.provider, "stats", None)
+        accepted, proposed = (now - base for now, base in zip(_spec_counts(self.engine), self._spec_base))
         return {**self.engine.load(), "steps": self.steps, "step_seconds_total": self.step_seconds,
                 "last_step_seconds": self.last_step_s, "generated_tokens": self.generated_tokens,
                 "tokens_per_second": sum(n for _, n in self._recent) / window, "finished": dict(self.finished),
-                "acceptance_rate": (stats or {}).get("acceptance_rate") if isinstance(stats, dict) else None}
+                "acceptance_rate": accepted / proposed if proposed else None}
+
+
+def _spec_counts(engine: Engine) -> tuple[int, int]:
+    """(accepted, proposed) MTP drafts so far; (0, 0) without speculation."""
+    stats = getattr(engine.provider, "stats", None)
+    if not isinstance(stats, dict):
+        return 0, 0
+    return stats.get("accepted", 0), stats.get("proposed", 0)

@@ -53,13 +53,15 @@ class SpecStats:
     def summary(self) -> dict:
         """Reads the counters back (one host sync). Rates are None before any counted step."""
         if self._sums is None:
-            return {"steps": 0, "tokens_emitted": 0, "acceptance_rate": None, "mean_accepted_length": None,
+            return {"steps": 0, "tokens_emitted": 0, "accepted": 0, "proposed": 0, "acceptance_rate": None, "mean_accepted_length": None,
                     "per_position_acceptance": [], "accepted_histogram": []}
         s = {name: t.tolist() for name, t in self._sums.items()}
         steps, k = s["steps"], self.k
         return {
             "steps": steps,
             "tokens_emitted": s["tokens"],
+            "accepted": s["accepted"],                                              # drafts kept
+            "proposed": steps * k,                                                  # drafts offered
             "acceptance_rate": s["accepted"] / (steps * k) if steps and k else None,  # accepted / proposed
             "mean_accepted_length": 1 + s["accepted"] / steps if steps else None,    # tokens per step
             "per_position_acceptance": [c / steps for c in s["per_position"]] if steps else [],
@@ -67,7 +69,9 @@ class SpecStats:
         }
 
     def reset(self) -> None:
-        self._sums, self.k = None, None
+        """Zero the counters in place (graphs recorded over them keep adding to the same tensors)."""
+        for t in (self._sums or {}).values():
+            t.zero_()
 
 
 # -- a StepProvider over the step modules or their fused graphs ----------------------------------------
