@@ -131,7 +131,14 @@ def gpu_trace(fn) -> dict:
             busy, end = busy + (b - end), b
     kernels = sum(1 for e in events if e.get("cat") == "kernel")
     span = spans[-1][1] - spans[0][0] if spans else 0.0
-    return dict(kernels=kernels, busy_us=busy, idle_us=span - busy)
+    by_name: dict[str, list[float]] = {}                 # kernel name -> [launches, total us]
+    for e in events:
+        if e.get("cat") == "kernel":
+            entry = by_name.setdefault(e["name"][:90], [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.get("dur", 0)
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]
+    return dict(kernels=kernels, busy_us=busy, idle_us=span - busy, top=[[n, c, us] for n, (c, us) in top])
 
 
 def emit(row: dict) -> None:
@@ -206,7 +213,12 @@ def run_graphopt(model, name: str, k: int, batches: list[int], new_tokens: int) 
         dt = statistics.median(times)
         graph = _replayed_graph(ex, B)
         step_ms = events_ms(graph.replay) if graph is not None else None
-        kernels = gpu_trace(lambda: [graph.replay() for _ in range(5)])["kernels"] / 5 if graph is not None else None
+        trace = gpu_trace(lambda: [graph.replay() for _ in range(5)]) if graph is not None else None
+        kernels = trace["kernels"] / 5 if trace else None
+        if trace and os.environ.get("GRAPHOPT_KERNEL_TABLE"):   # where a replayed step's GPU time goes
+            print(f"KERNELS one {name} step at batch {B}: launches, us per step", flush=True)
+            for kname, count, us in trace["top"]:
+                print(f"KERNELS {count / 5:6.1f} {us / 5:9.1f}  {kname}", flush=True)
         steps = 0
         loop = gpu_trace(go)                           # the engine loop: how long the GPU waits for the host
         emit(dict(system=name, batch=B, tokens_per_s=tokens / dt, ms_per_step=step_ms, wall_ms_per_step=1e3 * dt / steps_per,
@@ -396,6 +408,8 @@ def main() -> None:
                 if line.startswith("ROW "):
                     rows.append(json.loads(line[4:]))
                     print(line.strip(), flush=True)
+                elif line.startswith("KERNELS "):
+                    print(line.rstrip(), flush=True)
                 else:
                     tail = (tail + [line.rstrip()])[-8:]
                 if time.perf_counter() - t0 > args.timeout:

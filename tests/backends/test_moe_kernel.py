@@ -114,6 +114,10 @@ INTERPRETER_CASES = {
     "n3_float16": (5, 160, 80, 2, 3, "float16", {}),
     "embedded_n3_bfloat16": (16, 256, 112, 2, 3, "bfloat16", {}),
     "n1_float32_unused_experts_nan": (6, 40, 24, 2, 1, "float32", dict(poison=True)),
+    # M^2 <= 2E: one block per assignment, two tokens sharing expert 3 (read twice)
+    "n2_float32_one_per_block_shared_expert": (24, 160, 80, 2, 2, "float32", dict(one_expert=3)),
+    "n2_bfloat16_one_per_block_shared_expert": (24, 40, 24, 2, 2, "bfloat16", dict(one_expert=3)),
+    "n2_float32_one_per_block_unused_experts_nan": (24, 40, 24, 2, 2, "float32", dict(poison=True)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bounds on max |kernel - reference| / max |reference|: float32 products are exact ("ieee") and sums
@@ -136,7 +140,35 @@ def _interpreter_main() -> None:
             a["gate_up"][unused], a["down"][unused] = float("nan"), float("nan")
         got = moe.moe_experts_cuda(*(a[name] for name in ARGS))
         results[name] = dict(rel_max_error=rel_max_error(got, ref), dtype=str(got.dtype), shape=list(got.shape))
+    for name, (E, M, block_m, seed) in ALIGN_CASES.items():
+        ids = torch.randint(0, E, (M,), generator=torch.Generator().manual_seed(seed))
+        if name.endswith("one_expert"):
+            ids[::2] = E - 1
+        want, got = moe._align_to_blocks(ids, E, block_m), moe._align_triton(ids, E, block_m)
+        results[name] = dict(equal=all(torch.equal(w, g) for w, g in zip(want, got)))
     print(json.dumps(results))
+
+
+# the one-program alignment against the torch one: (E, M, block_m, seed); M past M_PAD * CHUNK chunks
+ALIGN_CASES = {"align_e5_m12": (5, 12, 4, 0), "align_e64_m48": (64, 48, 16, 1), "align_e64_m384": (64, 384, 16, 2),
+               "align_e256_m1024_one_expert": (256, 1024, 64, 3), "align_e7_m300_one_expert": (7, 300, 16, 4)}
+
+
+@pytest.mark.parametrize("case", list(ALIGN_CASES))
+def test_interpreted_align_kernel_equals_the_torch_alignment(interpreted, case):
+    assert interpreted[case]["equal"]
+
+
+@pytest.mark.parametrize("n_tokens, k, E, one", [
+    (1, 8, 256, True), (1, 6, 64, True),        # one token: its k experts are distinct, nothing is re-read
+    (2, 2, 24, True), (2, 6, 64, False),        # M^2 <= 2E: at most ~one repeated read; 144 > 128: sort
+    (8, 8, 256, False), (3, 2, 5, False),
+])
+def test_one_block_per_assignment_only_where_few_experts_repeat(n_tokens, k, E, one):
+    assert moe._one_per_block(n_tokens, n_tokens * k, E) is one
+    assert all(case[4] > 1 or moe._one_per_block(case[4], case[4] * case[3], case[0])
+               for case in INTERPRETER_CASES.values())              # the cases below cover both layouts
+    assert any(moe._one_per_block(N, N * kk, EE) for EE, _, _, kk, N, _, _ in INTERPRETER_CASES.values() if N > 1)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,11 @@ comes from tensor shapes. With M = N * k assignments (a = n * k + j is token n's
      `sorted_ids` array of the worst-case padded size, ceil((M + min(E, M) * (BLOCK_M - 1)) / BLOCK_M)
      blocks, filled with the sentinel M and the sorted assignments scattered into their padded slots;
      `block_expert[b]` = the expert owning block b, or E for blocks past the last used one.
+     Up to _ALIGN_KERNEL_MAX assignments this is one Triton program (`_align_kernel`: counts, a scan and
+     ranks by comparison) instead of the ~30 small torch kernels, with the same outputs.
+     Few assignments (one token, or M^2 <= 2E: `_one_per_block`): no alignment at all; block a holds
+     assignment a alone in its row 0 and block_expert is the flat ids (an expert two assignments
+     chose is then read twice, cheaper than the ~15 kernels of the sort at these sizes).
   2. kernel 1 (`_gate_up_kernel`), grid (blocks, cdiv(I, BLOCK_N)): a block's BLOCK_M rows of x
      (token = a // k, padding rows masked to 0) times that expert's Wg and Wu tiles, SwiGLU fused,
      written to an intermediate [blocks * BLOCK_M, I] buffer in x.dtype.
@@ -97,6 +102,60 @@ if triton is not None:
             return v.to(dtype).to(tl.float32)
 
     @triton.jit
+    def _align_kernel(
+        ids_ptr,                     # [M] int64: the expert of assignment a
+        sorted_ids_ptr,              # [blocks * BLOCK_M] int64 out: as _align_to_blocks
+        block_expert_ptr,            # [blocks] int64 out
+        start_ptr,                   # [E_PAD] int64 scratch: each expert's first padded slot
+        n_assign, n_slots, n_blocks,
+        N_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, M_PAD: tl.constexpr, CHUNK: tl.constexpr,
+        E_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+    ):
+        # loops run to bounds known from M_PAD (MAX_BLOCKS: the block count for M_PAD assignments),
+        # masked by the real n_slots / n_blocks, so one compile serves every M of the same M_PAD
+        # _align_to_blocks in one program (one CTA, so a barrier orders its global writes)
+        offs = tl.arange(0, M_PAD)
+        ok = offs < n_assign
+        ids = tl.load(ids_ptr + offs, mask=ok, other=N_EXPERTS)           # padding lanes: expert E, unused
+        experts = tl.arange(0, E_PAD)
+        counts = tl.zeros([E_PAD], dtype=tl.int32)                        # assignments per expert
+        for c0 in range(0, M_PAD, E_CHUNK):
+            other = c0 + tl.arange(0, E_CHUNK)
+            other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=E_PAD)
+            counts += tl.sum((experts[:, None] == other_ids[None, :]).to(tl.int32), axis=1)
+        padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        padded_end = tl.cumsum(padded, 0)                                  # one past expert e's last slot
+        tl.store(start_ptr + experts, (padded_end - padded).to(tl.int64))
+        # rank of each assignment among the earlier ones of its expert (a stable sort's order)
+        rank = tl.zeros([M_PAD], dtype=tl.int32)
+        for c0 in range(0, M_PAD, CHUNK):
+            other = c0 + tl.arange(0, CHUNK)
+            other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=N_EXPERTS + 1)
+            same = (ids[:, None] == other_ids[None, :]) & (other[None, :] < offs[:, None])
+            rank += tl.sum(same.to(tl.int32), axis=1)
+        for s0 in range(0, MAX_BLOCKS * BLOCK_M, M_PAD):                   # every slot: the sentinel M
+            slots = s0 + offs
+            tl.store(sorted_ids_ptr + slots, tl.zeros([M_PAD], dtype=tl.int64) + n_assign, mask=slots < n_slots)
+        tl.debug_barrier()                                                 # fills and starts written
+        start = tl.load(start_ptr + ids, mask=ok, other=0)
+        tl.store(sorted_ids_ptr + start + rank, offs.to(tl.int64), mask=ok)
+        # block b's expert: the number of experts whose padded range ends at or before b's first slot
+        for b0 in range(0, MAX_BLOCKS, CHUNK):
+            blocks = b0 + tl.arange(0, CHUNK)
+            ended = (padded_end[None, :] <= blocks[:, None] * BLOCK_M) & (experts[None, :] < N_EXPERTS)
+            tl.store(block_expert_ptr + blocks, tl.sum(ended.to(tl.int64), axis=1), mask=blocks < n_blocks)
+
+    @triton.jit
+    def _block_assignments(sorted_ids_ptr, rows, block, n_assign, BLOCK_M: tl.constexpr,
+                           ONE_PER_BLOCK: tl.constexpr):
+        # the assignments a block's rows hold (n_assign = padding). ONE_PER_BLOCK: block b is
+        # assignment b alone in row 0 (no sorted layout exists; block_expert is the flat expert ids)
+        if ONE_PER_BLOCK:
+            return tl.where(tl.arange(0, BLOCK_M) == 0, block, n_assign).to(tl.int64)
+        else:
+            return tl.load(sorted_ids_ptr + rows)
+
+    @triton.jit
     def _gate_up_kernel(
         x_ptr,                       # [N, H] any strides
         gate_up_ptr,                 # [E, 2I, H] any strides: rows 0..I-1 are Wg, I..2I-1 are Wu
@@ -107,7 +166,7 @@ if triton is not None:
         stride_xn, stride_xh, stride_ge, stride_gr, stride_gh, stride_in,
         TOP_K: tl.constexpr, N_EXPERTS: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, ONE_PER_BLOCK: tl.constexpr,
     ):
         block, tile = tl.program_id(0), tl.program_id(1)
         expert = tl.load(block_expert_ptr + block)
@@ -115,7 +174,7 @@ if triton is not None:
             return
 
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)                    # slots of the padded layout
-        assign = tl.load(sorted_ids_ptr + rows)
+        assign = _block_assignments(sorted_ids_ptr, rows, block, n_assign, BLOCK_M, ONE_PER_BLOCK)
         row_ok = assign < n_assign                                        # padding slots hold the sentinel
         token = (assign // TOP_K).to(tl.int64)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)                     # columns of I
@@ -158,7 +217,7 @@ if triton is not None:
         stride_in, stride_de, stride_dh, stride_di, stride_om,
         N_EXPERTS: tl.constexpr, HIDDEN: tl.constexpr, INTER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, EMULATE_BF16: tl.constexpr, ONE_PER_BLOCK: tl.constexpr,
     ):
         block, tile = tl.program_id(0), tl.program_id(1)
         expert = tl.load(block_expert_ptr + block)
@@ -166,7 +225,7 @@ if triton is not None:
             return
 
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        assign = tl.load(sorted_ids_ptr + rows)
+        assign = _block_assignments(sorted_ids_ptr, rows, block, n_assign, BLOCK_M, ONE_PER_BLOCK)
         row_ok = assign < n_assign
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)                     # columns of H
         col_ok = cols < HIDDEN
@@ -190,6 +249,15 @@ if triton is not None:
         tl.store(out_rows + cols[None, :], y * route_w[:, None], mask=row_ok[:, None] & col_ok[None, :])
 
 
+def _one_per_block(n_tokens: int, n_assign: int, n_experts: int) -> bool:
+    """Whether each assignment gets a block of its own instead of the sorted layout. The sort, counts,
+    scans and scatters of `_align_to_blocks` are ~15 small kernels (~40 us per layer at decode sizes,
+    measured on the H200); without them an expert chosen by two assignments is read twice. One token
+    (its k experts are distinct) never reads twice; for M random assignments over E experts about
+    M^2 / 2E are repeats, so up to M^2 <= 2E (about one repeated expert read) the sort costs more."""
+    return n_tokens == 1 or n_assign * n_assign <= 2 * n_experts
+
+
 def _block_m(n_assign: int, n_experts: int) -> int:
     """Rows per block: 16 while experts see few assignments each (decode), 64 once they average many."""
     per_expert = n_assign / min(n_experts, n_assign)
@@ -205,6 +273,26 @@ def _max_blocks(n_assign: int, n_experts: int, block_m: int) -> int:
     """Worst-case number of padded blocks, from shapes: each used expert (at most min(E, M) of them)
     pads its count by at most block_m - 1."""
     return -(-(n_assign + min(n_experts, n_assign) * (block_m - 1)) // block_m)     # ceil, without triton
+
+
+# one program aligns up to this many assignments (its rank step compares M_PAD x CHUNK ids at a time)
+_ALIGN_KERNEL_MAX = 2048
+
+
+def _align_triton(flat_ids: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """`_align_to_blocks` as one kernel launch (its torch form is ~30 small kernels); same outputs."""
+    n_assign, device = flat_ids.numel(), flat_ids.device
+    n_blocks = _max_blocks(n_assign, n_experts, block_m)
+    sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int64, device=device)
+    block_expert = torch.empty(n_blocks, dtype=torch.int64, device=device)
+    e_pad = triton.next_power_of_2(n_experts + 1)
+    start = torch.empty(e_pad, dtype=torch.int64, device=device)
+    m_pad = max(16, triton.next_power_of_2(n_assign))
+    _align_kernel[(1,)](flat_ids, sorted_ids, block_expert, start, n_assign, n_blocks * block_m, n_blocks,
+                        N_EXPERTS=n_experts, E_PAD=e_pad, M_PAD=m_pad, CHUNK=max(16, min(64, 8192 // m_pad)),
+                        E_CHUNK=max(16, min(m_pad, 8192 // e_pad)), BLOCK_M=block_m,
+                        MAX_BLOCKS=_max_blocks(m_pad, n_experts, block_m), num_warps=4 if m_pad <= 256 else 8)
+    return sorted_ids, block_expert
 
 
 def _align_to_blocks(flat_ids: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
@@ -239,15 +327,21 @@ def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor
     n_assign = n_tokens * top_k
     if n_assign == 0:
         return torch.zeros_like(x)
-    block_m = _block_m(n_assign, n_experts)
-    sorted_ids, block_expert = _align_to_blocks(ids.reshape(-1).long(), n_experts, block_m)
+    one_per_block = _one_per_block(n_tokens, n_assign, n_experts)
+    flat_ids = ids.reshape(-1).long()                                      # [M]
+    if one_per_block:            # block a = assignment a: no sort, no padding layout, ~15 kernels fewer
+        block_m, sorted_ids, block_expert = 16, flat_ids, flat_ids
+    else:
+        block_m = _block_m(n_assign, n_experts)
+        align = _align_triton if n_assign <= _ALIGN_KERNEL_MAX else _align_to_blocks
+        sorted_ids, block_expert = align(flat_ids.contiguous(), n_experts, block_m)
     n_blocks = block_expert.numel()
     flat_weights = weights.reshape(-1).float().contiguous()               # [M]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"             # tf32 is ignored for half types
     emulate_bf16 = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     # the model's sizes are compile-time constants (one compile per model; tile loops of known length)
     options = dict(N_EXPERTS=n_experts, HIDDEN=hidden, INTER=inter, DOT_PRECISION=precision,
-                   EMULATE_BF16=emulate_bf16, num_warps=4)
+                   EMULATE_BF16=emulate_bf16, ONE_PER_BLOCK=one_per_block, num_warps=4)
     largest_k = 64 if x.dtype == torch.float32 else 128
 
     inter_buf = x.new_empty((n_blocks * block_m, inter))                   # [blocks * BLOCK_M, I]
