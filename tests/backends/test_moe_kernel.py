@@ -145,7 +145,9 @@ def _interpreter_main() -> None:
         if name.endswith("one_expert"):
             ids[::2] = E - 1
         want, got = moe._align_to_blocks(ids, E, block_m), moe._align_triton(ids, E, block_m)
-        results[name] = dict(equal=all(torch.equal(w, g) for w, g in zip(want, got)))
+        atomic = moe._align_triton(ids, E, block_m, atomic=True)
+        results[name] = dict(equal=all(torch.equal(w, g) for w, g in zip(want, got)),
+                             atomic_same_blocks=same_blocks(want, atomic, block_m, M))
     print(json.dumps(results))
 
 
@@ -154,9 +156,21 @@ ALIGN_CASES = {"align_e5_m12": (5, 12, 4, 0), "align_e64_m48": (64, 48, 16, 1), 
                "align_e256_m1024_one_expert": (256, 1024, 64, 3), "align_e7_m300_one_expert": (7, 300, 16, 4)}
 
 
+def same_blocks(want, got, block_m: int, n_assign: int) -> bool:
+    """Same block experts, and each expert's blocks hold the same assignments (in any order and
+    any split over its blocks) and the same padding count per block."""
+    if not torch.equal(want[1], got[1]) or want[0].shape != got[0].shape:
+        return False
+    w, g, n = want[0].view(-1, block_m), got[0].view(-1, block_m), n_assign          # n: the padding sentinel
+    if not torch.equal((w == n).sum(1), (g == n).sum(1)):
+        return False
+    return all(torch.equal(w[want[1] == e].flatten().sort().values, g[got[1] == e].flatten().sort().values)
+               for e in want[1].unique().tolist())
+
+
 @pytest.mark.parametrize("case", list(ALIGN_CASES))
 def test_interpreted_align_kernel_equals_the_torch_alignment(interpreted, case):
-    assert interpreted[case]["equal"]
+    assert interpreted[case]["equal"] and interpreted[case]["atomic_same_blocks"]
 
 
 @pytest.mark.parametrize("n_tokens, k, E, one", [
@@ -229,6 +243,16 @@ def cuda_kernel():
     yield
     _experts_cache.clear()
     torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("E, M, block_m", [(64, 48, 16), (64, 384, 16), (256, 2048, 64), (7, 300, 16)])
+def test_cuda_align_kernels_give_the_torch_blocks(cuda_kernel, E, M, block_m):
+    ids = torch.randint(0, E, (M,), device="cuda", generator=torch.Generator("cuda").manual_seed(M))
+    want = moe._align_to_blocks(ids, E, block_m)
+    assert all(torch.equal(w, g) for w, g in zip(want, moe._align_triton(ids, E, block_m)))
+    assert same_blocks(want, moe._align_triton(ids, E, block_m, atomic=True), block_m, M)
 
 
 GPU_CASES = [(m, d, n) for m in MODELS for d in (torch.bfloat16, torch.float32) for n in (1, 8, 64, 256)]

@@ -11,8 +11,13 @@ comes from tensor shapes. With M = N * k assignments (a = n * k + j is token n's
      `sorted_ids` array of the worst-case padded size, ceil((M + min(E, M) * (BLOCK_M - 1)) / BLOCK_M)
      blocks, filled with the sentinel M and the sorted assignments scattered into their padded slots;
      `block_expert[b]` = the expert owning block b, or E for blocks past the last used one.
-     Up to _ALIGN_KERNEL_MAX assignments this is one Triton program (`_align_kernel`: counts, a scan and
-     ranks by comparison) instead of the ~30 small torch kernels, with the same outputs.
+     Up to _ALIGN_KERNEL_MAX assignments this is one Triton program (`_align_kernel`: each
+     assignment's rank within its expert from an atomic increment, a scan of the padded counts, the
+     scatter) instead of the ~30 small torch kernels: 4-37 us against 38-79 us on the H200
+     (`benchmarks/moe_align.py`). Its blocks and block experts equal the torch alignment's; an
+     expert's assignments may sit in another order over its blocks, which changes no result (a
+     row's product does not depend on its row). ATOMIC=False ranks by comparison (stable, the torch
+     order exactly) in O(M^2): kept as the reference the tests hold the atomic form to.
      Few assignments (one token, or M^2 <= 2E: `_one_per_block`): no alignment at all; block a holds
      assignment a alone in its row 0 and block_expert is the flat ids (an expert two assignments
      chose is then read twice, cheaper than the ~15 kernels of the sort at these sizes).
@@ -107,9 +112,10 @@ if triton is not None:
         sorted_ids_ptr,              # [blocks * BLOCK_M] int64 out: as _align_to_blocks
         block_expert_ptr,            # [blocks] int64 out
         start_ptr,                   # [E_PAD] int64 scratch: each expert's first padded slot
+        count_ptr,                   # [E_PAD] int32 scratch (ATOMIC): assignments per expert
         n_assign, n_slots, n_blocks,
         N_EXPERTS: tl.constexpr, E_PAD: tl.constexpr, M_PAD: tl.constexpr, CHUNK: tl.constexpr,
-        E_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, MAX_BLOCKS: tl.constexpr,
+        E_CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, MAX_BLOCKS: tl.constexpr, ATOMIC: tl.constexpr,
     ):
         # loops run to bounds known from M_PAD (MAX_BLOCKS: the block count for M_PAD assignments),
         # masked by the real n_slots / n_blocks, so one compile serves every M of the same M_PAD
@@ -118,21 +124,30 @@ if triton is not None:
         ok = offs < n_assign
         ids = tl.load(ids_ptr + offs, mask=ok, other=N_EXPERTS)           # padding lanes: expert E, unused
         experts = tl.arange(0, E_PAD)
-        counts = tl.zeros([E_PAD], dtype=tl.int32)                        # assignments per expert
-        for c0 in range(0, M_PAD, E_CHUNK):
-            other = c0 + tl.arange(0, E_CHUNK)
-            other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=E_PAD)
-            counts += tl.sum((experts[:, None] == other_ids[None, :]).to(tl.int32), axis=1)
+        if ATOMIC:
+            # rank = the count an atomic increment of its expert returns: O(M) work, but the order of
+            # one expert's assignments is the atomics' (a row's result does not depend on its row)
+            tl.store(count_ptr + experts, tl.zeros([E_PAD], dtype=tl.int32))
+            tl.debug_barrier()
+            rank = tl.atomic_add(count_ptr + ids, tl.full([M_PAD], 1, tl.int32), mask=ok)
+            tl.debug_barrier()
+            counts = tl.load(count_ptr + experts, mask=experts < N_EXPERTS, other=0)
+        else:
+            counts = tl.zeros([E_PAD], dtype=tl.int32)                    # assignments per expert
+            for c0 in range(0, M_PAD, E_CHUNK):
+                other = c0 + tl.arange(0, E_CHUNK)
+                other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=E_PAD)
+                counts += tl.sum((experts[:, None] == other_ids[None, :]).to(tl.int32), axis=1)
+            # rank of each assignment among the earlier ones of its expert (a stable sort's order)
+            rank = tl.zeros([M_PAD], dtype=tl.int32)
+            for c0 in range(0, M_PAD, CHUNK):
+                other = c0 + tl.arange(0, CHUNK)
+                other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=N_EXPERTS + 1)
+                same = (ids[:, None] == other_ids[None, :]) & (other[None, :] < offs[:, None])
+                rank += tl.sum(same.to(tl.int32), axis=1)
         padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
         padded_end = tl.cumsum(padded, 0)                                  # one past expert e's last slot
         tl.store(start_ptr + experts, (padded_end - padded).to(tl.int64))
-        # rank of each assignment among the earlier ones of its expert (a stable sort's order)
-        rank = tl.zeros([M_PAD], dtype=tl.int32)
-        for c0 in range(0, M_PAD, CHUNK):
-            other = c0 + tl.arange(0, CHUNK)
-            other_ids = tl.load(ids_ptr + other, mask=other < n_assign, other=N_EXPERTS + 1)
-            same = (ids[:, None] == other_ids[None, :]) & (other[None, :] < offs[:, None])
-            rank += tl.sum(same.to(tl.int32), axis=1)
         for s0 in range(0, MAX_BLOCKS * BLOCK_M, M_PAD):                   # every slot: the sentinel M
             slots = s0 + offs
             tl.store(sorted_ids_ptr + slots, tl.zeros([M_PAD], dtype=tl.int64) + n_assign, mask=slots < n_slots)
@@ -279,19 +294,22 @@ def _max_blocks(n_assign: int, n_experts: int, block_m: int) -> int:
 _ALIGN_KERNEL_MAX = 2048
 
 
-def _align_triton(flat_ids: Tensor, n_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
-    """`_align_to_blocks` as one kernel launch (its torch form is ~30 small kernels); same outputs."""
+def _align_triton(flat_ids: Tensor, n_experts: int, block_m: int, atomic: bool = False) -> tuple[Tensor, Tensor]:
+    """`_align_to_blocks` as one kernel launch (its torch form is ~30 small kernels); same outputs
+    (atomic=True: same blocks and block experts, an expert's assignments in any order)."""
     n_assign, device = flat_ids.numel(), flat_ids.device
     n_blocks = _max_blocks(n_assign, n_experts, block_m)
     sorted_ids = torch.empty(n_blocks * block_m, dtype=torch.int64, device=device)
     block_expert = torch.empty(n_blocks, dtype=torch.int64, device=device)
     e_pad = triton.next_power_of_2(n_experts + 1)
     start = torch.empty(e_pad, dtype=torch.int64, device=device)
+    counts = torch.empty(e_pad, dtype=torch.int32, device=device)
     m_pad = max(16, triton.next_power_of_2(n_assign))
-    _align_kernel[(1,)](flat_ids, sorted_ids, block_expert, start, n_assign, n_blocks * block_m, n_blocks,
+    _align_kernel[(1,)](flat_ids, sorted_ids, block_expert, start, counts, n_assign, n_blocks * block_m, n_blocks,
                         N_EXPERTS=n_experts, E_PAD=e_pad, M_PAD=m_pad, CHUNK=max(16, min(64, 8192 // m_pad)),
                         E_CHUNK=max(16, min(m_pad, 8192 // e_pad)), BLOCK_M=block_m,
-                        MAX_BLOCKS=_max_blocks(m_pad, n_experts, block_m), num_warps=4 if m_pad <= 256 else 8)
+                        MAX_BLOCKS=_max_blocks(m_pad, n_experts, block_m), ATOMIC=atomic,
+                        num_warps=4 if m_pad <= 256 else 8)
     return sorted_ids, block_expert
 
 
@@ -333,8 +351,10 @@ def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor
         block_m, sorted_ids, block_expert = 16, flat_ids, flat_ids
     else:
         block_m = _block_m(n_assign, n_experts)
-        align = _align_triton if n_assign <= _ALIGN_KERNEL_MAX else _align_to_blocks
-        sorted_ids, block_expert = align(flat_ids.contiguous(), n_experts, block_m)
+        if n_assign <= _ALIGN_KERNEL_MAX:
+            sorted_ids, block_expert = _align_triton(flat_ids.contiguous(), n_experts, block_m, atomic=True)
+        else:
+            sorted_ids, block_expert = _align_to_blocks(flat_ids, n_experts, block_m)
     n_blocks = block_expert.numel()
     flat_weights = weights.reshape(-1).float().contiguous()               # [M]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"             # tf32 is ignored for half types
