@@ -310,6 +310,8 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     lowering.check(ref.lm_head.weight.device)          # e.g. ascend without torch_npu: before any capture
     state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
     check_options(opts, state)
+    if state.quant is not None and state.quant.needs_calibration:   # data errors before capture
+        state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size, tokenizer)
     verify = verify or verify_from_env()
     dump_dir = dump_dir or os.environ.get("GRAPHOPT_DUMP") or None
     dumper = Dumper(dump_dir) if dump_dir else None
@@ -323,8 +325,6 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
         captured += [capture_mtp(ref, d, opts.block_size, layers=layers) for d in range(len(ref.mtp))]
     w = ref.lm_head.weight
     layout = CacheLayout.for_config(ref.config, opts.block_size, w.dtype, w.device, num_mtp=len(captured) - 1)
-    if state.quant is not None and state.quant.needs_calibration:
-        state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size)
     program = Program.from_captured(captured, ref.config, layout, state)
     report.seconds["capture"] = time.perf_counter() - t0
     progress.done("capture", ", ".join(program.names))
@@ -396,17 +396,14 @@ def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
     return spec
 
 
-def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int):
-    """Real calibration windows (QuantConfig.calibration's mixed sources) fed through each graph.
+def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int, tokenizer):
+    """Real calibration windows (QuantConfig.calibration: its token ids or mixed sources) as each
+    graph's step inputs, with a description of their data for the quant_calibrate record.
 
-    The default sources are text of the embedded model's tokenizer; a model with another vocabulary
-    gets none here and quant_calibrate falls back to random valid steps (its pass record says so)."""
+    Text sources are tokenised with `tokenizer` (the one compile resolved: given, or the embedded one
+    for the embedded model); token ids need none. Every data error is raised here, before capture."""
     from .quant import calibration
-    try:
-        tokens = calibration.calibration_tokens(quant_config.calibration, model.config.vocab_size)
-    except ValueError:
-        return None
-    return calibration.step_inputs(model, tokens, block_size).__getitem__
+    return calibration.graph_calibration(model, quant_config.calibration, tokenizer, block_size)
 
 
 def _resolve_quant(quant: Any):
@@ -417,23 +414,8 @@ def _resolve_quant(quant: Any):
 
 
 def _resolve_tokenizer(tokenizer: Any, config):
-    """The tokenizer given (a tokenizer.json path is loaded), else the embedded one for the embedded
-    model. A model does not remember the directory it was loaded from, so the embedded model is
-    recognised by its config (MTP layers aside: load(mtp=False) drops them)."""
-    from .models import load_tokenizer
-    if isinstance(tokenizer, (str, os.PathLike)):
-        return load_tokenizer(tokenizer)
-    if tokenizer is not None:
-        if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
-            raise TypeError(f"tokenizer must have encode(str) -> ids and decode(ids) -> str; got "
-                            f"{type(tokenizer).__name__}")
-        return tokenizer
-    from .models.checkpoint import DEFAULT_MODEL_DIR
-    from .models.config import DeepseekV3Config
-    embedded = DeepseekV3Config.from_json(DEFAULT_MODEL_DIR / "config.json")
-    if embedded.replace(num_nextn_predict_layers=0) == config.replace(num_nextn_predict_layers=0):
-        return load_tokenizer()
-    return None
+    from .models.tokenizer import tokenizer_for
+    return tokenizer_for(config, tokenizer)
 
 
 class _Progress:

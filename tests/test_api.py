@@ -116,12 +116,18 @@ def test_report_carries_pass_notes_and_stage_times(compiled_random):
 
 
 def test_random_step_calibration_is_said_in_the_report():
-    from graphopt.quant import PRESETS
-    config = PRESETS["w8a8_smooth"]
-    config = config.replace(calibration=config.calibration.__class__(num_samples=2))
+    from graphopt.quant import PRESETS, CalibrationConfig
+    config = PRESETS["w8a8_smooth"].replace(calibration=CalibrationConfig(sources=(("random", 1.0),), num_samples=2))
     compiled = graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), quant=config,
                                 progress=False)
-    assert "random valid steps" in compiled.report.notes["main/quant_calibrate"]
+    assert "random ids" in compiled.report.notes["main/quant_calibrate"]
+
+
+def test_text_calibration_without_a_tokenizer_fails_before_capture(monkeypatch):
+    import graphopt.api as api
+    monkeypatch.setattr(api, "capture_main", lambda *a, **kw: pytest.fail("captured before validating"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        graphopt.compile(random_model(num_hidden_layers=1, first_k_dense_replace=1), quant="w8a8_static")
 
 
 def test_unknown_pass_names_fail_before_capture(monkeypatch):

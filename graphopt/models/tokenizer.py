@@ -39,6 +39,7 @@ __all__ = [
     "Tokenizer",
     "load_tokenizer",
     "train_tokenizer",
+    "tokenizer_for",
 ]
 
 EOS_TOKEN = "<|endoftext|>"
@@ -152,6 +153,26 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
                 "(.cache/corpus/tokenizer.json), or ship it with --tokenizer-out " + str(packaged)
             )
         return Tokenizer.from_file(packaged)
+
+
+def tokenizer_for(config, tokenizer=None):
+    """The tokenizer that goes with a model: `tokenizer` if given (a tokenizer.json path is loaded;
+    anything else must have encode(str) -> ids and decode(ids) -> str), else the packaged tokenizer
+    when `config` is the embedded model's (MTP layers aside: load(mtp=False) drops them), else None.
+    A model does not remember the directory it came from, so the embedded one is known by its config."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    if tokenizer is not None:
+        if not (callable(getattr(tokenizer, "encode", None)) and callable(getattr(tokenizer, "decode", None))):
+            raise TypeError(f"tokenizer must have encode(str) -> ids and decode(ids) -> str; got "
+                            f"{type(tokenizer).__name__}")
+        return tokenizer
+    from .checkpoint import DEFAULT_MODEL_DIR
+    from .config import DeepseekV3Config
+    embedded = DeepseekV3Config.from_json(DEFAULT_MODEL_DIR / "config.json")
+    if embedded.replace(num_nextn_predict_layers=0) == config.replace(num_nextn_predict_layers=0):
+        return load_tokenizer()
+    return None
 
 
 def _as_iterator(texts: Iterable[str]) -> Iterator[str]:

@@ -49,6 +49,7 @@ class PassContext:
     make_inputs: Callable[[int], tuple] | None = None   # seed -> fresh valid inputs for this graph
     graph_name: str = "main"
     state: CompileState = field(default_factory=CompileState)
+    output_names: tuple[str, ...] = ()                   # the graph's outputs ("logits", "hidden"); () unknown
 
     def __post_init__(self):
         if not isinstance(self.options, CompileOptions) or not isinstance(self.state, CompileState):
@@ -59,11 +60,15 @@ class PassContext:
 class GraphPass:
     """Base class: subclasses set `name` and implement `run`.
 
-    `rtol`/`atol` are the verify-mode tolerances for this pass: 0 for exact rewrites; fusions that
-    reorder floating-point work get a small tolerance; quantisation passes declare their own.
+    `numerics` says what the pass may change, i.e. how verify mode judges it (verify.CHECKS):
+      "close"      every output and mutated cache within `rtol`/`atol` of the graph before the pass,
+                   integers equal: 0 for exact rewrites, small for fusions that reorder float work;
+      "quantised"  the next-token distributions (softmax of the logits) within the KL divergence and
+                   top-1 agreement its quantisation scheme is allowed (verify.QUANT_BUDGETS).
     """
 
     name: str = ""
+    numerics: str = "close"
     rtol: float = 1e-5
     atol: float = 1e-5
 

@@ -6,9 +6,12 @@ Program. `run(gm, ctx)` runs graph phases over one graph (tests, tools).
 
 Switching passes off: `CompileConfig.disable_passes` and the `GRAPHOPT_DISABLE_PASSES` environment
 variable (comma-separated pass names) are merged. Verify mode (`verify=True` or `GRAPHOPT_VERIFY=1`)
-runs each pass's graph before and after on the same fresh random inputs and compares outputs with
-the pass's tolerance, and checks the graph invariants of every graph as captured and at every phase
-boundary. Pass notes go to `CompileState.notes` ("graph/pass" -> text), which the report shows.
+runs each pass's graph before and after on the same fresh random inputs and judges the difference by
+what the pass declares it may change (`GraphPass.numerics`, a key of `verify.CHECKS`): a "close"
+pass keeps every output and mutated cache within its rtol/atol, a "quantised" pass keeps the
+next-token distributions within its scheme's budget (`verify.QUANT_BUDGETS`). It also checks the
+graph invariants of every graph as captured and at every phase boundary. Pass notes go to
+`CompileState.notes` ("graph/pass" -> text), which the report shows.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from .base import GraphPass, ModulePass, PassContext, count_ops
 from .invariants import check_invariants
 from .program import Program
+from .verify import CHECKS, Mismatch, Run, flat, values
 
 
 class PassError(RuntimeError):
@@ -79,6 +83,9 @@ class PassManager:
         unknown = set(disabled) - known
         if unknown:
             raise ValueError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes: {sorted(known)}")
+        for p in (p for ph in phases for p in ph.passes if isinstance(p, GraphPass)):
+            if p.numerics not in CHECKS:
+                raise ValueError(f"pass {p.name!r} declares numerics={p.numerics!r}; verify knows {sorted(CHECKS)}")
         self.phases, self.disabled, self.verify, self.dumper = phases, set(disabled), verify, dumper
         self.records: list[PassRecord] = []
         # on_phase(phase, graph): called when a phase has run over one graph ("program" for module phases)
@@ -116,7 +123,9 @@ class PassManager:
 
     @staticmethod
     def _graph_ctx(program: Program, ctx: PassContext, name: str) -> PassContext:
-        return PassContext(ctx.model_config, ctx.options, program.make_inputs.get(name), name, program.state)
+        signature = program.signatures.get(name)
+        return PassContext(ctx.model_config, ctx.options, program.make_inputs.get(name), name, program.state,
+                           signature.outputs if signature else ())
 
     def _run_graph(self, gm, ctx: PassContext, phases: list[Phase], ran: list[str]) -> torch.fx.GraphModule:
         for phase in phases:
@@ -208,36 +217,28 @@ class PassManager:
         # a pass that changes the graph's signature (the step fusion) is checked by its own tests
         if self.verify and ctx.make_inputs is not None and result.modified \
                 and not getattr(p, "changes_signature", False):
-            rec.max_error = compare_outputs(before, gm, ctx, p, ran)
+            rec.max_error, verdict = compare_outputs(before, gm, ctx, p, ran)
+            rec.notes += verdict
         ran.append(p.name)
         return gm
 
 
-def compare_outputs(before, after, ctx: PassContext, p: GraphPass, ran: list[str]) -> float:
-    """Run both graphs on the same fresh inputs and compare outputs AND the mutated inputs (caches)."""
-    seed = 1234 + len(ran)
+def compare_outputs(before, after, ctx: PassContext, p: GraphPass, ran: list[str]) -> tuple[float, list[str]]:
+    """Run both graphs on the same fresh inputs (one draw per `check.draws`) and judge the difference by
+    the pass's check. Returns (max abs error over float values, notes for the pass record)."""
+    check = CHECKS[p.numerics]
+    pairs = []
     with torch.no_grad():
-        args_ref, args_got = ctx.make_inputs(seed), ctx.make_inputs(seed)
-        ref = _flat(before(*args_ref)) + _flat(args_ref)
-        got = _flat(after(*args_got)) + _flat(args_got)
-    worst = 0.0
-    for i, (a, b) in enumerate(zip(ref, got)):
-        if a.dtype.is_floating_point:
-            err = (b.double() - a.double()).abs()
-            bound = p.atol + p.rtol * a.double().abs()
-            if bool(torch.isnan(b).any() & ~torch.isnan(a).any()) or bool((err > bound).any()):
-                rel = float(err.max() / a.double().abs().max().clamp_min(1e-30))
-                raise PassError(f"verify: pass {p.name!r} changed output {i} of graph {ctx.graph_name!r} "
-                                f"beyond its tolerance (rtol={p.rtol}, atol={p.atol}): max abs error "
-                                f"{float(err.max()):.3g}, relative {rel:.3g}; passes before it: "
-                                f"{', '.join(ran) or 'none'}")
-            worst = max(worst, float(err.max()) if err.numel() else 0.0)
-        elif not torch.equal(a, b):
-            raise PassError(f"verify: pass {p.name!r} changed integer output {i} of graph {ctx.graph_name!r}")
-    return worst
-
-
-def _flat(out) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    return [t for o in out for t in _flat(o)] if isinstance(out, (list, tuple)) else []
+        for draw in range(check.draws):
+            seed = 1234 + len(ran) + 1000 * draw
+            args_ref, args_got = ctx.make_inputs(seed), ctx.make_inputs(seed)
+            ref, got = flat(before(*args_ref)), flat(after(*args_got))
+            pairs.append((Run(ref, flat(args_ref)), Run(got, flat(args_got))))
+    try:
+        notes = check.judge(p, ctx, pairs)
+    except Mismatch as m:
+        raise PassError(f"verify: pass {p.name!r} {m.what} of graph {ctx.graph_name!r} {m.how}; "
+                        f"passes before it: {', '.join(ran) or 'none'}") from None
+    worst = max((float((b.double() - a.double()).abs().max()) for ref, got in pairs
+                 for _, a, b in values(ref, got, ctx) if a.dtype.is_floating_point and a.numel()), default=0.0)
+    return worst, notes

@@ -1,30 +1,40 @@
 """Calibration data and the layer-by-layer observation run.
 
-Data (`calibration_tokens`): CalibrationConfig.sources are (spec, ratio) pairs; num_samples windows
-of seq_len tokens are split between sources in proportion to the ratios (largest remainder), each
-window taken at a random offset (seeded) of its source's token stream, then the windows are shuffled.
+Data (`calibration_data`): the token ids in CalibrationConfig.tokens, or CalibrationConfig.sources:
+(spec, ratio) pairs; num_samples windows of seq_len tokens are split between sources in proportion
+to the ratios (largest remainder), each window taken at a random offset (seeded) of its source's
+token stream, then the windows are shuffled. Text is tokenised with the model's own tokenizer
+(`model_tokenizer`: the one given, the embedded tokenizer only for the embedded model's config);
+without one, a text source is an error before anything is read.
   "default"      the embedded model's training split: the corpus token file `train.bin` in
-                 $GRAPHOPT_CORPUS or ./.cache/corpus (`python -m graphopt.models.corpus` writes it).
-                 When it is not there (an installed package ships no training data), the shipped
-                 held-out text minus the evaluation slice ("heldout" below) is used instead.
+                 $GRAPHOPT_CORPUS or ./.cache/corpus (`python -m graphopt.models.corpus` writes it),
+                 used only with the embedded tokenizer (its ids). Otherwise, or when the file is not
+                 there, the shipped held-out text minus the evaluation slice ("heldout" below).
   "heldout"      graphopt/models/data/heldout.txt, tokenized, minus its first EVAL_FRACTION (the
                  slice quant.eval and benchmarks/quant_accuracy.py evaluate on).
   "text:PATH"    a UTF-8 text file, tokenized with the model's tokenizer.
   "tokens:PATH"  token ids: .bin (little-endian uint16, the corpus format), .pt or .safetensors
-                 (the first tensor) of integers.
+                 (the first tensor) of integers. No tokenizer needed.
+  "random"       uniform random ids in [0, vocab_size), seeded: only when named (no tokenizer).
+Every token id is checked (`as_token_ids`): integers, the right shape, not empty, in [0, vocab_size).
 
 Observation (`LayerRunner`): the calibration windows go through the model one decoder layer at a
 time; only that layer is instrumented, its observers feed the quantiser, and its (quantised) output
 becomes the next layer's input. Memory is the hidden states of the calibration set plus one layer's
 observers, whatever the depth. MTP modules follow the main layers, fed with the final hidden states.
-Every routed expert is observed on every token: the reference model's dense dispatch runs every token
-through every expert (routing only weights the outputs), so no expert is left without data.
+Routed experts are observed on their routed tokens (`observe_expert_inputs`): the reference model's
+dense dispatch computes every expert on every token, and the router's ids say which rows count for
+which expert's down_proj input; an expert routed fewer than min_expert_tokens tokens falls back to
+all of them (observers.py). gate_up's input is the token itself, shared by the experts (one
+smoothing vector and one static scale in the quantised op), and every token is routed to some
+expert, so it is observed on every token.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,16 +49,32 @@ from .config import CalibrationConfig
 from .observers import Observer
 from .schemes import QuantError
 
-__all__ = ["calibration_tokens", "source_tokens", "heldout_tokens", "check_vocab", "LayerRunner",
-           "attach_observers", "observe_expert_inputs", "observe_layer", "step_inputs", "EVAL_FRACTION", "HELDOUT_TEXT"]
+__all__ = ["CalibrationData", "GraphCalibration", "calibration_data", "calibration_tokens", "source_tokens",
+           "heldout_tokens", "model_tokenizer", "as_token_ids", "check_vocab", "check_windows", "graph_calibration",
+           "LayerRunner", "attach_observers", "observe_expert_inputs", "observe_layer", "routed_mask",
+           "step_inputs", "EVAL_FRACTION", "HELDOUT_TEXT", "RANDOM", "TEXT_KINDS"]
 
 EVAL_FRACTION = 0.5
 HELDOUT_TEXT = Path(__file__).resolve().parent.parent / "models" / "data" / "heldout.txt"
+RANDOM = "random"
+TEXT_KINDS = ("default", "heldout", "text")       # sources that need the model's tokenizer
+_KINDS = "'default', 'heldout', 'text:PATH', 'tokens:PATH', 'random'"
+_NEED_DATA = ("pass the model's tokenizer (tokenizer= to graphopt.compile or quantize_model: an object with "
+              "encode(str) -> ids, or a tokenizer.json path), or token ids (quantize_model(data=[n, T] ids), "
+              "CalibrationConfig(tokens=ids) or sources=(('tokens:PATH', 1.0),)), or name "
+              "sources=(('random', 1.0),) for random ids")
 
 
 # -- data ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CalibrationData:
+    tokens: Tensor        # [n, T] int64, every id < vocab_size
+    origin: str           # what they are: sources and windows, the tokenizer or "token ids"
+
+
 def heldout_tokens(tokenizer=None) -> tuple[Tensor, Tensor]:
-    """The shipped held-out text as ids, split into (evaluation slice, calibration remainder)."""
+    """The shipped held-out text as ids, split into (evaluation slice, calibration remainder).
+    tokenizer None: the embedded one (evaluation of the embedded model; calibration never does this)."""
     ids = _encoded_heldout(tokenizer or _default_tokenizer())
     cut = int(len(ids) * EVAL_FRACTION)
     return ids[:cut], ids[cut:]
@@ -65,6 +91,31 @@ def _default_tokenizer():
     return load_tokenizer()
 
 
+def _is_embedded_tokenizer(tokenizer) -> bool:
+    from graphopt.models.tokenizer import Tokenizer
+    if not isinstance(tokenizer, Tokenizer):
+        return False
+    try:
+        embedded = _default_tokenizer()
+    except FileNotFoundError:      # no packaged tokenizer: nothing is the embedded one
+        return False
+    return tokenizer is embedded or tokenizer.backend.to_str() == embedded.backend.to_str()
+
+
+def model_tokenizer(config, tokenizer=None):
+    """The tokenizer that goes with a model (`graphopt.models.tokenizer.tokenizer_for`: the one given,
+    else the embedded tokenizer for the embedded model's config, else None), as graphopt.compile uses."""
+    from graphopt.models.tokenizer import tokenizer_for
+    return tokenizer_for(config, tokenizer)
+
+
+def _tokenizer_name(tokenizer) -> str:
+    if _is_embedded_tokenizer(tokenizer):
+        return f"the embedded graphopt tokenizer ({tokenizer.vocab_size} ids)"
+    name = getattr(tokenizer, "name_or_path", None) or repr(tokenizer)
+    return f"tokenizer {name[:80]}"
+
+
 def _corpus_train_file() -> Path | None:
     roots = [os.environ.get("GRAPHOPT_CORPUS"), ".cache/corpus",
              str(Path(__file__).resolve().parents[2] / ".cache" / "corpus")]
@@ -74,67 +125,182 @@ def _corpus_train_file() -> Path | None:
     return None
 
 
-def source_tokens(spec: str, tokenizer=None) -> Tensor:
-    """All token ids of one source spec, 1-D int64."""
+def _check_source(spec: str, tokenizer) -> None:
+    """Everything that can be known about a source before reading it."""
     kind, _, path = spec.partition(":")
+    if kind not in (*TEXT_KINDS, "tokens", RANDOM) or (kind in ("text", "tokens")) != bool(path):
+        raise QuantError(f"unknown calibration source {spec!r}; accepted: {_KINDS}")
+    if kind in TEXT_KINDS and tokenizer is None:
+        raise QuantError(f"calibration source {spec!r} needs the model's tokenizer (it is text, or the embedded "
+                         f"tokenizer's ids) and none was given (only the embedded model has one by default): {_NEED_DATA}")
+    if kind in ("text", "tokens") and not Path(path).is_file():
+        raise FileNotFoundError(f"calibration {kind} file not found: {path} (source {spec!r})")
+
+
+def _default_source(tokenizer) -> tuple[Tensor, str]:
+    train = _corpus_train_file() if _is_embedded_tokenizer(tokenizer) else None
+    if train is not None:
+        return _read_token_file(train), f"default ({train})"
+    return heldout_tokens(tokenizer)[1], "default (held-out text minus the evaluation slice)"
+
+
+def source_tokens(spec: str, tokenizer=None) -> Tensor:
+    """All token ids of one source spec, 1-D int64 (text sources need the model's tokenizer)."""
+    return _source(spec, tokenizer)[0]
+
+
+def _source(spec: str, tokenizer) -> tuple[Tensor, str]:
+    _check_source(spec, tokenizer)
+    kind, _, path = spec.partition(":")
+    if kind == RANDOM:
+        raise QuantError("the 'random' calibration source has no token stream (calibration_data draws its windows)")
     if kind == "default":
-        train = _corpus_train_file()
-        return _read_token_file(train) if train else heldout_tokens(tokenizer)[1]
-    if kind == "heldout":
-        return heldout_tokens(tokenizer)[1]
-    if kind == "text":
+        ids, label = _default_source(tokenizer)
+    elif kind == "heldout":
+        ids, label = heldout_tokens(tokenizer)[1], spec
+    elif kind == "text":
         text = Path(path).read_text(encoding="utf-8")
-        return torch.tensor((tokenizer or _default_tokenizer()).encode(text), dtype=torch.long)
-    if kind == "tokens":
-        return _read_token_file(Path(path))
-    raise QuantError(f"unknown calibration source {spec!r}; accepted: 'default', 'heldout', 'text:PATH', "
-                     "'tokens:PATH'")
+        ids, label = torch.tensor(tokenizer.encode(text), dtype=torch.long), spec
+    else:
+        ids, label = _read_token_file(Path(path)), spec
+    if ids.numel() == 0:
+        raise QuantError(f"calibration source {spec!r} is empty (0 tokens{' after tokenization' if kind != 'tokens' else ''}); "
+                         "give it text or token ids")
+    return ids, label
 
 
 def _read_token_file(path: Path) -> Tensor:
     if not path.is_file():
         raise FileNotFoundError(f"calibration token file not found: {path}")
     if path.suffix == ".bin":
-        return torch.from_numpy(np.fromfile(path, dtype="<u2").astype(np.int64))
-    if path.suffix == ".pt":
+        t = torch.from_numpy(np.fromfile(path, dtype="<u2").astype(np.int64))
+    elif path.suffix == ".pt":
         t = torch.load(path, map_location="cpu", weights_only=True)
     elif path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        t = next(iter(load_file(path).values()))
+        tensors = load_file(path)
+        if not tensors:
+            raise QuantError(f"token file {path} holds no tensor; accepted: one integer tensor of token ids")
+        t = next(iter(tensors.values()))
     else:
         raise QuantError(f"token file {path}: accepted suffixes are .bin (uint16), .pt, .safetensors")
-    if not isinstance(t, Tensor) or t.is_floating_point():
-        raise QuantError(f"token file {path} must hold one integer tensor of token ids")
-    return t.flatten().long()
+    if not isinstance(t, Tensor):
+        raise QuantError(f"token file {path} must hold one integer tensor of token ids, got {type(t).__name__}")
+    return as_token_ids(t, f"token file {path}").flatten()
 
 
-def calibration_tokens(cfg: CalibrationConfig, vocab_size: int, tokenizer=None) -> Tensor:
-    """[num_samples, seq_len] int64 windows mixed from cfg.sources in cfg.ratios."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    total = sum(r for _, r in cfg.sources)
-    exact = [cfg.num_samples * r / total for _, r in cfg.sources]
-    counts = [int(e) for e in exact]
-    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: cfg.num_samples - sum(counts)]:
-        counts[i] += 1                                                            # largest remainder
-    windows = []
-    for (spec, _), n in zip(cfg.sources, counts):
-        if n == 0:
-            continue
-        ids = source_tokens(spec, tokenizer)
-        if len(ids) < cfg.seq_len + 1:
-            raise QuantError(f"calibration source {spec!r} has {len(ids)} tokens, fewer than seq_len "
-                             f"{cfg.seq_len}")
-        starts = torch.randint(0, len(ids) - cfg.seq_len, (n,), generator=gen)
-        windows += [ids[s: s + cfg.seq_len] for s in starts.tolist()]
-    out = torch.stack(windows)[torch.randperm(len(windows), generator=gen)]
-    check_vocab(out, vocab_size, "calibration data")
-    return out
+def as_token_ids(ids, what: str, dims: tuple[int, ...] = (1, 2, 3, 4)) -> Tensor:
+    """`ids` (an integer tensor or nested lists of ints) as int64, or a QuantError saying what is wrong."""
+    if isinstance(ids, (list, tuple)):
+        try:
+            ids = torch.tensor(ids)
+        except (TypeError, ValueError) as e:
+            raise QuantError(f"{what}: token ids as lists must be ints in rows of one length ({e})") from None
+    if not isinstance(ids, Tensor):
+        raise QuantError(f"{what} must be token ids (an integer tensor or lists of ints), got {type(ids).__name__}")
+    if ids.numel() == 0:
+        raise QuantError(f"{what} is empty (shape {tuple(ids.shape)}): give at least one window of token ids")
+    if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
+        raise QuantError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() not in dims:
+        want = " or ".join({1: "1-D [tokens]", 2: "2-D [windows, tokens]"}.get(d, f"{d}-D") for d in dims)
+        raise QuantError(f"{what} must be {want}, got shape {tuple(ids.shape)}")
+    ids = ids.long()
+    if int(ids.min()) < 0:
+        raise QuantError(f"{what}: token id {int(ids.min())} < 0; token ids are in [0, vocab_size)")
+    return ids
 
 
 def check_vocab(tokens: Tensor, vocab_size: int, what: str) -> None:
+    if tokens.numel() and int(tokens.min()) < 0:
+        raise QuantError(f"{what}: token id {int(tokens.min())} < 0; token ids are in [0, vocab_size)")
     if tokens.numel() and int(tokens.max()) >= vocab_size:
         raise QuantError(f"{what}: token id {int(tokens.max())} >= the model's vocab_size {vocab_size}; "
                          "the data was tokenized for another model (pass tokens of this model)")
+
+
+def check_windows(tokens, model: nn.Module, what: str) -> Tensor:
+    """Calibration windows for `model`: [n, T] int64 ids < vocab_size, T long enough for its MTP modules."""
+    tokens = as_token_ids(tokens, what, dims=(2,))
+    check_vocab(tokens, model.config.vocab_size, what)
+    need = len(model.mtp) + 1            # the MTP module at depth d reads tokens d + 1 .. T - 1
+    if tokens.shape[1] < need:
+        raise QuantError(f"{what}: windows of {tokens.shape[1]} token(s); this model's {len(model.mtp)} MTP "
+                         f"module(s) need at least {need} tokens per window")
+    return tokens
+
+
+def calibration_data(cfg: CalibrationConfig, vocab_size: int, tokenizer=None) -> CalibrationData:
+    """[num_samples, seq_len] windows mixed from cfg.sources (or cut from cfg.tokens), and their origin."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.tokens is not None:
+        check_vocab(cfg.tokens, vocab_size, "CalibrationConfig.tokens")
+        if cfg.tokens.dim() == 2:
+            n, T = cfg.tokens.shape
+            return CalibrationData(cfg.tokens, f"{n} windows x {T} tokens of CalibrationConfig.tokens (token ids)")
+        out = _windows(cfg.tokens, cfg.num_samples, cfg.seq_len, gen, "CalibrationConfig.tokens")
+        return CalibrationData(out, f"{len(out)} windows x {cfg.seq_len} tokens of CalibrationConfig.tokens "
+                                    "(token ids)")
+    for spec, _ in cfg.sources:          # every source checked before any is read
+        _check_source(spec, tokenizer)
+    windows, parts = [], []
+    for (spec, _), n in zip(cfg.sources, _split(cfg.num_samples, [r for _, r in cfg.sources])):
+        if n == 0:
+            continue
+        if spec == RANDOM:
+            windows += list(torch.randint(0, vocab_size, (n, cfg.seq_len), generator=gen))
+            parts.append(f"{n} x random ids")
+            continue
+        ids, label = _source(spec, tokenizer)
+        check_vocab(ids, vocab_size, f"calibration source {spec!r}")
+        windows += list(_windows(ids, n, cfg.seq_len, gen, f"calibration source {spec!r}"))
+        parts.append(f"{n} x {label}")
+    out = torch.stack(windows)[torch.randperm(len(windows), generator=gen)]
+    text = any(spec.partition(":")[0] in TEXT_KINDS for spec, _ in cfg.sources)
+    how = f"tokenized with {_tokenizer_name(tokenizer)}" if text else "token ids"
+    return CalibrationData(out, f"{len(out)} windows x {cfg.seq_len} tokens: {', '.join(parts)}; {how}")
+
+
+def calibration_tokens(cfg: CalibrationConfig, vocab_size: int, tokenizer=None) -> Tensor:
+    """[num_samples, seq_len] int64 windows (calibration_data without the origin)."""
+    return calibration_data(cfg, vocab_size, tokenizer).tokens
+
+
+def _split(n: int, ratios: list[float]) -> list[int]:
+    """n split in proportion to ratios, largest remainder."""
+    exact = [n * r / sum(ratios) for r in ratios]
+    counts = [int(e) for e in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: n - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def _windows(ids: Tensor, n: int, seq_len: int, gen: torch.Generator, what: str) -> Tensor:
+    if len(ids) < seq_len + 1:
+        raise QuantError(f"{what} has {len(ids)} tokens, fewer than seq_len + 1 = {seq_len + 1}; give more "
+                         "data or a smaller CalibrationConfig.seq_len")
+    starts = torch.randint(0, len(ids) - seq_len, (n,), generator=gen)
+    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+
+
+class GraphCalibration:
+    """Step inputs per graph (graph name -> list of input tuples) and the description of their data,
+    which quant_calibrate writes into its pass record."""
+
+    def __init__(self, inputs: dict[str, list], description: str):
+        self.inputs, self.description = inputs, description
+
+    def __call__(self, graph_name: str) -> list:
+        if graph_name not in self.inputs:
+            raise KeyError(f"no calibration inputs for graph {graph_name!r}; built for {sorted(self.inputs)}")
+        return self.inputs[graph_name]
+
+
+def graph_calibration(model: nn.Module, cfg: CalibrationConfig, tokenizer, block_size: int) -> GraphCalibration:
+    """The calibration windows of `cfg` as step inputs of every captured graph (graphopt.compile)."""
+    data = calibration_data(cfg, model.config.vocab_size, tokenizer)
+    tokens = check_windows(data.tokens, model, "calibration data")
+    return GraphCalibration(step_inputs(model, tokens, block_size), data.origin)
 
 
 # -- observation --------------------------------------------------------------------------------------
@@ -142,7 +308,8 @@ def attach_observers(module: nn.Module, targets: dict[str, tuple[str, Observer]]
     """Hook `targets` {module path inside `module`: (kind, observer)}; returns the hook handles.
 
     kind "linear": the module's input; "experts": gate_up's input [N, H] and down_proj's per-expert
-    input silu(gate) * up [E, N, I] (recomputed from the float stacked weights); "latent": the output
+    input silu(gate) * up [E, N, I] (recomputed from the float stacked weights) on the tokens routed to
+    each expert; "latent": the output
     of kv_a_layernorm (the latent that the C8 cache stores).
     """
     handles = []
@@ -152,22 +319,35 @@ def attach_observers(module: nn.Module, targets: dict[str, tuple[str, Observer]]
             handles.append(sub.register_forward_pre_hook(lambda m, args, o=obs: o.observe(args[0])))
         elif kind == "latent":
             handles.append(sub.register_forward_hook(lambda m, args, out, o=obs: o.observe(out)))
-        elif kind == "experts":
+        elif kind == "experts":           # Experts.forward(x, weights, ids): the router's ids are args[2]
             gate_up, down = obs
             handles.append(sub.register_forward_pre_hook(
-                lambda m, args, g=gate_up, d=down: observe_expert_inputs(args[0], m.gate_up_proj, g, d)))
+                lambda m, args, g=gate_up, d=down: observe_expert_inputs(args[0], m.gate_up_proj, g, d, args[2])))
     return handles
 
 
+def routed_mask(ids: Tensor, num_experts: int) -> Tensor:
+    """ids [N, k] (the router's choice per token) -> routed [E, N] bool."""
+    N = ids.shape[0]
+    routed = torch.zeros(N, num_experts, dtype=torch.bool, device=ids.device)
+    return routed.scatter_(1, ids.long(), True).T
+
+
 @torch.no_grad()
-def observe_expert_inputs(x: Tensor, gate_up_weight: Tensor, gate_up: Observer | None, down: Observer | None) -> None:
-    """gate_up sees x [N, H]; down sees every expert's input on every token, silu(gate) * up [E, N, I]
-    from the float stacked weight [E, 2I, H], whatever the routing chose."""
+def observe_expert_inputs(x: Tensor, gate_up_weight: Tensor, gate_up: Observer | None, down: Observer | None,
+                          ids: Tensor | None = None) -> None:
+    """gate_up sees x [N, H] (shared by the experts; every token is routed somewhere); down sees each
+    expert's input silu(gate) * up [E, N, I], computed densely from the float stacked weight [E, 2I, H],
+    counted for expert e only on the tokens whose router ids [N, k] chose e (ids None: every token)."""
     if gate_up is not None:
         gate_up.observe(x)
     if down is not None:
         gate, up = torch.matmul(x, gate_up_weight.transpose(1, 2)).chunk(2, dim=-1)      # [E, N, I]
-        down.observe(F.silu(gate) * up)
+        h = F.silu(gate) * up
+        if ids is None:
+            down.observe(h)
+        else:
+            down.observe_routed(h, routed_mask(ids, gate_up_weight.shape[0]))
 
 
 class LayerRunner:

@@ -18,13 +18,14 @@ this module does the work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from .calibration import check_vocab, heldout_tokens, source_tokens
-from .config import CalibrationConfig, QuantConfig, parse_algorithm, resolve
+from .config import QuantConfig, parse_algorithm, resolve
 from .eval import compare, windows_from
 from .formats import load_quantized, save_quantized
 from .model_quant import quantize_model, quantized_names
@@ -66,9 +67,9 @@ def quant_config(args: argparse.Namespace) -> QuantConfig:
     if args.group_size:
         changes["group_size"] = args.group_size
     cal = config.calibration
-    sources = tuple(_source(d) for d in args.data) if args.data else cal.sources
-    changes["calibration"] = CalibrationConfig(sources, args.samples or cal.num_samples,
-                                               args.seq_len or cal.seq_len, args.seed, cal.max_rows, cal.bins)
+    data = dict(sources=tuple(_source(d) for d in args.data), tokens=None) if args.data else {}   # --data wins
+    changes["calibration"] = dataclasses.replace(cal, num_samples=args.samples or cal.num_samples,
+                                                 seq_len=args.seq_len or cal.seq_len, seed=args.seed, **data)
     return config.replace(**changes)
 
 

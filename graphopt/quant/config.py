@@ -139,11 +139,16 @@ ALGORITHM_ALIASES = {"rtn": RTNConfig, "smoothquant": SmoothQuantConfig, "flexsm
 # -- data and budgets ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Calibration data: `sources` are (spec, ratio) pairs mixed in those ratios.
+    """Calibration data: `sources` are (spec, ratio) pairs mixed in those ratios, or `tokens`.
 
     spec: "default" (the embedded model's training split, see quant/calibration.py), "heldout"
-    (the shipped held-out text minus the evaluation slice), "text:PATH" (a UTF-8 file) or
-    "tokens:PATH" (.bin uint16 ids, .pt / .safetensors int tensor).
+    (the shipped held-out text minus the evaluation slice), "text:PATH" (a UTF-8 file), all three
+    tokenised with the model's own tokenizer; "tokens:PATH" (.bin uint16 ids, .pt / .safetensors int
+    tensor) or "random" (uniform random ids: only when named) need none.
+    tokens: token ids used instead of `sources`, [n, T] windows as given or a 1-D stream that
+    num_samples windows of seq_len are drawn from (an int tensor or nested lists of ints).
+    min_expert_tokens: a routed expert observes the tokens routed to it; one that receives fewer
+    over the whole calibration set is observed on every token instead (listed in the report).
     """
     sources: tuple[tuple[str, float], ...] = (("default", 1.0),)
     num_samples: int = 32
@@ -151,13 +156,21 @@ class CalibrationConfig:
     seed: int = 0
     max_rows: int = 512      # activation rows each observer keeps for searches (reservoir sample)
     bins: int = 1024         # histogram bins per observed tensor
+    tokens: Any = field(default=None, compare=False, repr=False)
+    min_expert_tokens: int = 16
 
     def __post_init__(self):
         if not self.sources or any(r <= 0 for _, r in self.sources):
             raise QuantError(f"CalibrationConfig.sources needs (spec, ratio > 0) pairs, got {self.sources}")
-        for name in ("num_samples", "seq_len", "max_rows", "bins"):
+        for name in ("num_samples", "seq_len", "max_rows", "bins", "min_expert_tokens"):
             if getattr(self, name) < 1:
                 raise QuantError(f"CalibrationConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.min_expert_tokens > self.max_rows:
+            raise QuantError(f"CalibrationConfig.min_expert_tokens ({self.min_expert_tokens}) must be <= max_rows "
+                             f"({self.max_rows}): an expert's dense fallback is drawn from its max_rows sample")
+        if self.tokens is not None:
+            from .calibration import as_token_ids   # the one home of token-id checks
+            object.__setattr__(self, "tokens", as_token_ids(self.tokens, "CalibrationConfig.tokens", dims=(1, 2)))
 
 
 @dataclass(frozen=True)
@@ -254,7 +267,9 @@ class QuantConfig:
         out["overrides"] = dict(self.overrides)
         out["skip"] = list(self.skip)
         out["mixed_precision"] = dataclasses.asdict(self.mixed_precision) if self.mixed_precision else None
-        out["calibration"] = dataclasses.asdict(self.calibration)
+        cal = self.calibration
+        out["calibration"] = {f.name: getattr(cal, f.name) for f in dataclasses.fields(cal)}
+        out["calibration"]["tokens"] = None if cal.tokens is None else cal.tokens.tolist()
         return out
 
     @classmethod

@@ -2,6 +2,12 @@
 
     qmodel = quantize_model(model, "w8a8")                       # a copy; `model` is untouched
     qmodel = quantize_model(model, QuantConfig(...), data=ids)   # ids [n, T]: your calibration windows
+    qmodel.calibration_report                                    # which data, which experts fell back
+
+Calibration data: `data` (token ids [n, T]), else QuantConfig.calibration (its token ids or sources;
+text is tokenised with `tokenizer`, by default the embedded tokenizer for the embedded model only).
+Both are checked before any work: a model without a tokenizer and text sources, empty data, ids out
+of range, floats or the wrong shape are a QuantError saying what is accepted.
 
 Layer by layer (calibration.py): observe the layer's targeted matmuls on the calibration hidden
 states, quantise them (algorithms.quantize_target), swap the modules, then advance the hidden states
@@ -24,7 +30,7 @@ from tqdm import tqdm
 from graphopt.models.deepseek import DeepseekV3ForCausalLM, Experts
 
 from .algorithms import Target, quantize_target
-from .calibration import LayerRunner, calibration_tokens, check_vocab, observe_layer
+from .calibration import LayerRunner, calibration_data, check_windows, model_tokenizer, observe_layer
 from .config import QuantConfig, resolve
 from .observers import Observer
 from .qlinear import QuantExperts, QuantLatentNorm, QuantLinear
@@ -38,20 +44,25 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
     config = resolve(quant)
     if config is None:
         raise ValueError("quantize_model needs a quant preset or QuantConfig, got None")
-    if data is None and (config.needs_calibration or config.mixed_precision is not None):
-        data = calibration_tokens(config.calibration, model.config.vocab_size, tokenizer)
+    report = {"data": None, "dense_experts": {}}   # dense_experts: name -> experts routed < min_expert_tokens
     if data is not None:
-        check_vocab(data, model.config.vocab_size, "calibration data")
+        data = check_windows(data, model, "quantize_model(data=...)")
+        report["data"] = f"{data.shape[0]} windows x {data.shape[1]} tokens given as data= (token ids)"
+    elif config.needs_calibration or config.mixed_precision is not None:
+        cal = calibration_data(config.calibration, model.config.vocab_size, model_tokenizer(model.config, tokenizer))
+        data, report["data"] = check_windows(cal.tokens, model, "calibration data"), cal.origin
     if config.mixed_precision is not None:
         from .mixed_precision import choose_mixed_precision
         config = choose_mixed_precision(model, config, data, progress=progress)
     model = model if inplace else copy.deepcopy(model)
     if not config.needs_calibration:                     # RTN / HQQ weights, dynamic activations: no data pass
-        return _quantize_without_data(model, config, progress)
+        model = _quantize_without_data(model, config, progress)
+        model.calibration_report = report
+        return model
     runner = LayerRunner(model, data, batch=batch, progress=progress)
     try:
         for i, layer in enumerate(model.model.layers):
-            _quantize_layer(runner, layer, f"model.layers.{i}", config, runner.hidden)
+            _quantize_layer(runner, layer, f"model.layers.{i}", config, runner.hidden, report)
             runner.run(layer, update=True)
         main_hidden = runner.hidden
         _quantize_head(model, config, main_hidden)
@@ -61,11 +72,12 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
             _quantize_linear_on(mtp, "eh_proj", f"mtp.{d}.eh_proj", config, x_in)
             with torch.no_grad():
                 h = mtp.eh_proj(x_in)
-            _quantize_layer(runner, mtp, f"mtp.{d}", config, h)
+            _quantize_layer(runner, mtp, f"mtp.{d}", config, h, report)
             hidden = runner.run(mtp, update=False, hidden=h)
     finally:
         runner.close()
     model.quant_config = config
+    model.calibration_report = report
     return model
 
 
@@ -88,7 +100,8 @@ def _quantize_without_data(model: DeepseekV3ForCausalLM, config: QuantConfig, pr
 def _targets(layer: nn.Module, prefix: str, config: QuantConfig, seed: int) -> dict:
     """{path in layer: (kind, observer)} of what to observe and quantise; experts: (gate_up, down) pair."""
     cal = config.calibration
-    new = lambda name, per_expert=False: Observer(name, cal.max_rows, cal.bins, per_expert, seed)
+    new = lambda name, per_expert=False: Observer(name, cal.max_rows, cal.bins, per_expert, seed,
+                                                  cal.min_expert_tokens)
     hooks = {}
     for path, mod in layer.named_modules():
         full = f"{prefix}.{path}"
@@ -105,12 +118,17 @@ def _targets(layer: nn.Module, prefix: str, config: QuantConfig, seed: int) -> d
     return hooks
 
 
-def _quantize_layer(runner: LayerRunner, layer: nn.Module, prefix: str, config: QuantConfig, hidden) -> None:
+def _quantize_layer(runner: LayerRunner, layer: nn.Module, prefix: str, config: QuantConfig, hidden,
+                    report: dict | None = None) -> None:
     hooks = _targets(layer, prefix, config, config.calibration.seed)
     if not hooks:
         return
     if config.needs_calibration:
         observe_layer(runner, layer, hooks, hidden)
+        for kind, obs in hooks.values():
+            down = obs[1] if kind == "experts" else None
+            if report is not None and down is not None and down.dense_experts():
+                report["dense_experts"][down.name] = down.dense_experts()
     else:  # calibration-free: no observers needed
         hooks = {p: (k, None if k != "experts" else (None, None)) for p, (k, _) in hooks.items()}
     for path, (kind, obs) in hooks.items():

@@ -10,7 +10,7 @@ from graphopt.passes.dump import Dumper
 from graphopt.passes.eliminate_dead_code import EliminateDeadCodePass
 from graphopt.passes.invariants import InvariantError, check_invariants
 from graphopt.passes.manager import PassError, PassManager, Phase, disabled_from_env
-from graphopt.passes.program import GraphSignature, Program
+from graphopt.passes.program import CompileState, GraphSignature, Program
 from graphopt.step.paged import CacheLayout
 
 
@@ -199,3 +199,54 @@ def test_a_phase_cannot_mix_graph_and_module_passes():
 def test_pass_context_is_typed():
     with pytest.raises(TypeError, match="CompileOptions and a CompileState"):
         PassContext(options={"fold_max_bytes": 1})
+
+
+# -- verify mode dispatches on what a pass declares it may change (GraphPass.numerics) --------------
+
+class ScaleOutput(GraphPass):
+    """Multiplies the graph's output by `factor`; `numerics` as given (a quant pass says "quantised")."""
+    name = "scale_output"
+
+    def __init__(self, factor: float, numerics: str = "close"):
+        self.factor, self.numerics = factor, numerics
+
+    def run(self, gm, c):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        y = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            mul = gm.graph.call_function(torch.ops.aten.mul.Tensor, (y, self.factor))
+        mul.meta["val"] = y.meta["val"] * self.factor
+        out.args = ((mul,),)
+        return PassResult(gm, True, 1)
+
+
+def quant_ctx(output_names=()):
+    return PassContext(make_inputs=ctx().make_inputs, state=CompileState(quant="w8a8"), output_names=output_names)
+
+
+def test_a_close_pass_is_judged_by_its_tolerance_a_quantised_one_by_its_scheme():
+    phases = lambda p: [Phase("quant", "t", [p])]
+    with pytest.raises(PassError, match="pass 'scale_output' changed output 0 of graph 'main' beyond its tolerance"):
+        PassManager(phases(ScaleOutput(1.02)), verify=True).run(toy_graph(), ctx())
+    # the same 2% as quantisation error passes (this graph has no logits: only the sanity bound applies)
+    manager = PassManager(phases(ScaleOutput(1.02, "quantised")), verify=True)
+    manager.run(toy_graph(), quant_ctx())
+    assert manager.records[0].notes == ["verify: other float values within relative error 2.00e-02 (bound 1)"]
+    with pytest.raises(PassError, match="beyond what w8a8 may change: relative error 2 >= 1"):
+        PassManager(phases(ScaleOutput(3.0, "quantised")), verify=True).run(toy_graph(), quant_ctx())
+
+
+def test_quantised_logits_are_judged_as_next_token_distributions():
+    phases = lambda p: [Phase("quant", "t", [p])]
+    manager = PassManager(phases(ScaleOutput(1.02, "quantised")), verify=True)
+    manager.run(toy_graph(), quant_ctx(("logits",)))
+    note = manager.records[0].notes[0]     # 8 draws x 4 rows of the toy's [4, 8] output, as logits
+    assert note.startswith("verify output 0 ('logits'): next-token KL") and "over 32 positions" in note
+    with pytest.raises(PassError, match=r"output 0 \('logits'\) of graph 'main' beyond what w8a8 may change: "
+                                        r"next-token KL .* > 0.1 \(top-1 agreement"):
+        PassManager(phases(ScaleOutput(-1.0, "quantised")), verify=True).run(toy_graph(), quant_ctx(("logits",)))
+
+
+def test_a_pass_declaring_an_unknown_check_is_refused():
+    with pytest.raises(ValueError, match="numerics='approximately'; verify knows \\['close', 'quantised'\\]"):
+        PassManager([Phase("t", "t", [ScaleOutput(1.0, "approximately")])])

@@ -5,9 +5,11 @@ import torch
 
 from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
-from graphopt.quant import PRESETS, MixedPrecisionConfig, QuantConfig, quantize_model, quantized_names
+from graphopt.quant import (PRESETS, CalibrationConfig, MixedPrecisionConfig, QuantConfig, quantize_model,
+                            quantized_names)
 from graphopt.quant.mixed_precision import layer_sizes
 from graphopt.quant.qlinear import QuantExperts, QuantLatentNorm, QuantLinear
+from graphopt.quant.schemes import QuantError
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +94,41 @@ def test_sparse_expert_dispatch_equals_the_dense_form(setup):
     with torch.no_grad():
         torch.testing.assert_close(moe.experts(x, weights, ids), moe.experts._dense(x, weights, ids),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_the_calibration_report_says_which_data_and_which_experts_fell_back(setup):
+    model, data, _, _ = setup
+    cfg = PRESETS["w8a8_static"]    # layer 0 kept in float, so layer 1 is observed on the float model's hidden states
+    cfg = cfg.replace(skip=cfg.skip + ("model.layers.0.*",), calibration=CalibrationConfig(min_expert_tokens=30))
+    q = quantize_model(model, cfg, data, progress=False)
+    report = q.calibration_report
+    assert report["data"] == "8 windows x 24 tokens given as data= (token ids)"
+    # the routing of layer 1, recomputed from the float model on the same windows
+    seen = []
+    hook = model.model.layers[1].mlp.experts.register_forward_pre_hook(lambda m, args: seen.append(args[2]))
+    with torch.no_grad():
+        model(data)
+    hook.remove()
+    counts = torch.zeros(model.config.n_routed_experts, dtype=torch.long).index_add_(
+        0, seen[0].flatten(), torch.ones(seen[0].numel(), dtype=torch.long))
+    expected = [e for e in range(len(counts)) if counts[e] < 30]
+    assert expected and report["dense_experts"].get("model.layers.1.mlp.experts.down_proj", []) == expected
+    # calibration-free configs report no data
+    assert quantize_model(model, "w8a8", progress=False).calibration_report == {"data": None, "dense_experts": {}}
+
+
+def test_bad_calibration_data_is_refused_before_any_work(setup, monkeypatch):
+    import graphopt.quant.model_quant as mq
+    model, data, _, _ = setup
+    monkeypatch.setattr(mq.copy, "deepcopy", lambda m: pytest.fail("copied the model before checking the data"))
+    cases = [([], r"data=\.\.\.\) is empty"), (torch.zeros(0, 8, dtype=torch.long), r"is empty \(shape \(0, 8\)\)"),
+             (data.float(), r"integer token ids, got dtype torch.float32"),
+             (data[0], r"must be 2-D \[windows, tokens\], got shape \(24,\)"),
+             (data + 97, r"token id \d+ >= the model's vocab_size 97"),
+             (data[:, :1], r"1 MTP module\(s\) need at least 2 tokens per window")]
+    for bad, match in cases:
+        with pytest.raises(QuantError, match=match):
+            quantize_model(model, "w8a8_static", bad, progress=False)
+    # no tokenizer for this model and the default (text) source: says what to pass
+    with pytest.raises(QuantError, match=r"'default' needs the model's tokenizer.*data=.*'random'"):
+        quantize_model(model, "w8a8_static", progress=False)
