@@ -81,7 +81,6 @@ class DecodeBatch:
         self.params = {name: torch.full((max_rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
                        for name, dtype in SAMPLING_FIELDS}   # rows without a request: valid, idle values
         self.active = zeros(max_rows, dtype=torch.bool)
-        self.greedy = [True] * max_rows   # host copy of temperature == 0 per slot: picks the greedy-only step
         self.copy_out = HostCopy(device)      # decode outputs (two buffer sets: one step in flight)
         self.copy_prefill = HostCopy(device)  # prefill outputs, read at once
 
@@ -101,8 +100,6 @@ class DecodeBatch:
                   "max_pos": [r.max_pos for r in requests]}
         for name, dtype in SAMPLING_FIELDS:
             self.params[name].index_copy_(0, slots, torch.tensor(values[name], dtype=dtype).to(self.device))
-        for r in requests:
-            self.greedy[r.slot] = r.params.temperature == 0
         self.active.index_fill_(0, slots, False)
         self.block_tables.index_fill_(0, slots, 0)   # stale entries of the slot's previous owner
 
@@ -125,13 +122,14 @@ class DecodeBatch:
             self.active.index_fill_(0, self._index(slots), False)
 
     # -- step inputs and outputs --------------------------------------------------------------
-    def decode_inputs(self, n: int, width: int, kv_caches, mtp_caches) -> SpecStepInputs:
+    def decode_inputs(self, n: int, width: int, kv_caches, mtp_caches, greedy: bool = False) -> SpecStepInputs:
         """Views of rows [0, n): the same tensors every step for the same n (a full-width table is a
-        view too; a narrower one is copied to be contiguous)."""
+        view too; a narrower one is copied to be contiguous). greedy: every decoding request has
+        temperature 0 (the caller knows which rows hold requests; padding rows do not count)."""
         return SpecStepInputs(tokens=self.tokens[:n], start_pos=self.start_pos[:n],
                               block_tables=self.block_tables[:n, :width].contiguous(),
                               **{k: v[:n] for k, v in self.params.items()}, active=self.active[:n],
-                              kv_caches=kv_caches, mtp_caches=mtp_caches, greedy=all(self.greedy[:n]))
+                              kv_caches=kv_caches, mtp_caches=mtp_caches, greedy=greedy)
 
     def absorb(self, n: int, out: SpecStepOutputs) -> None:
         """The device-side step preparation: this step's outputs become the next step's inputs."""

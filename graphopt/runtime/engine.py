@@ -168,8 +168,8 @@ class Engine:
         if self._decode_shape is not None:   # e.g. a CUDA-graph bucket: the same tensors every step
             rows, width = self._decode_shape(rows, width)
             rows, width = min(rows, self.batch.max_rows), min(width, self.batch.width)
-        inputs = self.batch.decode_inputs(rows, width, self.cache.kv_caches, self.cache.mtp_caches)
-        inputs.greedy = all(r.params.temperature == 0 for r in decoding)   # padding rows do not count
+        inputs = self.batch.decode_inputs(rows, width, self.cache.kv_caches, self.cache.mtp_caches,
+                                          greedy=all(r.params.temperature == 0 for r in decoding))
         out = self.provider.decode(inputs)
         self.batch.absorb(rows, out)
         copy = self.batch.copy_out.start(out_tokens=out.out_tokens, num_emitted=out.num_emitted,

@@ -263,3 +263,21 @@ def test_stream_and_generate_accept_prompts_directly(model):
     assert [pieces[i] for i in sorted(pieces)] == engine.generate(PROMPTS[:2], SamplingParams(max_new_tokens=5))
     with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
         engine.generate(PROMPTS[:2], [SamplingParams()])
+
+
+def test_a_batch_is_greedy_exactly_while_every_decoding_request_is(model):
+    engine = _engine(model)
+    seen, decode = [], engine.provider.decode
+
+    def recording(inputs):                    # the real step; only what it was told is noted
+        seen.append((int(inputs.active.sum()), inputs.greedy))
+        return decode(inputs)
+
+    engine.provider.decode = recording
+    engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=12))                        # greedy
+    engine.add_request([9, 9], SamplingParams(max_new_tokens=3, temperature=0.8, seed=1))   # sampled, ends first
+    engine.run_until_done()
+    assert (2, False) in seen                 # both decoding: the sampling step
+    assert seen[-1] == (1, True)              # the sampled request's slot freed: greedy again
+    flags = [greedy for _, greedy in seen]
+    assert flags[flags.index(False):] == sorted(flags[flags.index(False):])   # once greedy, it stays greedy

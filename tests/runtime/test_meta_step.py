@@ -51,8 +51,7 @@ def test_fused_step_and_batch_preparation_run_on_meta(compiled, temperature):
     out = provider.prefill(batch.prefill_inputs([0, 1], [r.prompt for r in requests], [0, 0], 3, True, kv, mtp))
     batch.join([0, 1], out)
     for _ in range(2):
-        inputs = batch.decode_inputs(2, 3, kv, mtp)
-        assert inputs.greedy is (temperature == 0)
+        inputs = batch.decode_inputs(2, 3, kv, mtp, greedy=temperature == 0)
         out = provider.decode(inputs)
         batch.absorb(2, out)
     assert out.out_tokens.is_meta and out.out_tokens.shape == (2, 1 + K) and batch.tokens.is_meta
