@@ -9,7 +9,8 @@ A quantised linear is spelled as explicit nodes so a graph dump shows where prec
     static activations: graphopt.quantize_per_tensor(x, scale, zero, smooth_inv, -128, 127)
     int4 weights, int8 activations (w4a8): graphopt.w4a8_matmul(x_q, w_q4, w_group_scale) instead of
         int8_matmul; it widens int4 -> int8 by the int8 group scale, so accumulation stays integer
-    weight only (w8a16, w4a16): W = graphopt.dequantize_weight(w_q, w_s, w_zero, bf16); aten.linear(x, W)
+    weight only (w8a16, w4a16, w2a16): W = graphopt.dequantize_weight(w_q, w_s, w_zero, bf16); aten.linear(x, W)
+    codebook weights (hif8, nf4): W = graphopt.dequantize_lut(codes, codebook, w_s, bf16): codebook[code] * scale
     fp8 (e4m3): graphopt.quantize_fp8 + graphopt.fp8_linear (block scales act inside the K loop, so
         matmul and dequantisation are one op there)
     latent KV cache (C8): graphopt.quantize_kv / graphopt.dequantize_kv, static per-channel scales
@@ -35,7 +36,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["SCALE_FLOOR", "FP8_MAX", "FP8_DTYPE", "hadamard_matrix"]
+__all__ = ["SCALE_FLOOR", "FP8_MAX", "FP8_DTYPE", "hadamard_matrix", "normal_float_codebook", "NF4_VALUES"]
 
 SCALE_FLOOR = 1e-8  # smallest abs-max a scale is computed from; keeps all-zero rows finite
 FP8_DTYPE = torch.float8_e4m3fn
@@ -173,6 +174,42 @@ def dequantize_weight(w_q: Tensor, scale: Tensor, zero: Optional[Tensor], out_dt
 @dequantize_weight.register_fake
 def _(w_q, scale, zero, out_dtype):
     return w_q.new_empty(w_q.shape, dtype=out_dtype)
+
+
+def normal_float_codebook(bits: int = 4) -> Tensor:
+    """QLoRA's NormalFloat codebook, float32 [2^bits] ascending in [-1, 1] (NF4 for bits=4).
+
+    Quantiles of N(0, 1), normalised by the largest: 2^(bits-1) positive ones at probabilities
+    evenly spaced from `offset` to 1/2 (exclusive), 2^(bits-1) - 1 negative ones the same way, and an
+    exact zero. offset = 1 - (1/(2(n-1)) + 1/(2n)) / 2 with n = 2^bits (0.9677 for NF4) keeps the end
+    quantiles finite (Dettmers et al. 2023, appendix E).
+    """
+    n = 2 ** bits
+    offset = 1 - (1 / (2 * (n - 1)) + 1 / (2 * n)) / 2
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg])
+    return (values / values.max()).sort().values.float()
+
+
+NF4_VALUES = normal_float_codebook(4)
+
+
+@torch.library.custom_op("graphopt::dequantize_lut", mutates_args=())
+def dequantize_lut(codes: Tensor, codebook: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Codebook weight [..., out, K] -> codebook[code] * scale per group, in out_dtype.
+
+    codes uint8 [..., out, K] index codebook float32 [L] (NF4: L = 16; HiFloat8: the 256-entry decode
+    table of graphopt.ops.hifloat8); scale float32 [..., out, K/G] (per channel: [..., out, 1]).
+    """
+    groups = scale.shape[-1]
+    w = codebook.float()[codes.long()].unflatten(-1, (groups, -1))
+    return (w * scale.float().unsqueeze(-1)).flatten(-2).to(out_dtype)
+
+
+@dequantize_lut.register_fake
+def _(codes, codebook, scale, out_dtype):
+    return codes.new_empty(codes.shape, dtype=out_dtype)
 
 
 # -- fp8 -------------------------------------------------------------------------------------------

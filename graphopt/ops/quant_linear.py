@@ -12,6 +12,7 @@ graphopt::quantized_moe_experts' reference runs it.
     w4a8:    as w8a8 with acc = w4a8_matmul(x_q, w, group_scale)
     static:  x_q = quantize_per_tensor(x, input_scale, input_zero, smooth_inv, -128, 127); x_s = input_scale
     a16:     w = dequantize_weight(w, scale, zero, dtype); y = linear(x * smooth_inv, w, bias)
+             (hif8, nf4: w = dequantize_lut(w, codebook, scale, dtype), codes into a value table)
     fp8:     x_q, x_s = quantize_fp8(x, smooth_inv, act_block); y = fp8_linear(x_q, x_s, w, scale, bias, dtype)
     hadamard rotation (optional) first: x = hadamard_transform(x, rotate_block).
 """
@@ -32,16 +33,17 @@ from .quant_schemes import SCHEMES
 __all__ = ["QuantizedLinear", "TENSOR_FIELDS", "eager_call", "emit_linear", "sparse_moe"]
 
 OPS = torch.ops.graphopt
-TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias")
+TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias", "codebook")
 
 
 @dataclass
 class QuantizedLinear:
     """Everything one quantised linear (or stacked expert matmul) needs at run time.
 
-    tensors: weight (int8 / int4-in-int8 / uint8 HQQ / e4m3) [..., out, K]; scale fp32; optional
-    group_scale (w4a8, int8), zero (HQQ, fp32), smooth_inv ([K] or [E, 1, K]: inputs are multiplied by
-    it), input_scale (static activations), bias. meta: what the algorithms chose (alpha, beta, ...).
+    tensors: weight (int8 / int4-in-int8 / uint8 HQQ, int2 / e4m3 / uint8 codes) [..., out, K]; scale
+    fp32; optional group_scale (w4a8, int8), zero (HQQ, w2a16: fp32), smooth_inv ([K] or [E, 1, K]:
+    inputs are multiplied by it), input_scale (static activations), bias, codebook (hif8, nf4: the
+    float32 value of each code, [L]). meta: what the algorithms chose (alpha, beta, ...).
     """
 
     scheme: str
@@ -81,7 +83,10 @@ def emit_linear(call: Callable, x, q: QuantizedLinear, t: dict[str, Any], out_dt
     if s.activation == "none":
         if smooth is not None:
             x = call(torch.ops.aten.mul.Tensor, x, smooth)
-        w = call(OPS.dequantize_weight.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
+        if s.codebook:
+            w = call(OPS.dequantize_lut.default, t["weight"], t["codebook"], t["scale"], out_dtype)
+        else:
+            w = call(OPS.dequantize_weight.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
         if q.stacked:
             y = call(torch.ops.aten.matmul.default, x, call(torch.ops.aten.transpose.int, w, -1, -2))
             return y if bias is None else call(torch.ops.aten.add.Tensor, y, bias)

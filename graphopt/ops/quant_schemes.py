@@ -20,7 +20,7 @@ class QuantError(ValueError):
 @dataclass(frozen=True)
 class Scheme:
     name: str
-    weight: str          # "int8" | "int4" | "fp8" | "none"
+    weight: str          # "int8" | "int4" | "int2" | "fp8" | "hif8" | "nf4" | "none"
     activation: str      # "int8_dynamic" | "int8_static" | "fp8_dynamic" | "none"
     grouped: bool        # weight scales per group of `group_size` input channels
     blocked: bool = False  # fp8 128x128 blocks
@@ -32,7 +32,12 @@ class Scheme:
 
     @property
     def weight_bits(self) -> int:
-        return {"int8": 8, "int4": 4, "fp8": 8, "none": 16}[self.weight]
+        return {"int8": 8, "int4": 4, "int2": 2, "fp8": 8, "hif8": 8, "nf4": 4, "none": 16}[self.weight]
+
+    @property
+    def codebook(self) -> bool:
+        """Weights are codes into a value table (graphopt::dequantize_lut), not integers on a grid."""
+        return self.weight in ("hif8", "nf4")
 
 
 SCHEMES: dict[str, Scheme] = {s.name: s for s in [
@@ -43,6 +48,9 @@ SCHEMES: dict[str, Scheme] = {s.name: s for s in [
     Scheme("w4a16", "int4", "none", True, summary="int4 group-wise weights, 16-bit activations"),
     Scheme("fp8", "fp8", "fp8_dynamic", False, summary="e4m3 per-channel weights, e4m3 per-token activations"),
     Scheme("fp8_block", "fp8", "fp8_dynamic", False, blocked=True, summary="e4m3 128x128 block weights, per-token-per-128 activations"),
+    Scheme("w2a16", "int2", "none", True, summary="int2 group-wise weights (asymmetric, float zero point), 16-bit activations"),
+    Scheme("hif8", "hif8", "none", False, summary="HiFloat8 per-channel scaled weights (uint8 codes), 16-bit activations"),
+    Scheme("nf4", "nf4", "none", True, summary="NF4 codebook per group with an abs-max scale (QLoRA), 16-bit activations"),
     Scheme("bf16", "none", "none", False, summary="not quantised"),
 ]}
 

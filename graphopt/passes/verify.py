@@ -92,6 +92,9 @@ QUANT_BUDGETS: dict[str, QuantBudget] = {
     "w8a8_static": QuantBudget(0.20, 0.60, "one calibrated scale per tensor: clips inputs unlike its data"),
     "w4a8":        QuantBudget(0.30, 0.50, "15 levels per group of weights, and int8 activations"),
     "w4a16":       QuantBudget(0.30, 0.50, "15 levels per group of weights"),
+    "hif8":        QuantBudget(0.05, 0.80, "HiFloat8 weights, float activations: 3 mantissa bits, like e4m3"),
+    "nf4":         QuantBudget(0.30, 0.50, "16 normal-quantile levels per group of weights, like w4a16"),
+    "w2a16":       QuantBudget(1.50, 0.30, "4 levels per group of weights: a stress format, far from lossless"),
     "c8":          QuantBudget(0.02, 0.90, "int8 latent cache, per-channel static scales: attention only"),
 }
 

@@ -111,9 +111,22 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(stats.as_dict(), indent=2))
     else:
-        acc = lambda a: "n/a" if a is None else f"{a:.3f}"
-        print(f"{'model':<24} {'ppl':>9} {'d ppl':>8} {'KL':>9} {'top-1':>7} {'MTP acc':>8}")
-        print(f"{'16-bit':<24} {stats.base_ppl:9.3f} {'':>8} {'':>9} {'':>7} {acc(stats.base_mtp_accept):>8}")
-        print(f"{label:<24} {stats.ppl:9.3f} {stats.ppl_change:+8.2%} {stats.kl:9.5f} {stats.top1:7.3f} "
-              f"{acc(stats.mtp_accept):>8}")
+        print(_eval_table(label, stats))
     return 0
+
+
+def _eval_table(label: str, stats) -> str:
+    """KL and top-1 agreement first (the sharper measures), perplexity beside them, each quantised figure
+    with its bootstrap interval over the evaluation windows."""
+    ci = stats.ci
+    span = lambda key, fmt: f"[{fmt.format(ci[key][0])}, {fmt.format(ci[key][1])}]" if key in ci else ""  # noqa: E731
+    acc = lambda a: "n/a" if a is None else f"{a:.3f}"                                                  # noqa: E731
+    rows = [f"{'model':<24} {'KL(16-bit || q)':<27} {'top-1 agree':<21} {'ppl':>8} {'d ppl':<25} {'MTP accept':<19}",
+            f"{'16-bit':<24} {'':<27} {'':<21} {stats.base_ppl:8.3f} {'':<25} {acc(stats.base_mtp_accept):<19}",
+            f"{label:<24} {stats.kl:.5f} {span('kl', '{:.5f}'):<19} {stats.top1:.3f} {span('top1', '{:.3f}'):<15} "
+            f"{stats.ppl:8.3f} {stats.ppl_change:+.2%} {span('ppl_change', '{:+.2%}'):<18} "
+            f"{acc(stats.mtp_accept)} {span('mtp_accept', '{:.3f}')}"]
+    if ci:
+        rows.append(f"[low, high]: {stats.level:.0%} bootstrap interval over the {stats.windows} evaluation windows "
+                    f"({stats.tokens} tokens), windows resampled with replacement")
+    return "\n".join(r.rstrip() for r in rows)

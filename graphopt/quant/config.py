@@ -349,6 +349,9 @@ PRESETS: dict[str, QuantConfig] = {
     "fp8": QuantConfig("fp8"),
     "fp8_block": QuantConfig("fp8_block"),
     "c8": QuantConfig("bf16", kv_cache="int8"),
+    "w2a16": QuantConfig("w2a16", group_size=16),   # 16 divides every K of the embedded model (112)
+    "hif8": QuantConfig("hif8"),
+    "nf4": QuantConfig("nf4"),
 }
 
 

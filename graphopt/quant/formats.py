@@ -13,12 +13,17 @@ written last inside it, so its presence vouches for the rest:
                            model.layers.1.mlp.experts.gate_up.weight       int8  [E, 2I, H]
                            model.layers.0.self_attn.kv_a_layernorm.kv_scale fp32 [R]    (C8)
                            ... and the 16-bit tensors that stayed float.
-                         int4 weights are packed two per byte along K (uint8, low nibble first,
-                         value + 8 for signed int4) so the file is the size the scheme promises.
+                         int4 weights (w4a8, w4a16, nf4 codes) are packed two per byte along K
+                         (uint8, low nibble first, value + 8 for signed int4), int2 weights (w2a16)
+                         four per byte (low bits first), so the file is the size the scheme
+                         promises; hif8 codes are uint8 already. Codebook schemes save their
+                         table (`....codebook`, fp32 [16] or [256]) with each linear.
     quant_model.json     {"format": "graphopt-quant", "version": 1, "quant_config": QuantConfig.to_dict(),
                           "modules": {path: {"kind": "linear" | "experts" | "kv", scheme, rotate_block,
                           act_block, input_zero, meta (searched alpha/beta, clip ratios...), shape}},
-                          "packed_int4": {tensor name: unpacked dtype}, "aliases": {name: same tensor's saved name}}
+                          "packed_int4": {tensor name: unpacked dtype}, "packed_int2": {tensor name:
+                          unpacked dtype} (absent in files without int2), "aliases": {name: same
+                          tensor's saved name}}
     tokenizer.json       the tokenizer the ids belong to, when save_quantized is given one
 
 Loading rebuilds the reference model on the meta device, swaps in the quantised modules the JSON
@@ -44,7 +49,7 @@ from graphopt.models.deepseek import DeepseekV3ForCausalLM
 
 from .config import QuantConfig
 from .qlinear import QuantExperts, QuantizedLinear, QuantLatentNorm, QuantLinear
-from .schemes import QuantError
+from .schemes import SCHEMES, QuantError
 
 __all__ = ["save_quantized", "load_quantized", "FORMAT", "DESCRIPTION_FILE"]
 
@@ -69,12 +74,16 @@ def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike, tokeni
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     modules = _describe(model)
-    packed = {n: str(tensors[n].dtype).removeprefix("torch.") for n in _int4_weights(modules)
-              if n in tensors and tensors[n].shape[-1] % 2 == 0}
-    for n in packed:
+    packed = {bits: {n: str(tensors[n].dtype).removeprefix("torch.") for n in _weights_of(modules, bits)
+                     if n in tensors and tensors[n].shape[-1] % (8 // bits) == 0} for bits in (4, 2)}
+    for n in packed[4]:
         tensors[n] = pack_int4(tensors[n])
+    for n in packed[2]:
+        tensors[n] = pack_int2(tensors[n])
     description = {"format": FORMAT, "version": VERSION, "quant_config": model.quant_config.to_dict(),
-                   "modules": modules, "packed_int4": packed, "aliases": aliases}
+                   "modules": modules, "packed_int4": packed[4], "aliases": aliases}
+    if packed[2]:
+        description["packed_int2"] = packed[2]
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(model.config.to_json_string())
@@ -102,12 +111,13 @@ def _describe(model: nn.Module) -> dict:
     return out
 
 
-def _int4_weights(modules: dict) -> list[str]:
+def _weights_of(modules: dict, bits: int) -> list[str]:
+    """Saved names of the weights whose scheme stores `bits`-bit values (4: int4 / nf4, 2: int2)."""
     names = []
     for path, d in modules.items():
         specs = [(path, d)] if d["kind"] == "linear" else \
             [(f"{path}.{p}", d[p]) for p in ("gate_up", "down") if d["kind"] == "experts" and d[p]]
-        names += [f"{p}.weight" for p, s in specs if s["scheme"] in ("w4a8", "w4a16")]
+        names += [f"{p}.weight" for p, s in specs if SCHEMES[s["scheme"]].weight_bits == bits]
     return names
 
 
@@ -123,6 +133,16 @@ def unpack_int4(p: Tensor, signed: bool) -> Tensor:
     return (u.to(torch.int16) - 8).to(torch.int8) if signed else u
 
 
+def pack_int2(q: Tensor) -> Tensor:
+    """int2 values [..., K] (uint8 in [0, 3]) -> uint8 [..., K/4], element 4j + i in bits 2i, 2i + 1."""
+    u = q.to(torch.uint8)
+    return u[..., 0::4] | (u[..., 1::4] << 2) | (u[..., 2::4] << 4) | (u[..., 3::4] << 6)
+
+
+def unpack_int2(p: Tensor) -> Tensor:
+    return torch.stack([(p >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).flatten(-2)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
     root = Path(path)
     desc = _read_description(root)
@@ -135,6 +155,10 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         if n not in tensors:
             raise QuantError(f"{root / WEIGHTS_FILE}: packed int4 tensor {n} is missing")
         tensors[n] = unpack_int4(tensors[n], signed=dtype == "int8")
+    for n in desc.get("packed_int2", {}):
+        if n not in tensors:
+            raise QuantError(f"{root / WEIGHTS_FILE}: packed int2 tensor {n} is missing")
+        tensors[n] = unpack_int2(tensors[n])
     for alias, original in desc["aliases"].items():
         tensors[alias] = tensors[original]
     with torch.device("meta"):

@@ -47,6 +47,16 @@ def test_calibrate_then_eval_from_the_command_line(tmp_path, capsys):
                       "--windows", "4", "--eval-seq-len", "32", "--dtype", "float32", "--quiet", "--json"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["tokens"] == 4 * 31 and 0 < stats["kl"] < 0.01
+    assert stats["windows"] == 4 and stats["level"] == 0.95
+    for name in ("kl", "top1", "ppl_change", "mtp_accept"):                 # 95% bootstrap over the 4 windows
+        low, high = stats["ci"][name]
+        assert low <= stats[name] <= high
+    assert eval_main(["--model", str(ckpt), "--quantized", str(out), "--eval-data", f"tokens:{tokens}",
+                      "--windows", "4", "--eval-seq-len", "32", "--dtype", "float32", "--quiet"]) == 0
+    header, base, row, note = capsys.readouterr().out.splitlines()
+    assert header.split()[1:3] == ["KL(16-bit", "||"] and header.index("KL") < header.index("ppl")
+    assert row.split()[1] == f"{stats['kl']:.5f}" and f"[{stats['ci']['kl'][0]:.5f}, {stats['ci']['kl'][1]:.5f}]" in row
+    assert "95% bootstrap interval over the 4 evaluation windows" in note
     assert _rc(calibrate_main, ["--quant", "w8a8"]) == 2          # --out is required
 
 

@@ -8,7 +8,7 @@ import torch
 
 from graphopt.models.random import random_model
 from graphopt.quant import PRESETS, QuantError, load_quantized, quantize_model, save_quantized
-from graphopt.quant.formats import pack_int4, unpack_int4
+from graphopt.quant.formats import pack_int2, pack_int4, unpack_int2, unpack_int4
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def model_and_data():
     return random_model(), torch.randint(0, 97, (4, 16), generator=g), torch.randint(0, 97, (2, 12), generator=g)
 
 
-@pytest.mark.parametrize("preset", ["w8a8_c8", "w4a8", "w4a16", "fp8_block", "w8a8_static"])
+@pytest.mark.parametrize("preset", ["w8a8_c8", "w4a8", "w4a16", "fp8_block", "w8a8_static", "hif8", "w2a16", "nf4"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, model_and_data, preset):
     model, data, ids = model_and_data
     q = quantize_model(model, PRESETS[preset].replace(group_size=16), data, progress=False)
@@ -26,13 +26,16 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, model_and_data, preset):
     want, got = q.state_dict(), back.state_dict()
     assert want.keys() == got.keys()
     for k in want:
-        assert want[k].dtype == got[k].dtype and torch.equal(want[k].view(torch.uint8) if want[k].dtype ==
-                                                             torch.float8_e4m3fn else want[k], got[k].view(
-            torch.uint8) if got[k].dtype == torch.float8_e4m3fn else got[k]), k
+        assert want[k].dtype == got[k].dtype and torch.equal(_bits(want[k]), _bits(got[k])), k
     with torch.no_grad():
         assert torch.equal(q(ids), back(ids))
     assert back.quant_config == q.quant_config
     assert not list(tmp_path.glob(".*"))                      # no temporary files left behind
+
+
+def _bits(t):
+    """The bytes of a tensor: fp8 has no ==, and hif8's codebook holds its NaN code's value."""
+    return t.contiguous().reshape(-1).view(torch.uint8) if t.is_floating_point() else t
 
 
 def test_int4_is_packed_two_per_byte(tmp_path, model_and_data):
@@ -48,6 +51,28 @@ def test_int4_is_packed_two_per_byte(tmp_path, model_and_data):
         v = torch.randint(-7 if signed else 0, 8 if signed else 16, (3, 10),
                           dtype=torch.int8 if signed else torch.uint8)
         assert torch.equal(unpack_int4(pack_int4(v), signed), v)
+
+
+def test_int2_is_packed_four_per_byte_nf4_two_and_hif8_codes_stay_bytes(tmp_path, model_and_data):
+    model, data, _ = model_and_data
+    name = "model.layers.0.self_attn.o_proj.weight"
+    sizes = {}
+    for preset, per_byte in (("w2a16", 4), ("nf4", 2), ("hif8", 1)):
+        q = quantize_model(model, PRESETS[preset].replace(group_size=16), data, progress=False)
+        save_quantized(q, tmp_path / preset)
+        desc = json.loads((tmp_path / preset / "quant_model.json").read_text())
+        on_disk = safetensors.torch.load_file(tmp_path / preset / "model.safetensors")
+        assert on_disk[name].dtype == torch.uint8
+        assert on_disk[name].shape[-1] * per_byte == q.state_dict()[name].shape[-1]
+        assert (name in desc.get("packed_int2", {})) == (preset == "w2a16")
+        assert (name in desc["packed_int4"]) == (preset == "nf4")
+        codebook = on_disk.get(name.replace(".weight", ".codebook"))
+        assert (0 if codebook is None else codebook.numel()) == {"w2a16": 0, "nf4": 16, "hif8": 256}[preset]
+        sizes[preset] = (tmp_path / preset / "model.safetensors").stat().st_size
+    assert sizes["w2a16"] < sizes["nf4"] < sizes["hif8"]
+    v = torch.randint(0, 4, (3, 12), dtype=torch.uint8)
+    assert torch.equal(unpack_int2(pack_int2(v)), v)
+    assert pack_int2(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)).item() == 1 | 2 << 2 | 3 << 4   # low bits first
 
 
 def test_corrupt_or_missing_files_are_clear_errors(tmp_path, model_and_data):

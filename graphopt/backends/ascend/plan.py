@@ -78,6 +78,7 @@ ASCEND_OPS: dict[str, Route] = {
     "graphopt.dequantize_weight.default": Route("torch_npu", "npu_weight_quant_batchmatmul",
                                                 "fused with the linear that reads it (antiquant_scale / offset, "
                                                 "antiquant_group_size); alone: the decomposition"),
+    "graphopt.dequantize_lut.default": Route("decomposition", "codebook[codes] x scale per group in torch"),
     "graphopt.quantize_fp8.default": Route("decomposition", "e4m3 rounding in torch", "Atlas A2/A3 have no fp8 GEMM"),
     "graphopt.fp8_linear.default": Route("decomposition", "dequantise + matmul in torch", "Atlas A2/A3 have no fp8 GEMM"),
     "graphopt.quantize_kv.default": Route("decomposition", "round(x / scale) to int8 in torch", "C8 cache"),
