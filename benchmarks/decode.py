@@ -4,6 +4,11 @@ torch.compile(mode="reduce-overhead") of graphopt's reference model in a greedy 
 
     python benchmarks/decode.py --model embedded --batches 1 8 32 64 --out benchmarks/results
     python benchmarks/decode.py --model v2lite   --batches 1 8 32 64 128 --systems graphopt torch.compile
+    python benchmarks/decode.py --model embedded --systems graphopt graphopt@w8a8 graphopt@fp8 --suffix _quant
+
+A system "graphopt@PRESET" (or "graphopt-k1@PRESET") compiles with quant=PRESET (calibrated on the
+model's tokenizer where the preset needs data; the V2-Lite shape has none, so calibrating presets
+fail there, named in the table).
 
 Every system runs in its own process (a crash is a row, not the end of the table) and prints its
 rows as soon as they are measured; the parent collects them into `decode_<model>.md` / `.json`.
@@ -178,12 +183,12 @@ def floor_bytes(model, batch: int, context: int) -> float:
 
 # -- systems ----------------------------------------------------------------------------------------
 
-def run_graphopt(model, name: str, k: int, batches: list[int], new_tokens: int) -> None:
+def run_graphopt(model, name: str, k: int, batches: list[int], new_tokens: int, quant: str | None = None) -> None:
     import graphopt
     from graphopt.runtime.request import SamplingParams
     spec = graphopt.SpecConfig(num_speculative_tokens=k) if k else None
     t0 = time.perf_counter()
-    compiled = graphopt.compile(model, spec=spec, progress=False, max_batch_size=max(batches))
+    compiled = graphopt.compile(model, spec=spec, quant=quant, progress=False, max_batch_size=max(batches))
     compile_s = time.perf_counter() - t0
     ex = compiled.executable
     engine = compiled.engine(num_blocks=1 + max(batches) * -(-(PROMPT_LEN + new_tokens + 2 * k + 2) // 16))
@@ -321,7 +326,9 @@ def child(args) -> None:
     if s == "floor":
         run_floor(model, args.batches, args.new_tokens)
     elif s.startswith("graphopt"):
-        run_graphopt(model, s, int(s[-1]) if s[-1].isdigit() else 0, args.batches, args.new_tokens)
+        base, _, quant = s.partition("@")
+        run_graphopt(model, s, int(base[-1]) if base[-1].isdigit() else 0, args.batches, args.new_tokens,
+                     quant or None)
     elif s == "torch.compile":
         run_torch_compile(model, args.batches, args.new_tokens)
     else:
@@ -384,6 +391,7 @@ def main() -> None:
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS))
     ap.add_argument("--system", help=argparse.SUPPRESS)     # child mode
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--suffix", default="", help="results file decode_<model><suffix>.md/.json")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--combine", nargs="+", metavar="JSON", type=Path,
                     help="no run: merge the rows of earlier runs' decode_<model>.json (a later file wins for "
@@ -423,9 +431,9 @@ def main() -> None:
             failures[s] = f"{type(e).__name__}: {e}"
         if s in failures:
             print(f"{s}: FAILED {failures[s]}", flush=True)
-        (out / f"decode_{args.model}.json").write_text(json.dumps({"rows": rows, "failures": failures,
+        (out / f"decode_{args.model}{args.suffix}.json").write_text(json.dumps({"rows": rows, "failures": failures,
                                                                     "commands": [command]}, indent=1))
-        (out / f"decode_{args.model}.md").write_text(render(rows, args.model, failures, command))
+        (out / f"decode_{args.model}{args.suffix}.md").write_text(render(rows, args.model, failures, command))
     print(render(rows, args.model, failures, command))
 
 

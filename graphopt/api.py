@@ -293,8 +293,13 @@ class CompiledModel(torch.nn.Module):
 
 
 def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "auto",
-            dump_dir: str | None = None, verify: bool = False, tokenizer: Any = None, **options: Any) -> CompiledModel:
+            dump_dir: str | None = None, verify: bool = False, tokenizer: Any = None, tp: int = 1, ep: int = 1,
+            shards: Any = None, **options: Any) -> CompiledModel:
     """Capture `model` (main + MTP), run the pass pipeline, lower to `backend`; see the module doc.
+
+    tp / ep: tensor / expert parallel ranks (each 1 or the world size of the initialised default
+    process group; every rank calls compile with the same arguments, see docs/distributed.md).
+    shards: this rank's slices from `graphopt.models.shard_load.load_shard` (which returned `model`).
 
     tokenizer: for text prompts and stop strings (encode(str) -> ids, decode(ids) -> str); None: the
     embedded tokenizer when `model` is the embedded model (same config), else none. progress=
@@ -309,7 +314,8 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     lowering = backends.get(backend)
     lowering.check(ref.lm_head.weight.device)          # e.g. ascend without torch_npu: before any capture
     state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
-    check_options(opts, state)
+    parallel = _resolve_parallel(tp, ep, ref, backend, state.quant, shards, verify or verify_from_env())
+    check_options(opts, state, parallel)
     if state.quant is not None and state.quant.needs_calibration:   # data errors before capture
         state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size, tokenizer)
     verify = verify or verify_from_env()
@@ -319,7 +325,7 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     progress = _Progress(opts.progress)
 
     t0 = time.perf_counter()
-    layers = LayerGraphs(ref, opts.block_size)   # each kind of decoder layer is traced once (capture/step.py)
+    layers = LayerGraphs(ref, opts.block_size, opts.capture_workers)   # each kind of decoder layer is traced once (capture/step.py)
     captured = [capture_main(ref, opts.block_size, layers=layers)]
     if state.spec is not None:
         captured += [capture_mtp(ref, d, opts.block_size, layers=layers) for d in range(len(ref.mtp))]
@@ -330,7 +336,7 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     progress.done("capture", ", ".join(program.names))
 
     t0 = time.perf_counter()
-    phases, disabled = check_options(opts, state)   # as passes.pipeline.run_pipeline, plus the progress callback
+    phases, disabled = check_options(opts, state, parallel)   # as passes.pipeline.run_pipeline, plus the progress callback
     if dumper:
         for name, gm in program.graphs.items():
             dumper.write_captured(name, gm)
@@ -346,6 +352,9 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     report.records = program.state.records
     report.notes.update(program.state.notes)
     report.notes["backend"] = backend
+    if parallel is not None:
+        report.notes["parallel"] = (f"tp={parallel.tp} ep={parallel.ep} rank {parallel.rank} of "
+                                    f"{parallel.world_size} (process group {parallel.group_name!r})")
     if dumper:
         for name, gm in program.graphs.items():
             report.notes[f"{name} picture"] = dumper.write_final(name, gm)
@@ -394,6 +403,34 @@ def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
                          "(num_nextn_predict_layers = 0); load a checkpoint that has them "
                          "(model.layers.{num_hidden_layers}.*) or pass mtp_weights= to from_transformers")
     return spec
+
+
+_PARALLEL_BACKENDS = ("eager", "inductor")   # the backends that run torch.distributed's functional collectives
+
+
+def _resolve_parallel(tp: int, ep: int, model: DeepseekV3ForCausalLM, backend: str, quant, shards, verify: bool):
+    """The ParallelPlan of this rank (None for tp = ep = 1); every error before capture."""
+    from .passes.sharding import ParallelPlan, ShardError
+    plan = ParallelPlan.resolve(tp, ep, model.config)
+    if plan is None:
+        if shards is not None:
+            raise ShardError("shards= (from load_shard) needs tp= / ep= above 1")
+        return None
+    if shards is not None:
+        if shards.model is not model:
+            raise ShardError("shards= belong to another model: pass the model load_shard returned with them")
+        if quant is not None or verify:
+            raise ShardError("a model from load_shard holds only this rank's slices: quant= (which quantises whole "
+                             "weights) and verify mode (which runs the unsharded graphs) need models.load instead")
+        plan = plan.with_shards(shards)
+    if backend not in _PARALLEL_BACKENDS:
+        raise ShardError(f"tp= / ep= run on backends {_PARALLEL_BACKENDS}; got backend {backend!r}")
+    if quant is not None:
+        schemes = {quant.scheme, quant.mtp_scheme, *(s for _, s in quant.overrides)} - {None}
+        if schemes - {"w8a8"} or quant.kv_cache is not None:
+            raise ShardError(f"tp= / ep= support quant scheme 'w8a8' (without a quantised KV cache); got schemes "
+                             f"{sorted(schemes)}, kv_cache={quant.kv_cache!r}")
+    return plan
 
 
 def _calibration_inputs(model: DeepseekV3ForCausalLM, quant_config, block_size: int, tokenizer):

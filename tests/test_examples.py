@@ -59,3 +59,11 @@ def test_openai_client():
     out = run("openai_client.py", "--max-tokens", "12")
     assert "completion (" in out and "streamed: '" in out and "chat reply: " in out
     assert "graphopt_generated_tokens_total " in out and "graphopt_cache_blocks_used 0" in out
+
+
+def test_tensor_parallel():
+    # starts its own 2 gloo ranks (as torchrun would) and decodes what the unsharded model decodes
+    out = run("tensor_parallel.py", "--ranks", "2", "--new-tokens", "6")
+    assert "ranks: 2, tp=2 ep=2" in out
+    assert out.count("(same as unsharded: True)") == 2
+    assert "'all_reduce': 20, 'all_gather': 2" in out

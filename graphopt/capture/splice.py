@@ -29,30 +29,40 @@ import sympy
 import torch
 from torch import fx
 
+from .workers import ShapeOnly, SymValue
+
 __all__ = ["GraphCall", "splice"]
 
-# key -> the graph a stand-in stands for, and its output shapes (`_out_shapes`), while it is in use
+# key -> the graph a stand-in stands for, and its output shapes (`out_shapes`), while it is in use
 _GRAPHS: dict[int, fx.GraphModule] = {}
 _SHAPES: dict[int, list] = {}
 
 
-def _out_shapes(gm: fx.GraphModule) -> list[tuple[list, torch.dtype, torch.device]]:
+def _expr(s):
+    """A size of a captured value as a sympy expression; None for a plain int. Values are fake
+    tensors (SymInt sizes) or, from a capture worker, `ShapeOnly` (sympy sizes)."""
+    if isinstance(s, torch.SymInt):
+        return s.node.expr
+    return s if isinstance(s, sympy.Expr) else None
+
+
+def out_shapes(gm: fx.GraphModule) -> list[tuple[list, torch.dtype, torch.device]]:
     """Per output: (dims, dtype, device), each dim an int or (argument index, dim) of an input with
     the same symbol: what the fake implementation needs to build the outputs from its arguments."""
     where = {}
     for i, ph in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         for d, s in enumerate(ph.meta["val"].shape):
-            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
-                where.setdefault(s.node.expr, (i, d))
+            if isinstance(_expr(s), sympy.Symbol):
+                where.setdefault(_expr(s), (i, d))
     out = next(n for n in gm.graph.nodes if n.op == "output")
     shapes = []
     for v in (a.meta["val"] for a in out.args[0]):
         dims = []
         for s in v.shape:
-            if isinstance(s, torch.SymInt):
-                if s.node.expr not in where:
+            if _expr(s) is not None:
+                if _expr(s) not in where:
                     raise ValueError(f"output size {s} of the captured graph is not an input size; cannot splice it")
-                s = where[s.node.expr]
+                s = where[_expr(s)]
             dims.append(s)
         shapes.append((dims, v.dtype, v.device))
     return shapes
@@ -73,12 +83,16 @@ def _(args, graph):
 
 
 class GraphCall(torch.nn.Module):
-    """Stands for a flat graph module while a template is exported: one `graphopt::_step_graph` node."""
+    """Stands for a flat graph module while a template is exported: one `graphopt::_step_graph` node.
+    shapes: the graph's `out_shapes` when the graph itself is not there yet (a layer still being
+    traced by a capture worker); such a call can be exported, not run."""
 
-    def __init__(self, gm: fx.GraphModule, key: int):
+    def __init__(self, gm: fx.GraphModule | None, key: int, shapes: list | None = None):
         super().__init__()
         self.key = key
-        _GRAPHS[key], _SHAPES[key] = gm, _out_shapes(gm)
+        if gm is not None:
+            _GRAPHS[key] = gm
+        _SHAPES[key] = out_shapes(gm) if shapes is None else shapes
 
     def forward(self, *args):
         return torch.ops.graphopt._step_graph(list(args), self.key)
@@ -98,22 +112,42 @@ def splice(gm: fx.GraphModule, graphs: dict[int, tuple]) -> None:
     fake_mode = next(n.meta["val"].fake_mode for n in gm.graph.nodes
                      if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor))
     weights: dict[int, str] = {}
+    built: dict[tuple, torch.Tensor] = {}
     for call in [n for n in gm.graph.nodes if n.target is torch.ops.graphopt._step_graph.default]:
         prefix, sub, *root = graphs[call.args[1]]
-        _splice_one(gm, call, prefix, sub, root[0] if root else sub, weights, fake_mode)
+        _splice_one(gm, call, prefix, sub, root[0] if root else sub, weights, _Target(fake_mode, built))
     gm.graph.lint()
     gm.recompile()
 
 
+class _Target:
+    """Where one call's values are rebuilt: gm's fake mode and the call's sizes for the capture's
+    symbols. A tensor value of given (sizes, strides, dtype, device) is built once per `splice` and
+    shared by every node that has it (the repeated layers): building one costs ~1 ms of symbolic
+    arithmetic, and nothing downstream mutates a meta value or reads its storage."""
+
+    def __init__(self, fake_mode, built: dict):
+        self.fake_mode, self.built = fake_mode, built
+        self.symbols: dict = {}   # capture's shape symbol -> this call's size (a SymInt of gm's ShapeEnv or an int)
+
+    def bind(self, placeholders, args) -> None:
+        for ph, arg in zip(placeholders, args):
+            for s, t in zip(ph.meta["val"].shape, arg.meta["val"].shape):
+                if isinstance(_expr(s), sympy.Symbol):
+                    self.symbols.setdefault(_expr(s), t)
+        self.key = tuple(sorted((str(k), _key(v)) for k, v in self.symbols.items()))
+
+
+def _key(s):
+    e = _expr(s)
+    return int(s) if e is None else e
+
+
 def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, root: torch.nn.Module, weights: dict,
-                fake_mode) -> None:
+                target: _Target) -> None:
     placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env = dict(zip(placeholders, call.args[0]))
-    symbols = {}   # capture's shape symbol -> this call's size (a SymInt of gm's ShapeEnv or an int)
-    for ph, arg in zip(placeholders, call.args[0]):
-        for s, t in zip(ph.meta["val"].shape, arg.meta["val"].shape):
-            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
-                symbols.setdefault(s.node.expr, t)
+    target.bind(placeholders, call.args[0])
     outputs = None
     with gm.graph.inserting_before(call):
         for node in sub.graph.nodes:
@@ -129,11 +163,11 @@ def _splice_one(gm, call: fx.Node, prefix: str, sub: fx.GraphModule, root: torch
                 env[node] = gm.graph.get_attr(_register(gm, prefix, node.target, root, weights))
                 env[node].meta = dict(node.meta)
                 if "val" in node.meta:   # a weight: static sizes, only the fake mode changes
-                    env[node].meta["val"] = _substitute(node.meta["val"], symbols, fake_mode)
+                    env[node].meta["val"] = _substitute(node.meta["val"], target)
             else:
                 new = gm.graph.node_copy(node, lambda n: env[n])
                 if "val" in node.meta:
-                    new.meta["val"] = _rebuild(node.meta["val"], symbols, fake_mode, new)
+                    new.meta["val"] = _rebuild(node.meta["val"], target, new)
                 env[node] = new
     for user in list(call.users):
         assert user.target is operator.getitem, f"{call.name} used by {user.format_node()}"
@@ -171,9 +205,8 @@ class _Unknown(Exception):
 
 def _size(s, symbols: dict):
     """A size of the captured graph as a size of gm: its symbols replaced by this call's sizes."""
-    if not isinstance(s, torch.SymInt):
-        return s
-    return _eval(s.node.expr, symbols)
+    e = _expr(s)
+    return s if e is None else _eval(e, symbols)
 
 
 def _eval(e, symbols: dict):
@@ -202,25 +235,30 @@ def _eval(e, symbols: dict):
     raise _Unknown(e)
 
 
-def _rebuild(val, symbols: dict, fake_mode, node: fx.Node):
+def _rebuild(val, target: _Target, node: fx.Node):
     """node's meta["val"] in gm's fake mode; recomputed from its inputs where a size is not
     expressible in this call's sizes (data-dependent sizes, unusual expressions)."""
     try:
-        return _substitute(val, symbols, fake_mode)
+        return _substitute(val, target)
     except _Unknown:
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
-        with fake_mode:
+        with target.fake_mode:
             return node.target(*args, **kwargs)
 
 
-def _substitute(val, symbols: dict, fake_mode):
-    if isinstance(val, torch.Tensor):
-        sizes = [_size(s, symbols) for s in val.shape]
-        strides = [_size(s, symbols) for s in val.stride()]
-        with fake_mode:
-            return torch.empty_strided(sizes, strides, dtype=val.dtype, device=val.device)
+def _substitute(val, target: _Target):
+    if isinstance(val, SymValue):
+        return _eval(val.expr, target.symbols)
+    if isinstance(val, (torch.Tensor, ShapeOnly)):
+        key = (target.key, tuple(map(_key, val.shape)), tuple(map(_key, val.stride())), val.dtype, val.device)
+        if key not in target.built:
+            sizes = [_size(s, target.symbols) for s in val.shape]
+            strides = [_size(s, target.symbols) for s in val.stride()]
+            with target.fake_mode:
+                target.built[key] = torch.empty_strided(sizes, strides, dtype=val.dtype, device=val.device)
+        return target.built[key]
     if isinstance(val, (tuple, list)):
-        return type(val)(_substitute(v, symbols, fake_mode) for v in val)
+        return type(val)(_substitute(v, target) for v in val)
     if isinstance(val, (torch.SymInt, int)):
-        return _size(val, symbols)
+        return _size(val, target.symbols)
     return val

@@ -33,7 +33,8 @@ from torch.export import Dim
 from ..models.deepseek import DeepseekV3ForCausalLM
 from ..step.model_step import MainStep, MTPStep
 from ..step.paged import slot_mapping
-from .splice import GraphCall, splice
+from .splice import GraphCall, out_shapes, splice
+from .workers import Worker, fork_available, pack_graph, unpack_graph
 
 
 class CaptureError(RuntimeError):
@@ -173,19 +174,58 @@ def _layer_kind(layer: nn.Module) -> tuple:
 
 class LayerGraphs:
     """The decoder-layer graphs of one model, one per kind, traced on first use. Pass one instance to
-    `capture_main` and `capture_mtp` of the same model and the MTP block reuses the main layers' graph."""
+    `capture_main` and `capture_mtp` of the same model and the MTP block reuses the main layers' graph.
 
-    def __init__(self, model: DeepseekV3ForCausalLM, block_size: int = 16):
+    workers: layer kinds traced at once in forked processes (`capture/workers.py`) while the model
+    around them is exported here; None: one per kind where fork is safe, 0: all in this process."""
+
+    def __init__(self, model: DeepseekV3ForCausalLM, block_size: int = 16, workers: int | None = None):
+        if workers is not None and (not isinstance(workers, int) or workers < 0):
+            raise ValueError(f"capture_workers must be None or an int >= 0, got {workers!r}")
         self.model, self.inputs = model, StepInputFactory(model, block_size)
         self.graphs: dict[tuple, torch.fx.GraphModule] = {}
+        self.workers = workers
+        self._pending: dict[tuple, Worker] = {}
+
+    def start(self, layers: dict[str, nn.Module], what: str) -> None:
+        """Start tracing the kinds among `layers` (path -> layer) not traced yet, in workers."""
+        if self.workers == 0 or not fork_available(self.inputs.device):
+            return
+        for path, layer in layers.items():
+            kind = _layer_kind(layer)
+            if kind in self.graphs or kind in self._pending:
+                continue
+            if self.workers is not None and len(self._pending) >= self.workers:
+                break
+            name = f"{what}, layer {path}"
+            self._pending[kind] = Worker(lambda layer=layer, name=name: pack_graph(self._trace_graph(layer, name)),
+                                         CaptureError)
+
+    def out_shapes(self, layer: nn.Module) -> list:
+        """The layer graph's output as `splice.out_shapes` gives it: h's sizes, dtype and device (a
+        decoder layer returns the next hidden states); checked against the graph in `graph()`."""
+        return [([(0, 0), (0, 1), self.model.config.hidden_size], self.inputs.dtype, self.inputs.device)]
 
     def graph(self, layer: nn.Module, what: str) -> torch.fx.GraphModule:
         kind = _layer_kind(layer)
         if kind not in self.graphs:
-            self.graphs[kind] = self._trace(layer, what)
+            worker = self._pending.pop(kind, None)
+            graph = unpack_graph(worker.result()) if worker is not None else self._trace_graph(layer, what)
+            graph._codegen = torch.fx.graph.CodeGen()     # flat arguments, a flat tuple out (splice's form)
+            gm = torch.fx.GraphModule(layer, graph)       # get_attr targets relative to the layer
+            if out_shapes(gm) != self.out_shapes(layer):
+                raise CaptureError(f"capturing {what}: the layer's outputs {out_shapes(gm)} are not the "
+                                   f"hidden states {self.out_shapes(layer)} a decoder layer returns")
+            self.graphs[kind] = gm
         return self.graphs[kind]
 
-    def _trace(self, layer: nn.Module, what: str) -> torch.fx.GraphModule:
+    def cancel(self) -> None:
+        """Stop the workers still running (the capture that wanted them failed)."""
+        for worker in self._pending.values():
+            worker.cancel()
+        self._pending.clear()
+
+    def _trace_graph(self, layer: nn.Module, what: str) -> torch.fx.Graph:
         with torch.device("cpu"):
             g, _, pos, slots, blocks, caches = self.inputs.common(0)
             c = self.model.config
@@ -208,8 +248,7 @@ class LayerGraphs:
         out = next(n for n in graph.nodes if n.op == "output")
         if not isinstance(out.args[0], (tuple, list)):
             out.args = ((out.args[0],),)
-        graph._codegen = torch.fx.graph.CodeGen()     # flat arguments, a flat tuple out (splice's form)
-        return torch.fx.GraphModule(layer, graph)    # get_attr targets relative to the layer
+        return graph
 
 
 def _export_regional(make_step: Callable[[nn.Module], nn.Module], model: DeepseekV3ForCausalLM,
@@ -218,16 +257,18 @@ def _export_regional(make_step: Callable[[nn.Module], nn.Module], model: Deepsee
     """Export make_step(model) with each layer in `layers` (attribute path under model ->
     layer) as a stand-in, then splice each layer's kind graph in over that layer's weights."""
     shallow = _shallow_copy(model, layers)
-    calls, graphs = {}, {}
+    calls = {}
+    traced.start(layers, what)    # layer kinds trace in workers while the model around them exports here
     try:
         for path, layer in layers.items():
-            sub = traced.graph(layer, f"{what}, layer {path}")
-            call = GraphCall(sub, id(layer))
-            calls[path] = call
-            graphs[id(layer)] = (f"model.{path}", sub, layer)
-        for path, layer in layers.items():
+            calls[path] = GraphCall(None, id(layer), traced.out_shapes(layer))
             _set_path(shallow, path, _LayerStandIn(layer, calls[path]))
         gm = _export(make_step(shallow), args, dynamic, what)
+        graphs = {id(layer): (f"model.{path}", traced.graph(layer, f"{what}, layer {path}"), layer)
+                  for path, layer in layers.items()}
+    except BaseException:
+        traced.cancel()
+        raise
     finally:
         for call in calls.values():
             call.release()

@@ -298,13 +298,9 @@ def quantized_moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: list
     quantised linear (every quantiser is row-wise, so this equals the dense dispatch up to float
     summation order). Out: [N, H] in x.dtype, accumulated in float32.
     """
-    from .quant_linear import TENSOR_FIELDS, QuantizedLinear, sparse_moe  # imported late: it imports this module
+    from .quant_linear import moe_linears, sparse_moe  # imported late: it imports this module
 
-    parts = []
-    for i, (tensors, scheme) in enumerate(((gate_up, gate_up_scheme), (down, down_scheme))):
-        t = {k: v for k, v in zip(TENSOR_FIELDS, tensors) if v is not None}
-        parts.append(QuantizedLinear(scheme, t, *params[3 * i: 3 * i + 3]))
-    return sparse_moe(x, weights, ids, *parts)
+    return sparse_moe(x, weights, ids, *moe_linears(gate_up, down, gate_up_scheme, down_scheme, params))
 
 
 @quantized_moe_experts.register_fake

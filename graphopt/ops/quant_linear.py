@@ -30,7 +30,7 @@ from torch import Tensor
 from . import quant as _quant  # noqa: F401  registers torch.ops.graphopt.* (quantize, int8_matmul, ...)
 from .quant_schemes import SCHEMES
 
-__all__ = ["QuantizedLinear", "TENSOR_FIELDS", "eager_call", "emit_linear", "sparse_moe"]
+__all__ = ["QuantizedLinear", "TENSOR_FIELDS", "eager_call", "emit_linear", "moe_linears", "sparse_moe"]
 
 OPS = torch.ops.graphopt
 TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_scale", "bias", "codebook")
@@ -106,6 +106,17 @@ def emit_linear(call: Callable, x, q: QuantizedLinear, t: dict[str, Any], out_dt
     else:
         acc = call(OPS.int8_matmul.default, x_q, t["weight"])
     return call(OPS.dequantize_int32.default, acc, x_s, t["scale"], bias, out_dtype)
+
+
+def moe_linears(gate_up: list, down: list, gate_up_scheme: str, down_scheme: str,
+                params: list[int]) -> tuple[QuantizedLinear, QuantizedLinear]:
+    """graphopt::quantized_moe_experts' arguments (tensors in TENSOR_FIELDS order, params
+    [rotate_block, act_block, input_zero] of each) as its two stacked linears."""
+    parts = []
+    for i, (tensors, scheme) in enumerate(((gate_up, gate_up_scheme), (down, down_scheme))):
+        t = {k: v for k, v in zip(TENSOR_FIELDS, tensors) if v is not None}
+        parts.append(QuantizedLinear(scheme, t, *params[3 * i: 3 * i + 3]))
+    return parts[0], parts[1]
 
 
 def _expert_matmul(q: QuantizedLinear, x: Tensor, e: int) -> Tensor:

@@ -5,6 +5,7 @@
     normalise  make each graph small and canonical, then lift known subgraphs into graphopt:: ops
     spec       rewrite attention over the latent cache for the 1+k queries of a (speculative) step
     quant      calibrate, then replace targeted linears by quantize -> int matmul -> dequantize ops
+    shard      (module passes, only with tp= / ep=) slice this rank's weights, insert the collectives
     step       (module pass) fuse main + MTP drafts + acceptance + next-step inputs into ONE step graph
                (plus its greedy-only twin) and one prefill graph, added to the Program next to main
     memory     write the KV cache in place in every graph (after the fusion, which reads the
@@ -13,7 +14,9 @@
 
 normalise, spec and quant run on every captured graph (main step, each MTP module); step runs once
 over the whole Program. Quantisation runs before the fusion so that calibration feeds each graph its
-own inputs; the fused graph then carries the quantised ops of both. The step graph is built for plain
+own inputs; the fused graph then carries the quantised ops of both. Sharding comes after quantisation
+(every rank calibrates and quantises the whole model, so the scales are the unsharded model's) and
+before the fusion (which splices the sharded main and MTP graphs, collectives included, into the step). The step graph is built for plain
 decoding too (k = 0): sampling and the next step's inputs are computed on the device either way.
 
 Each phase is a list of passes with a one-line why. Every pass can be switched off by name
@@ -36,6 +39,9 @@ from .fuse_spec_step import FuseSpecStepPass
 from .quant_calibrate import QuantCalibratePass
 from .quant_insert import QuantInsertPass
 from .reinplace_cache_writes import ReinplaceCacheWritesPass
+from .shard_experts import ShardExpertsPass
+from .shard_tensor_parallel import ShardTensorParallelPass
+from .sharding import ParallelPlan
 from .remove_noop_views import RemoveNoopViewsPass
 from .rewrite_mla_absorbed import RewriteMLAAbsorbedPass
 from .use_paged_attention import UsePagedAttentionPass
@@ -67,6 +73,13 @@ def quant_phase() -> Phase:
     ])
 
 
+def shard_phase(plan: ParallelPlan) -> Phase:
+    return Phase("shard", "a model larger than one device: each rank holds and runs its part", [
+        ShardTensorParallelPass(plan),  # heads, dense / shared MLPs, vocab over tp ranks; all_reduce / all_gather
+        ShardExpertsPass(plan),         # routed experts over ep ranks; local dispatch, one all_reduce per layer
+    ])
+
+
 def step_phase() -> Phase:
     return Phase("step", "one graph per step: no host work between main model, draft and sampling", [
         FuseSpecStepPass(),        # main + MTP chain + acceptance + next inputs, exported flat
@@ -79,15 +92,17 @@ def memory_phase() -> Phase:
     ])
 
 
-def build_pipeline(quant: bool) -> list[Phase]:
-    """The phases in order; quant only when a QuantConfig was given."""
-    return [normalise_phase(), spec_phase()] + ([quant_phase()] if quant else []) + [step_phase(), memory_phase()]
+def build_pipeline(quant: bool, parallel: ParallelPlan | None = None) -> list[Phase]:
+    """The phases in order; quant only when a QuantConfig was given, shard only with a parallel plan."""
+    return ([normalise_phase(), spec_phase()] + ([quant_phase()] if quant else [])
+            + ([shard_phase(parallel)] if parallel is not None else []) + [step_phase(), memory_phase()])
 
 
-def check_options(options: CompileOptions, state: CompileState) -> tuple[list[Phase], set[str]]:
+def check_options(options: CompileOptions, state: CompileState,
+                  parallel: ParallelPlan | None = None) -> tuple[list[Phase], set[str]]:
     """(phases, disabled pass names); a ValueError for an unknown pass name or a disabled fusion that
     spec= needs. graphopt.compile calls it before capture, so these errors come before any work."""
-    phases = build_pipeline(quant=state.quant is not None)
+    phases = build_pipeline(quant=state.quant is not None, parallel=parallel)
     disabled = set(options.disable_passes) | disabled_from_env()
     known = {p.name for ph in phases for p in ph.passes}
     unknown = disabled - known
@@ -95,13 +110,16 @@ def check_options(options: CompileOptions, state: CompileState) -> tuple[list[Ph
         raise ValueError(f"cannot disable unknown pass(es) {sorted(unknown)}; passes: {sorted(known)}")
     if state.spec is not None and FuseSpecStepPass.name in disabled:
         raise ValueError(f"spec= needs the {FuseSpecStepPass.name} pass; it was disabled")
+    needed = {ShardTensorParallelPass.name, ShardExpertsPass.name, FuseMoeExpertsPass.name} & disabled
+    if parallel is not None and needed:
+        raise ValueError(f"tp= / ep= need the {sorted(needed)} pass(es); they were disabled")
     return phases, disabled
 
 
 def run_pipeline(program: Program, options: CompileOptions, dumper: Dumper | None = None,
-                 verify: bool = False) -> Program:
+                 verify: bool = False, parallel: ParallelPlan | None = None) -> Program:
     """Every phase over the captured Program; the records and notes land in program.state."""
-    phases, disabled = check_options(options, program.state)
+    phases, disabled = check_options(options, program.state, parallel)
     manager = PassManager(phases, disabled, verify, dumper)
     if dumper:
         for name, gm in program.graphs.items():

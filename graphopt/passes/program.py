@@ -39,6 +39,9 @@ class CompileOptions:
     cuda_graphs: bool = True              # inductor on CUDA: replay decode steps as CUDA graphs per batch bucket
     ascend_mode: str = "max-autotune"     # ascend: "max-autotune" (GE graph) or "reduce-overhead" (captured)
     ascend_graph_dump: str | None = None  # ascend: directory for torchair's GE graph dumps (pbtxt)
+    capture_workers: int | None = None    # forked processes tracing decoder layers during capture;
+                                          # None: one per layer kind where fork is safe (a CPU
+                                          # model, no CUDA on the machine), 0: none
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> "CompileOptions":
@@ -51,6 +54,10 @@ class CompileOptions:
             raise ValueError(f"block_size must be a positive power of two, got {opts.block_size}")
         if opts.max_batch_size < 1 or opts.prefill_chunk_size < 1:
             raise ValueError("max_batch_size and prefill_chunk_size must be >= 1")
+        if opts.capture_workers is not None and (isinstance(opts.capture_workers, bool)
+                                                 or not isinstance(opts.capture_workers, int)
+                                                 or opts.capture_workers < 0):
+            raise ValueError(f"capture_workers must be None or an int >= 0, got {opts.capture_workers!r}")
         if isinstance(opts.disable_passes, str):
             opts.disable_passes = [p.strip() for p in opts.disable_passes.split(",") if p.strip()]
         return opts

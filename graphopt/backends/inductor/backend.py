@@ -10,6 +10,7 @@ from torch import fx
 
 from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the graphs may call
 from ...ops import core as _core
+from ...ops import quant as _quant
 from ...passes.program import CompileOptions, Program
 from ...step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from ...step.provider import SpecStats
@@ -26,6 +27,12 @@ _INLINE = {
     torch.ops.graphopt.rms_norm.default: _core.rms_norm._init_fn,
     torch.ops.graphopt.swiglu.default: _core.swiglu._init_fn,
     torch.ops.graphopt.moe_route.default: _core.moe_route._init_fn,
+    # dynamic activation quantisation and the int32 -> float epilogue: fused into the producer /
+    # consumer kernels instead of 3-5 eager kernels each around every quantised GEMM
+    torch.ops.graphopt.quantize_per_token.default: _quant.quantize_per_token._init_fn,
+    torch.ops.graphopt.quantize_per_tensor.default: _quant.quantize_per_tensor._init_fn,
+    torch.ops.graphopt.dequantize_int32.default: _quant.dequantize_int32._init_fn,
+    torch.ops.graphopt.quantize_fp8.default: _quant.quantize_fp8._init_fn,
 }
 
 

@@ -3,17 +3,18 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
 
     mla_decode   graphopt::mla_paged_attention, absorbed MLA over the paged latent cache, split-K
     moe          graphopt::moe_experts, grouped expert GEMMs that read only the selected experts
+    quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
-"mla_paged_attention,moe_experts" (or "all") leaves kernels out, for A/B runs in a fresh process.
+"mla_paged_attention,moe_experts,quant_gemm" (or "all") leaves kernels out, for A/B runs in a fresh process.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import mla_decode, moe
+from . import mla_decode, moe, quant_gemm
 
 __all__ = ["register_all", "registered"]
 
@@ -23,7 +24,7 @@ _REGISTERED: list[str] = []
 def register_all() -> list[str]:
     """Register the kernels whose dependencies (triton, CUDA) are present; returns their names."""
     off = {n.strip() for n in os.environ.get("GRAPHOPT_DISABLE_KERNELS", "").split(",") if n.strip()}
-    for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe)):
+    for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("quant_gemm", quant_gemm)):
         if name not in _REGISTERED and module.available() and not off & {name, "all"}:
             module.register()
             _REGISTERED.append(name)

@@ -1,0 +1,121 @@
+"""CUDA implementations of the quantised GEMM ops: int8 x int8 -> int32 on the int8 tensor cores
+(`torch._int_mm`, cuBLASLt) and e4m3 x e4m3 with per-token x per-channel scales on the FP8 tensor
+cores (`torch._scaled_mm`, rowwise scaling).
+
+The reference ops (`graphopt/ops/quant.py`) compute the int8 product with a float BLAS where that
+is provably exact and upcast FP8 to float32: each call makes a float copy of the weight, so a
+quantised step read more bytes than a bf16 one. Here the weight is read once, in its own dtype:
+
+    int8_matmul  x int8 [..., N, K], w int8 [out, K]  -> int32 [..., N, out]   exact (integer maths:
+                 bit-identical to the reference). cuBLASLt wants more than 16 rows and K, out
+                 multiples of 8: fewer rows are padded with zero rows (a decode step reads the
+                 weight once either way); other shapes and batched weights use the reference.
+    fp8_linear   per-channel scales only (x_scale [..., N, 1], w_scale [out, 1]), a bfloat16 output
+                 and K, out multiples of 16; the product accumulates in float32 in the tensor core
+                 and is scaled in its epilogue (bf16 tolerance against the reference). DeepSeek's
+                 128x128 block scales, other output dtypes and shapes use the reference.
+
+w4a8_matmul widens its int4 values to int8 and calls int8_matmul, so it reaches the int8 kernel too.
+
+    quantized_moe_experts  the reference runs each expert on its routed tokens, which needs the
+                 per-expert counts on the host: a CUDA graph cannot capture that. While a graph is
+                 being captured, the experts run without host synchronisation instead: with no more
+                 (token, expert) assignments than experts (decode), each assignment gathers its
+                 expert's quantised tensors (only the selected experts are read); otherwise every
+                 expert runs on every token and the routing weights (zero where not routed) combine
+                 them (each expert read once). Outside capture (prefill) the reference runs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import torch.nn.functional as F
+
+from ....ops import quant as _quant
+from ....ops.quant_linear import QuantizedLinear, eager_call, emit_linear, moe_linears
+
+__all__ = ["available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync"]
+
+_MIN_ROWS = 17   # torch._int_mm on CUDA: more than 16 rows
+
+
+def available() -> bool:
+    return torch.cuda.is_available() and hasattr(torch, "_int_mm") and hasattr(torch, "_scaled_mm")
+
+
+def _int_mm_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
+    k, out = x_q.shape[-1], w_q.shape[-2]
+    return w_q.dim() == 2 and k == w_q.shape[-1] and k % 8 == 0 and out % 8 == 0 and x_q.is_cuda and w_q.is_cuda
+
+
+def int8_matmul_cuda(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
+    if not _int_mm_ok(x_q, w_q):
+        return _quant.int8_matmul._init_fn(x_q, w_q)
+    lead = x_q.shape[:-1]
+    x2 = x_q.reshape(-1, x_q.shape[-1])
+    m = x2.shape[0]
+    if m < _MIN_ROWS:
+        x2 = torch.cat([x2, x2.new_zeros(_MIN_ROWS - m, x2.shape[1])])
+    y = torch._int_mm(x2.contiguous(), w_q.t())          # w [out, K] row-major = [K, out] column-major
+    return y[:m].reshape(*lead, w_q.shape[0])
+
+
+def _scaled_mm_ok(x_q, x_scale, w_q, w_scale, out_dtype) -> bool:
+    k, out = x_q.shape[-1], w_q.shape[-2]
+    return (w_q.dim() == 2 and out_dtype == torch.bfloat16 and k % 16 == 0 and out % 16 == 0
+            and x_scale.shape[-1] == 1 and tuple(w_scale.shape) == (out, 1) and x_q.is_cuda)
+
+
+def fp8_linear_cuda(x_q, x_scale, w_q, w_scale, bias, out_dtype):
+    if not _scaled_mm_ok(x_q, x_scale, w_q, w_scale, out_dtype):
+        return _quant.fp8_linear._init_fn(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+    lead = x_q.shape[:-1]
+    x2 = x_q.reshape(-1, x_q.shape[-1]).contiguous()
+    sa = x_scale.reshape(-1, 1).float().expand(x2.shape[0], 1).contiguous()
+    sb = w_scale.reshape(1, -1).float().contiguous()
+    y = torch._scaled_mm(x2, w_q.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16,
+                         bias=None if bias is None else bias.to(torch.bfloat16))
+    return y.reshape(*lead, w_q.shape[0])
+
+
+def _stacked(q: QuantizedLinear, x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """x [A or 1, c, K] through the stacked linear q, its [E, ...] tensors indexed by `index` (or all)."""
+    if q.scheme == "bf16":
+        w = q.tensors["weight"] if index is None else q.tensors["weight"][index]
+        return torch.matmul(x, w.transpose(-1, -2))
+    t = {k: (v if v.dim() != 3 or index is None else v[index]) for k, v in q.tensors.items()}
+    part = QuantizedLinear(q.scheme, t, q.rotate_block, q.act_block, q.input_zero, q.meta)
+    return emit_linear(eager_call, x, part, t, x.dtype)
+
+
+def quantized_moe_experts_cuda(x, weights, ids, gate_up, down, gate_up_scheme, down_scheme, params):
+    if not torch.cuda.is_current_stream_capturing():
+        return _quant.quantized_moe_experts._init_fn(x, weights, ids, gate_up, down, gate_up_scheme,
+                                                     down_scheme, params)
+    return moe_without_sync(x, weights, ids, *moe_linears(gate_up, down, gate_up_scheme, down_scheme, params))
+
+
+def moe_without_sync(x, weights, ids, up: QuantizedLinear, dn: QuantizedLinear) -> torch.Tensor:
+    """The routed experts with no host synchronisation (what a CUDA graph captures); equals
+    `sparse_moe` up to float summation order (every quantiser is row-wise)."""
+    n, k = ids.shape
+    experts = up.tensors["weight"].shape[0]
+    if n * k <= experts:                                   # one row per assignment, its expert gathered
+        flat = ids.reshape(-1)
+        xa = x.repeat_interleave(k, dim=0).unsqueeze(1)                              # [A, 1, H]
+        gate, u = _stacked(up, xa, flat).chunk(2, dim=-1)
+        y = _stacked(dn, F.silu(gate) * u, flat).squeeze(1).float()                  # [A, H]
+        y = y * weights.reshape(-1, 1).float()
+        return y.reshape(n, k, -1).sum(dim=1).to(x.dtype)
+    gate, u = _stacked(up, x.unsqueeze(0), None).chunk(2, dim=-1)                   # [E, N, I]
+    y = _stacked(dn, F.silu(gate) * u, None).float()                                # [E, N, H]
+    dense = torch.zeros(experts, n, dtype=torch.float32, device=x.device)
+    dense.scatter_add_(0, ids.t().long(), weights.t().float())                        # [E, N] routing weights
+    return torch.einsum("en,enh->nh", dense, y).to(x.dtype)
+
+
+def register() -> None:
+    _quant.int8_matmul.register_kernel("cuda")(int8_matmul_cuda)
+    _quant.fp8_linear.register_kernel("cuda")(fp8_linear_cuda)
+    _quant.quantized_moe_experts.register_kernel("cuda")(quantized_moe_experts_cuda)
