@@ -30,12 +30,11 @@ def model():
 
 
 def test_workers_give_the_graph_of_an_in_process_trace(model):
+    # (the MTP block reuses the MoE layer's graph from the same LayerGraphs: no worker of its own)
     local = capture.LayerGraphs(model, 4, workers=0)
     forked = capture.LayerGraphs(model, 4)
     a, b = capture.capture_main(model, 4, layers=local), capture.capture_main(model, 4, layers=forked)
     assert _describe(a.graph_module) == _describe(b.graph_module)
-    ma, mb = capture.capture_mtp(model, 0, 4, layers=local), capture.capture_mtp(model, 0, 4, layers=forked)
-    assert _describe(ma.graph_module) == _describe(mb.graph_module)
     with torch.no_grad():
         for x, y in zip(a.graph_module(*a.make_inputs(3)), b.graph_module(*b.make_inputs(3))):
             torch.testing.assert_close(x, y, rtol=0, atol=0)

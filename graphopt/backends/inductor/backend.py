@@ -41,11 +41,13 @@ def for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
     maths, export's unused guard module call dropped. Weights are shared with `gm`, not copied."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
+    kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue
         new = graph.node_copy(node, lambda n: env[n])
-        if node.op == "call_function" and node.target in _INLINE:
+        if node.op == "call_function" and node.target in _INLINE and node.target not in kept:
             new.target = _INLINE[node.target]
         env[node] = new
     graph._codegen = copy.deepcopy(gm.graph._codegen)   # the same (pytree) signature as gm
