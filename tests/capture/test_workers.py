@@ -29,9 +29,13 @@ def model():
     return random_model()
 
 
-def test_workers_give_the_graph_of_an_in_process_trace(model):
+@pytest.fixture(scope="module")
+def local(model):
+    return capture.LayerGraphs(model, 4, workers=0)
+
+
+def test_workers_give_the_graph_of_an_in_process_trace(model, local):
     # (the MTP block reuses the MoE layer's graph from the same LayerGraphs: no worker of its own)
-    local = capture.LayerGraphs(model, 4, workers=0)
     forked = capture.LayerGraphs(model, 4)
     a, b = capture.capture_main(model, 4, layers=local), capture.capture_main(model, 4, layers=forked)
     assert _describe(a.graph_module) == _describe(b.graph_module)
@@ -40,9 +44,8 @@ def test_workers_give_the_graph_of_an_in_process_trace(model):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
-def test_pack_keeps_nodes_targets_and_symbolic_shapes(model):
-    layers = capture.LayerGraphs(model, 4, workers=0)
-    gm = layers.graph(model.model.layers[1], "layer 1")
+def test_pack_keeps_nodes_targets_and_symbolic_shapes(model, local):
+    gm = local.graph(model.model.layers[1], "layer 1")      # traced once per process: shared with the test above
     graph = unpack_graph(pack_graph(gm.graph))
     before, after = list(gm.graph.nodes), list(graph.nodes)
     assert [(n.name, n.op, n.target) for n in before] == [(n.name, n.op, n.target) for n in after]

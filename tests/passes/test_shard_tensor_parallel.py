@@ -88,6 +88,7 @@ def test_must_run_before_the_spec_fusion():
 
 # -- real process groups: token parity with the unsharded model -------------------------------------
 
+@pytest.mark.slow   # CI runs the same 2-rank, spec on, shard-only parity through examples/tensor_parallel.py
 def test_two_ranks_spec_on_float32_greedy_tokens_equal_unsharded(tmp_path):
     """Each rank loads only its slices of the checkpoint (load_shard), then compiles with them."""
     run_parity(tmp_path, world=2, spec="mtp", quant=None, shard_only=True)

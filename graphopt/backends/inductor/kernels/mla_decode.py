@@ -58,6 +58,7 @@ _LOG2E = 1.4426950408889634
 _PROGRAMS_PER_SM = 2
 _MIN_KEYS_PER_SPLIT = 64
 _MAX_SPLITS = 64
+_COMBINE_TILE_R = 128    # latent outputs per combine program: R = 512 is 4 programs per (row, head)
 
 
 def available() -> bool:
@@ -155,20 +156,24 @@ if triton is not None:
         part = q_rows * SPLITS + split                                     # [TILE_H] index into the partials
         tl.store(m_ptr + part, m_i, mask=row_ok)
         tl.store(l_ptr + part, l_i, mask=row_ok)
-        tl.store(acc_ptr + part[:, None] * R + offs_r[None, :], acc, mask=row_ok[:, None] & (offs_r < R)[None, :])
+        # a row that saw no key in this split (l = 0) writes no partial: the combine does not read it
+        tl.store(acc_ptr + part[:, None] * R + offs_r[None, :], acc,
+                 mask=(row_ok & (l_i > 0))[:, None] & (offs_r < R)[None, :])
 
     @triton.jit
     def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS,
                                R: tl.constexpr, TILE_S: tl.constexpr, TILE_R: tl.constexpr):
-        """One (batch row, query, head): out = sum_s w_s acc_s / sum_s w_s l_s, w_s = 2^(m_s - max m)."""
+        """One (batch row, query, head) and TILE_R of its R outputs: out = sum_s w_s acc_s / sum_s w_s l_s,
+        w_s = 2^(m_s - max m). Only splits that saw a key (l_s > 0) are read: the split count follows
+        the table's capacity, and a short context leaves most splits empty."""
         row = tl.program_id(0).to(tl.int64)
-        offs_s, offs_r = tl.arange(0, TILE_S), tl.arange(0, TILE_R)
+        offs_s, offs_r = tl.arange(0, TILE_S), tl.program_id(1) * TILE_R + tl.arange(0, TILE_R)
         s_ok, r_ok = offs_s < SPLITS, offs_r < R
         m = tl.load(m_ptr + row * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
         l = tl.load(l_ptr + row * SPLITS + offs_s, mask=s_ok, other=0.0)
         weight = tl.exp2(m - tl.max(m, axis=0))                            # empty splits (m = -1e30) weigh 0
         acc = tl.load(acc_ptr + (row * SPLITS + offs_s)[:, None] * R + offs_r[None, :],
-                      mask=s_ok[:, None] & r_ok[None, :], other=0.0)       # [TILE_S, TILE_R]
+                      mask=(s_ok & (l > 0))[:, None] & r_ok[None, :], other=0.0)   # [TILE_S, TILE_R]
         out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
         tl.store(out_ptr + row * R + offs_r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
 
@@ -241,8 +246,10 @@ def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables
         WHILE_LOOP=interpreted, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out_lat = torch.empty_like(q_lat)                                          # [B, ROWS, R]
-    _combine_splits_kernel[(B * rows,)](m, l, acc, out_lat, splits, R=R, TILE_S=triton.next_power_of_2(splits),
-                                        TILE_R=triton.next_power_of_2(R), num_warps=4)
+    tile_r = min(_COMBINE_TILE_R, triton.next_power_of_2(R))
+    _combine_splits_kernel[(B * rows, triton.cdiv(R, tile_r))](m, l, acc, out_lat, splits, R=R,
+                                                               TILE_S=triton.next_power_of_2(splits), TILE_R=tile_r,
+                                                               num_warps=4)
     return out_lat.view(B, T, H, R)
 
 
