@@ -10,6 +10,9 @@ A system "graphopt@PRESET" (or "graphopt-k1@PRESET") compiles with quant=PRESET 
 model's tokenizer where the preset needs data; the V2-Lite shape has none, so calibrating presets
 fail there, named in the table).
 
+GRAPHOPT_COMPILE_OPTIONS='{"fuse_projections": false}' (JSON) adds compile options to every graphopt
+system, for A/B rows (GRAPHOPT_DISABLE_KERNELS=linear,... leaves kernels out; both reach the children).
+
 Every system runs in its own process (a crash is a row, not the end of the table) and prints its
 rows as soon as they are measured; the parent collects them into `decode_<model>.md` / `.json`.
 
@@ -188,7 +191,8 @@ def run_graphopt(model, name: str, k: int, batches: list[int], new_tokens: int, 
     from graphopt.runtime.request import SamplingParams
     spec = graphopt.SpecConfig(num_speculative_tokens=k) if k else None
     t0 = time.perf_counter()
-    compiled = graphopt.compile(model, spec=spec, quant=quant, progress=False, max_batch_size=max(batches))
+    options = json.loads(os.environ.get("GRAPHOPT_COMPILE_OPTIONS", "{}"))
+    compiled = graphopt.compile(model, spec=spec, quant=quant, progress=False, max_batch_size=max(batches), **options)
     compile_s = time.perf_counter() - t0
     ex = compiled.executable
     engine = compiled.engine(num_blocks=1 + max(batches) * -(-(PROMPT_LEN + new_tokens + 2 * k + 2) // 16))

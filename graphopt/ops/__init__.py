@@ -4,7 +4,7 @@ Importing this package registers every op. Backends only add faster implementati
 (`torch.library.impl` for their device), never new semantics.
 """
 
-from . import core  # noqa: F401  rms_norm, swiglu, moe_route, moe_experts
+from . import core  # noqa: F401  rms_norm, swiglu, linear, moe_route, moe_experts
 from . import attention  # noqa: F401  mla_attention (expanded / absorbed)
 from . import cache  # noqa: F401  kv_cache_write (in place)
 from . import paged_attention  # noqa: F401  mla_paged_attention (over the paged cache)

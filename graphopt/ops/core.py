@@ -1,4 +1,4 @@
-"""graphopt:: core ops: RMSNorm, SwiGLU, MoE routing and the sparse MoE expert dispatch.
+"""graphopt:: core ops: RMSNorm, SwiGLU, a dense projection, MoE routing and the sparse MoE expert dispatch.
 
 Each op has a reference implementation in plain torch that does exactly the reference model's maths
 (`graphopt/models/deepseek.py`: RMSNorm, MLP, TopkRouter, Experts) and a fake implementation that
@@ -8,6 +8,7 @@ the same ops; they never change what an op means.
 
     rms_norm(x [..., H], weight [H], eps)                      -> [..., H]   (dtype: x * weight promotion)
     swiglu(gate [...], up [...])                               -> [...]      silu(gate) * up
+    linear(x [..., K], weight [N, K])                          -> [..., N]   x @ weight^T (no bias)
     moe_route(x [N, H], gate_weight [E, H], bias [E]?, ...)    -> weights fp32 [N, k], ids int64 [N, k]
     moe_experts(x [N, H], weights [N, k], ids [N, k],
                 gate_up [E, 2I, H], down [E, H, I])            -> [N, H]
@@ -23,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SUPPORTED_SCORING", "SUPPORTED_TOPK_METHODS", "rms_norm", "swiglu", "moe_route", "moe_experts", "route"]
+__all__ = ["SUPPORTED_SCORING", "SUPPORTED_TOPK_METHODS", "linear", "rms_norm", "swiglu", "moe_route", "moe_experts",
+           "route"]
 
 # the routers graphopt implements (models/config.py validates a config against these)
 SUPPORTED_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -85,6 +87,31 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 def _(gate: Tensor, up: Tensor) -> Tensor:
     _check_swiglu(gate, up)
     return torch.empty_like(gate)
+
+
+# -- linear -----------------------------------------------------------------------------------------
+# The graphs hold aten.linear; a backend that has a faster kernel for some shapes (the inductor
+# backend's small-row GEMV on CUDA) rewrites those nodes to this op, whose reference is aten.linear.
+
+def _check_linear(x: Tensor, weight: Tensor) -> None:
+    _require(weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1],
+             f"graphopt.linear: weight must be [out, K] with K = x's last dimension ({x.shape[-1] if x.dim() else '?'}), "
+             f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    _require(x.dtype == weight.dtype,
+             f"graphopt.linear: x and weight must have the same dtype, got {x.dtype} and {weight.dtype}")
+
+
+@torch.library.custom_op("graphopt::linear", mutates_args=())
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight^T over x's last dimension, exactly aten.linear(x, weight)."""
+    _check_linear(x, weight)
+    return F.linear(x, weight)
+
+
+@linear.register_fake
+def _(x: Tensor, weight: Tensor) -> Tensor:
+    _check_linear(x, weight)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # -- moe_route --------------------------------------------------------------------------------------

@@ -37,6 +37,8 @@ class CompileOptions:
     fold_max_bytes: int = 64 << 20        # fold_constants skips results larger than this
     progress: bool = True                 # progress bars for long passes (calibration)
     cuda_graphs: bool = True              # inductor on CUDA: replay decode steps as CUDA graphs per batch bucket
+    fuse_projections: bool = True         # inductor on CUDA: linears of one input as one GEMM over
+                                          # concatenated weights (kept beside the originals)
     ascend_mode: str = "max-autotune"     # ascend: "max-autotune" (GE graph) or "reduce-overhead" (captured)
     ascend_graph_dump: str | None = None  # ascend: directory for torchair's GE graph dumps (pbtxt)
     capture_workers: int | None = None    # forked processes tracing decoder layers during capture;

@@ -36,6 +36,34 @@ def test_inductor_sees_the_elementwise_ops_as_torch_maths():
     assert torch.equal(compiled(ids), compiled(ids))                    # the eager graphs are untouched
 
 
+def _stored_weight_linears_by_input(gm):
+    by_input = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is torch.ops.aten.linear.default and n.args[1].op == "get_attr":
+            by_input.setdefault(n.args[0], []).append(n)
+    return by_input
+
+
+def test_projections_of_one_input_become_one_gemm_with_the_same_logits():
+    from graphopt.backends.base import fresh_cache_forward
+    compiled = graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False, block_size=4)
+    program, fused = compiled.program, {}
+    before = _stored_weight_linears_by_input(program.main)
+    shared = sum(len(v) - 1 for v in before.values())
+    assert shared >= 2 * 2                           # per layer: q_a_proj + kv_a_proj, gate_proj + up_proj
+    gm = for_inductor(program.main, fused)
+    after = _stored_weight_linears_by_input(gm)
+    assert all(len(v) == 1 for v in after.values())
+    assert sum(map(len, after.values())) == sum(map(len, before.values())) - shared
+    assert len(fused) == sum(len(v) > 1 for v in before.values())
+    ids = torch.tensor([PROMPTS[2]])
+    torch.testing.assert_close(fresh_cache_forward(gm, program.cache, ids),
+                               fresh_cache_forward(program.main, program.cache, ids), rtol=1e-5, atol=1e-5)
+    for_inductor(program["prefill"], fused)          # the prefill graph reuses the same concatenated weights
+    assert len(fused) == sum(len(v) > 1 for v in before.values())
+    assert sum(map(len, _stored_weight_linears_by_input(program.main).values())) == sum(map(len, before.values()))
+
+
 def test_inductor_on_the_cpu_is_token_identical_to_greedy_decoding():
     model = random_model(0, num_hidden_layers=1, first_k_dense_replace=0)
     compiled = graphopt.compile(model, spec=graphopt.SpecConfig(num_speculative_tokens=1), backend="inductor",

@@ -37,7 +37,10 @@ def test_w8a8_rewrites_every_site_and_matches_the_eager_quantised_model(main_fp3
         logits, hidden = gm(*args)
         ids, pos, slots, blocks, caches = args_eager
         want_logits, want_hidden = eager(ids, pos, caches, slots, blocks, return_hidden=True)
-    assert torch.equal(logits, want_logits) and torch.equal(hidden, want_hidden)
+    # the int8 products are exact; the float ops around them may round differently between the graph's
+    # and the module's calls on some CPUs (seen: one float32 ulp on an AVX512-FP16 machine)
+    torch.testing.assert_close(logits, want_logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(hidden, want_hidden, rtol=1e-6, atol=1e-6)
     assert all(torch.equal(a, b) for a, b in zip(args[4], caches))           # same cache writes
 
 

@@ -40,6 +40,8 @@ class Route:
 ASCEND_OPS: dict[str, Route] = {
     "graphopt.rms_norm.default": Route("torch_npu", "npu_rms_norm", "returns (y, rstd); y = weight * norm(x)"),
     "graphopt.swiglu.default": Route("torch_npu", "npu_swiglu", "on cat([gate, up], -1), dim=-1"),
+    "graphopt.linear.default": Route("decomposition", "aten.linear (its reference)",
+                                     "only the inductor backend on CUDA writes this op; Program graphs hold aten.linear"),
     "graphopt.moe_route.default": Route(
         "torch_npu", "npu_moe_gating_top_k",
         "sigmoid + noaux_tc (group top-2 sum, bias) routing with renorm and routed_scaling_factor; A2/A3 "

@@ -36,26 +36,94 @@ _INLINE = {
 }
 
 
-def for_inductor(gm: fx.GraphModule) -> fx.GraphModule:
+def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None) -> fx.GraphModule:
     """A copy of `gm` as Inductor should see it: the elementwise graphopt ops inlined as their torch
-    maths, export's unused guard module call dropped. Weights are shared with `gm`, not copied."""
+    maths, export's unused guard module call dropped, stored-weight linears as graphopt::linear when
+    its GEMV kernel is registered. Weights are shared with `gm`, not copied. With `fused_weights` (a
+    dict shared by the graphs of one executable), projections of one input are fused
+    (`fuse_projections`)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
     kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
+    gemv = "linear" in kernels.registered()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue
         new = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_function" and node.target in _INLINE and node.target not in kept:
             new.target = _INLINE[node.target]
+        elif gemv and _weight_linear(gm, node):
+            new.target, new.args, new.kwargs = torch.ops.graphopt.linear.default, new.args[:2], {}
         env[node] = new
     graph._codegen = copy.deepcopy(gm.graph._codegen)   # the same (pytree) signature as gm
     out = fx.GraphModule(gm, graph)
     if hasattr(out, "_guards_fn"):
         delattr(out, "_guards_fn")
+    if fused_weights is not None:
+        fuse_projections(out, fused_weights)
     out.recompile()
     return out
+
+
+_LINEARS = (torch.ops.aten.linear.default, torch.ops.graphopt.linear.default)
+
+
+def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
+    """Linears of one input over stored weights of one dtype, device and K (q_proj and kv_a_proj of
+    an attention, gate_proj and up_proj of an MLP or the shared experts) become ONE linear over their
+    weights concatenated by rows, and a slice of its output per original linear. At decode sizes every
+    projection is one launch-bound GEMM of ~6 us on the H200 whatever its size (2-12 MB), so this
+    removes two of each layer's six. The concatenated weight is made once per weight tuple (the
+    executable's graphs share `fused_weights`) and kept beside the originals, which the Program still
+    holds. Returns the number of linears removed."""
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _LINEARS and _weight_linear(gm, node):
+            groups.setdefault(node.args[0], []).append(node)
+    removed = 0
+    for x, members in groups.items():
+        weights = [_attr(gm, m.args[1].target) for m in members]
+        if len(members) < 2 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+            continue
+        key = tuple(id(w) for w in weights)
+        if key not in fused_weights:          # the originals are kept in the entry: their ids stay theirs
+            fused_weights[key] = (weights, torch.cat(weights, dim=0))
+        name = f"_fused_projection_{len([n for n in dir(gm) if n.startswith('_fused_projection_')])}"
+        gm.register_buffer(name, fused_weights[key][1], persistent=False)
+        first, start = members[0], 0
+        with gm.graph.inserting_before(first):
+            y = gm.graph.call_function(first.target, (x, gm.graph.get_attr(name)))
+            for member, w in zip(members, weights):
+                part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + w.shape[0]))
+                start += w.shape[0]
+                member.replace_all_uses_with(part)
+        for member in members:
+            gm.graph.erase_node(member)
+        removed += len(members) - 1
+    if removed:
+        gm.graph.eliminate_dead_code()
+    return removed
+
+
+def _weight_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """aten.linear(x, weight) without bias over a stored weight of x's dtype: the GEMV kernel's case
+    (graphopt::linear picks the GEMV or cuBLAS per call from the row count)."""
+    if node.op != "call_function" or node.target not in _LINEARS:
+        return False
+    x, w, bias = (*node.args, *[None] * 3)[:3]
+    bias = node.kwargs.get("bias", bias)
+    if bias is not None or not isinstance(x, fx.Node) or not isinstance(w, fx.Node) or w.op != "get_attr":
+        return False
+    xv, wv = x.meta.get("val"), _attr(gm, w.target)
+    return isinstance(xv, torch.Tensor) and isinstance(wv, torch.Tensor) and xv.dtype == wv.dtype and wv.dim() == 2
+
+
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -70,9 +138,9 @@ def batch_buckets(max_batch_size: int) -> list[int]:
 class _Compiled:
     """One graph compiled once by Inductor with dynamic batch / token / table / cache sizes."""
 
-    def __init__(self, gm: fx.GraphModule, name: str):
+    def __init__(self, gm: fx.GraphModule, name: str, fused_weights: dict | None = None):
         self.name = name
-        self.graph_module = for_inductor(gm)
+        self.graph_module = for_inductor(gm, fused_weights)
         self.fn = torch.compile(self.graph_module, backend="inductor", dynamic=True)
 
     def __call__(self, *args):
@@ -164,6 +232,8 @@ class InductorExecutable:
         self.cuda_graphs = self.device.type == "cuda" and options.cuda_graphs
         if self.device.type == "cuda":
             kernels.register_all()
+        # projections of one input fused into one GEMM on CUDA (see fuse_projections; CPU keeps them)
+        self._fused_weights = {} if self.device.type == "cuda" and options.fuse_projections else None
         self._step = self._compile(program["step"], "step")
         self._greedy = self._compile(program["step_greedy"], "step_greedy") if "step_greedy" in program else None
         self._prefill = self._compile(program["prefill"], "prefill")
@@ -182,7 +252,7 @@ class InductorExecutable:
 
     def _compile(self, gm: fx.GraphModule, name: str):
         """One graph compiled once (a subclass may compile with another torch.compile backend)."""
-        return _Compiled(gm, name)
+        return _Compiled(gm, name, self._fused_weights)
 
     def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         return self.program.cache.new_caches(num_blocks, with_mtp=self.num_speculative_tokens > 0)

@@ -4,18 +4,19 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     mla_decode   graphopt::mla_paged_attention, absorbed MLA over the paged latent cache, split-K
     moe          graphopt::moe_experts, grouped expert GEMMs that read only the selected experts
     moe_route    graphopt::moe_route, the router (logits, scoring, group-limited top-k) in one program per token
+    gemv         graphopt::linear, a GEMV for up to 8 rows that streams the weight once (cuBLAS above)
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
-"mla_paged_attention,moe_experts,moe_route,quant_gemm" (or "all") leaves kernels out, for A/B runs in a fresh process.
+"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear" (or "all") leaves kernels out, for A/B runs in a fresh process.
 """
 
 from __future__ import annotations
 
 import os
 
-from . import mla_decode, moe, moe_route, quant_gemm
+from . import gemv, mla_decode, moe, moe_route, quant_gemm
 
 __all__ = ["register_all", "registered"]
 
@@ -26,7 +27,7 @@ def register_all() -> list[str]:
     """Register the kernels whose dependencies (triton, CUDA) are present; returns their names."""
     off = {n.strip() for n in os.environ.get("GRAPHOPT_DISABLE_KERNELS", "").split(",") if n.strip()}
     for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
-                         ("quant_gemm", quant_gemm)):
+                         ("quant_gemm", quant_gemm), ("linear", gemv)):
         if name not in _REGISTERED and module.available() and not off & {name, "all"}:
             module.register()
             _REGISTERED.append(name)

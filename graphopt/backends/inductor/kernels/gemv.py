@@ -1,0 +1,120 @@
+"""CUDA implementation of graphopt::linear for few rows: a Triton GEMV that streams the weight once.
+
+At decode sizes (a step's rows are the batch times 1+k tokens) a dense projection reads an [N, K]
+weight for a handful of rows, so it is bound by the weight's bytes. cuBLAS spends ~5 us on each of
+V2-Lite's 2-12 MB projections at M = 1-8 on the H200 (`benchmarks/quant_gemm.py`: 2.4 TB/s on
+q_proj, 0.4 TB/s on kv_a_proj, L2-resident), about a third of the batch-1 step. Here one program
+owns BLOCK_N output columns for all M rows (M <= MAX_ROWS, padded to a power of two BLOCK_M):
+
+    for each K tile:  w = W[n0:n0+BLOCK_N, k0:k0+BLOCK_K]          (read once, the only large read)
+                      x = X[:, k0:k0+BLOCK_K]                        (M rows, from L2)
+                      acc[m, n] += sum_k float(x[m, k]) * float(w[n, k])
+    Y[:, n0:n0+BLOCK_N] = acc cast to the output dtype
+
+float32 accumulation as cuBLAS does; the sums run in another order, so results agree to rounding
+(bf16: one ulp of the output), not bit for bit. No split over K and no atomics: every output is one
+program's sum, the same on every run. Tiles come from `config(M, N, K)` (measured on the H200,
+`benchmarks/gemv.py`); more rows than MAX_ROWS, another dtype pair, or a weight that is not
+row-major run aten.linear (cuBLAS). The op's reference (`graphopt/ops/core.py: linear`) is the definition.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:            # the module still imports; available() says False
+    triton = None
+
+__all__ = ["MAX_ROWS", "available", "config", "gemv", "linear_cuda", "register"]
+
+MAX_ROWS = 1        # from 2 rows cuBLAS is as fast or faster (benchmarks/results/gemv_sweep.md)
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def available() -> bool:
+    """Triton importable, and a CUDA device or the Triton interpreter (TRITON_INTERPRET=1) to run on."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_w, stride_y, K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = tl.minimum(offs_n, N - 1)          # past the last column: re-read it, never stored
+        offs_m = tl.arange(0, BLOCK_M)
+        rows_m = tl.minimum(offs_m, M - 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w_ptrs = w_ptr + rows_n[:, None] * stride_w + offs_k[None, :]
+            x_ptrs = x_ptr + rows_m[:, None] * stride_x + offs_k[None, :]
+            if EVEN_K:
+                w = tl.load(w_ptrs)
+                x = tl.load(x_ptrs)
+            else:
+                k_mask = offs_k[None, :] < K
+                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
+                x = tl.load(x_ptrs, mask=k_mask, other=0.0)
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows of an [N, K] weight: the sweep's best on
+    the H200 (`benchmarks/gemv.py --sweep`) was 4 columns x 1024 of K for every V2-Lite projection at
+    one row (many programs, each with 8 KB of weight in flight), 8 columns for lm_head's 102400."""
+    block_m = triton.next_power_of_2(m)
+    block_k = min(1024, triton.next_power_of_2(k))
+    block_n = 8 if n >= 32768 else 4
+    return block_m, max(1, block_n // block_m), block_k, 4
+
+
+def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+    """x2 [M, K] (row stride any, unit column stride) @ weight [N, K]^T -> [M, N] in x2's dtype."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    block_m, block_n, block_k, warps = tiles or config(m, n, k)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
+                                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             EVEN_K=k % block_k == 0, num_warps=warps)
+    return y
+
+
+def usable(x: Tensor, weight: Tensor) -> bool:
+    """Whether the GEMV runs this call (else aten.linear does)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return (0 < rows <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2
+            and weight.stride(1) == 1 and weight.shape[0] > 0 and x.shape[-1] > 0)
+
+
+def linear_cuda(x: Tensor, weight: Tensor) -> Tensor:
+    if not usable(x, weight):
+        return F.linear(x, weight)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return gemv(x2, weight).reshape(*x.shape[:-1], weight.shape[0])
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Make linear_cuda the op's CUDA kernel, once (later calls do nothing)."""
+    global _registered
+    if not _registered:
+        torch.library.register_kernel("graphopt::linear", "cuda", linear_cuda)
+        _registered = True
+    return _registered

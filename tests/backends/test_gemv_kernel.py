@@ -1,0 +1,144 @@
+"""The Triton GEMV behind graphopt::linear (backends/inductor/kernels/gemv.py) against a float64 product.
+
+CPU: Triton's interpreter runs the kernel on float32 CPU tensors, in one subprocess (this file run as a
+script; TRITON_INTERPRET=1 must be set before triton.jit builds the kernel) that prints each case's
+relative error as JSON. GPU (marked gpu, skipped without CUDA): bf16 / fp16 / float32 through the
+registered op, replayed from a CUDA graph, and the inductor lowering's rewrite of aten.linear.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# name -> (leading shape of x, out, K): odd sizes exercise the masks (K not a multiple of the tile,
+# N not a multiple of the column tile)
+CASES = {
+    "one_row": ((1,), 576, 2048),
+    "two_rows_3d": ((1, 2), 300, 256),
+    "odd_k": ((3,), 97, 1000),
+    "eight_rows": ((8,), 1024, 512),              # more rows than MAX_ROWS: the kernel itself still runs them
+    "tiny": ((5,), 7, 9),
+}
+
+
+def case_inputs(name, dtype=torch.float32, device="cpu", seed=0):
+    lead, out, k = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen).to(dtype).to(device)
+    w = (torch.randn(out, k, generator=gen) / k ** 0.5).to(dtype).to(device)
+    return x, w
+
+
+def rel_error(got, x, w) -> float:
+    ref = F.linear(x.double(), w.double())
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    return ((got.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def _run_interpreted() -> None:
+    from graphopt.backends.inductor.kernels import gemv
+    out = {"available": gemv.available()}
+    for name in CASES:
+        x, w = case_inputs(name)
+        y = gemv.gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+        out[name] = {"error": rel_error(y, x, w), "op_error": rel_error(gemv.linear_cuda(x, w), x, w)}
+    print(json.dumps(out))
+
+
+def _env(**extra):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, __file__], env=_env(TRITON_INTERPRET="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_kernel_matches_a_float64_product(interpreted, name):
+    assert interpreted["available"]
+    assert interpreted[name]["error"] < 1e-5, interpreted[name]
+    assert interpreted[name]["op_error"] < 1e-5, interpreted[name]
+
+
+def test_reference_op_is_aten_linear_and_refuses_bad_shapes():
+    x, w = case_inputs("odd_k")
+    assert torch.equal(torch.ops.graphopt.linear(x, w), F.linear(x, w))
+    with pytest.raises(ValueError, match="weight must be \\[out, K\\] with K = x's last dimension"):
+        torch.ops.graphopt.linear(x, w[:, :-1])
+    with pytest.raises(ValueError, match="same dtype"):
+        torch.ops.graphopt.linear(x, w.double())
+
+
+def test_many_rows_or_a_strided_weight_fall_back_to_aten_linear():
+    from graphopt.backends.inductor.kernels import gemv
+    x, w = torch.randn(gemv.MAX_ROWS + 1, 16), torch.randn(8, 16)
+    assert not gemv.usable(x, w)
+    assert not gemv.usable(x[:1], w.t().contiguous().t())       # column-major weight
+    assert not gemv.usable(x[:1], w.double())
+    assert gemv.usable(x[:1], w) and gemv.usable(x[:1].reshape(1, 1, 16), w)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_op_matches_a_float64_product(name, dtype):
+    from graphopt.backends.inductor import kernels
+    kernels.register_all()
+    x, w = case_inputs(name, dtype, "cuda", seed=1)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert rel_error(torch.ops.graphopt.linear(x, w), x, w) < tol
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_kernel_replays_in_a_cuda_graph():
+    from graphopt.backends.inductor.kernels import gemv
+    x, w = case_inputs("eight_rows", torch.bfloat16, "cuda", seed=2)
+    gemv.linear_cuda(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemv.linear_cuda(x, w)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert rel_error(out, x, w) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_lowering_rewrites_stored_weight_linears():
+    from graphopt.backends.inductor import backend, kernels
+    kernels.register_all()
+
+    class Proj(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(64, 32))
+
+        def forward(self, x, v):
+            return F.linear(x, self.w) + F.linear(x, v)          # v: not a stored weight, kept as aten
+
+    ep = torch.export.export(Proj().cuda(), (torch.randn(1, 32, device="cuda"), torch.randn(64, 32, device="cuda")))
+    gm = ep.module()
+    lowered = backend.for_inductor(gm)
+    targets = [n.target for n in lowered.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.graphopt.linear.default) == 1
+    assert targets.count(torch.ops.aten.linear.default) == 1
+    x, v = torch.randn(1, 32, device="cuda"), torch.randn(64, 32, device="cuda")     # one row: the GEMV runs
+    torch.testing.assert_close(lowered(x, v), gm(x, v), rtol=1e-4, atol=1e-4)
+
+
+if __name__ == "__main__":
+    _run_interpreted()
