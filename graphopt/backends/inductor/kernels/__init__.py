@@ -4,7 +4,7 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     mla_decode   graphopt::mla_paged_attention, absorbed MLA over the paged latent cache, split-K
     moe          graphopt::moe_experts, grouped expert GEMMs that read only the selected experts
     moe_route    graphopt::moe_route, the router (logits, scoring, group-limited top-k) in one program per token
-    gemv         graphopt::linear, a GEMV for up to 8 rows that streams the weight once (cuBLAS above)
+    gemv         graphopt::linear, a GEMV for one row that streams the weight once (cuBLAS for more rows)
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the

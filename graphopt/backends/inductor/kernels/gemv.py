@@ -1,16 +1,19 @@
 """CUDA implementation of graphopt::linear for few rows: a Triton GEMV that streams the weight once.
 
 At decode sizes (a step's rows are the batch times 1+k tokens) a dense projection reads an [N, K]
-weight for a handful of rows, so it is bound by the weight's bytes. cuBLAS spends ~5 us on each of
-V2-Lite's 2-12 MB projections at M = 1-8 on the H200 (`benchmarks/quant_gemm.py`: 2.4 TB/s on
-q_proj, 0.4 TB/s on kv_a_proj, L2-resident), about a third of the batch-1 step. Here one program
-owns BLOCK_N output columns for all M rows (M <= MAX_ROWS, padded to a power of two BLOCK_M):
+weight for a handful of rows, so it is bound by the weight's bytes and by launch ramp-up. cuBLAS
+spends ~6 us on each of V2-Lite's 2-12 MB projections at one row on the H200, cold weights
+(`benchmarks/results/gemv_sweep.md`). Here one program owns BLOCK_N output columns for all M rows
+(padded to a power of two BLOCK_M):
 
     for each K tile:  w = W[n0:n0+BLOCK_N, k0:k0+BLOCK_K]          (read once, the only large read)
                       x = X[:, k0:k0+BLOCK_K]                        (M rows, from L2)
                       acc[m, n] += sum_k float(x[m, k]) * float(w[n, k])
     Y[:, n0:n0+BLOCK_N] = acc cast to the output dtype
 
+The products run on the CUDA cores and grow with M, so the op uses it for M <= MAX_ROWS = 1 only
+(measured: 3.6 against 6.2 us on kv_a_proj, 5.2 / 6.1 on o_proj, 94 / 101 on lm_head; from two rows
+cuBLAS is as fast or faster); the kernel itself takes any M (the tests run it at up to 8 rows).
 float32 accumulation as cuBLAS does; the sums run in another order, so results agree to rounding
 (bf16: one ulp of the output), not bit for bit. No split over K and no atomics: every output is one
 program's sum, the same on every run. Tiles come from `config(M, N, K)` (measured on the H200,
