@@ -78,10 +78,11 @@ class CompiledModel(torch.nn.Module):
     """
 
     def __init__(self, executable, options: CompileOptions, spec, quant, backend: str, report: CompileReport,
-                 tokenizer=None, wraps: str = "graphopt"):
+                 tokenizer=None, wraps: str = "graphopt", parallel: dict | None = None):
         super().__init__()
         self.executable, self.options, self.spec, self.quant = executable, options, spec, quant
         self.backend, self.report, self.tokenizer, self.wraps = backend, report, tokenizer, wraps
+        self.parallel = parallel        # sharded compiles: tp, ep, rank, world_size, group_name
         self.config = executable.config
         self.training = False
         self._engine = None
@@ -288,7 +289,8 @@ class CompiledModel(torch.nn.Module):
         `graphopt.load_compiled(directory)` brings it back without capture or passes."""
         from .passes.program_io import save_program
         extra = {"backend": self.backend, "wraps": self.wraps, "options": dataclasses.asdict(self.options),
-                 "report": {"seconds": dict(self.report.seconds), "notes": dict(self.report.notes)}}
+                 "report": {"seconds": dict(self.report.seconds), "notes": dict(self.report.notes)},
+                 "parallel": self.parallel}
         save_program(self.program, directory, _graphopt_version(), extra)
 
 
@@ -360,7 +362,9 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
             report.notes[f"{name} picture"] = dumper.write_final(name, gm)
         dumper.write_report(report.records, report.all_notes())
     wraps = "graphopt" if isinstance(model, DeepseekV3ForCausalLM) else "transformers"
-    return CompiledModel(executable, opts, state.spec, state.quant, backend, report, tokenizer, wraps)
+    shard = None if parallel is None else {"tp": parallel.tp, "ep": parallel.ep, "rank": parallel.rank,
+                                           "world_size": parallel.world_size, "group_name": parallel.group_name}
+    return CompiledModel(executable, opts, state.spec, state.quant, backend, report, tokenizer, wraps, shard)
 
 
 def load_compiled(directory: str | os.PathLike, device: torch.device | str | None = None,
@@ -368,10 +372,12 @@ def load_compiled(directory: str | os.PathLike, device: torch.device | str | Non
     """The CompiledModel saved by `CompiledModel.save(directory)`: no capture, no passes, only the
     lowering. device: where weights and caches go (None: where it was compiled); backend: lower with
     another registered backend than the saved one; tokenizer: as for `compile`. A manifest from another graphopt or torch version,
-    or a missing or corrupt file, is an error that names it."""
+    or a missing or corrupt file, is an error that names it. A sharded artefact (one directory per rank)
+    loads only on its own rank of an initialised world of the size it was compiled for."""
     from .passes.program_io import load_program, read_manifest
     t0 = time.perf_counter()
     manifest = read_manifest(directory, _graphopt_version())
+    _check_parallel(manifest.get("parallel"), directory)
     backend = resolve_backend(backend or manifest["backend"], device or manifest["cache"]["device"])
     lowering = backends.get(backend)
     lowering.check(device or manifest["cache"]["device"])
@@ -385,7 +391,26 @@ def load_compiled(directory: str | os.PathLike, device: torch.device | str | Non
     report.seconds["lower"] = time.perf_counter() - t0
     report.notes["loaded from"] = str(directory)
     return CompiledModel(executable, opts, program.state.spec, program.state.quant, backend, report,
-                         _resolve_tokenizer(tokenizer, program.model_config), manifest.get("wraps", "graphopt"))
+                         _resolve_tokenizer(tokenizer, program.model_config), manifest.get("wraps", "graphopt"),
+                         manifest.get("parallel"))
+
+
+def _check_parallel(saved: dict | None, directory) -> None:
+    """A sharded artefact's graphs hold one rank's slices and name its process group: before anything is
+    read, the process must be that rank of an initialised world of the same size (ValueError otherwise)."""
+    if saved is None:
+        return
+    import torch.distributed as dist
+    want = (f"{directory} holds rank {saved['rank']} of a tp={saved['tp']} ep={saved['ep']} compile over "
+            f"{saved['world_size']} processes (process group {saved['group_name']!r}); load it on that rank of "
+            f"an initialised world of {saved['world_size']} (e.g. torchrun --nproc-per-node {saved['world_size']}, "
+            "each rank loading its own directory)")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(f"{want}; this process has no initialised process group")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    group = getattr(dist.group.WORLD, "group_name", saved["group_name"])
+    if (world, rank, group) != (saved["world_size"], saved["rank"], saved["group_name"]):
+        raise ValueError(f"{want}; this process is rank {rank} of {world} (process group {group!r})")
 
 
 def _graphopt_version() -> str:

@@ -185,3 +185,46 @@ def test_cli_compile_out_writes_an_artefact(tmp_path, monkeypatch):
     assert cli.main(["compile", "--out", str(tmp_path / "a")]) == 0
     reloaded = graphopt.load_compiled(tmp_path / "a")
     assert reloaded.spec is None and reloaded.generate([[1, 2]], max_new_tokens=3)
+
+
+# -- sharded artefacts: one directory per rank ------------------------------------------------------
+
+SHARD_PROMPTS = [[1, 2, 3], [4, 5]]
+
+
+def _shard_model():
+    return random_model(0, vocab_size=96)          # tp = 2 must divide the vocabulary
+
+
+def _save_rank(rank, world, out):
+    compiled = graphopt.compile(_shard_model(), tp=world, ep=world, block_size=4, progress=False)
+    assert compiled.parallel == {"tp": world, "ep": world, "rank": rank, "world_size": world,
+                                 "group_name": compiled.parallel["group_name"]}
+    tokens = compiled.generate(SHARD_PROMPTS, max_new_tokens=6, ignore_eos=True)
+    compiled.save(os.path.join(out, f"rank{rank}"))
+    with open(os.path.join(out, f"tokens{rank}.json"), "w") as f:
+        json.dump(tokens, f)
+
+
+def _load_rank(rank, world, out):
+    other = os.path.join(out, f"rank{1 - rank}")
+    with pytest.raises(ValueError, match=f"holds rank {1 - rank} of a tp=2 ep=2 compile over 2 processes.*"
+                                         f"this process is rank {rank} of 2"):
+        graphopt.load_compiled(other)
+    reloaded = graphopt.load_compiled(os.path.join(out, f"rank{rank}"))
+    assert reloaded.parallel["rank"] == rank
+    with open(os.path.join(out, f"loaded{rank}.json"), "w") as f:
+        json.dump(reloaded.generate(SHARD_PROMPTS, max_new_tokens=6, ignore_eos=True), f)
+
+
+def test_a_sharded_artefact_reloads_on_its_own_rank_only(tmp_path):
+    from graphopt.runtime.distributed import run_local
+    run_local(_save_rank, 2, str(tmp_path), timeout_s=300, collective_timeout_s=60)
+    with pytest.raises(ValueError, match="holds rank 0 of a tp=2 ep=2 compile.*no initialised process group"):
+        graphopt.load_compiled(tmp_path / "rank0")                   # this process: no process group
+    run_local(_load_rank, 2, str(tmp_path), timeout_s=300, collective_timeout_s=60)
+    for rank in range(2):
+        saved_tokens = json.loads((tmp_path / f"tokens{rank}.json").read_text())
+        assert json.loads((tmp_path / f"loaded{rank}.json").read_text()) == saved_tokens
+    assert saved_tokens == [graphopt.compile(_shard_model(), block_size=4, progress=False)
+                            .generate([p], max_new_tokens=6, ignore_eos=True)[0] for p in SHARD_PROMPTS]
