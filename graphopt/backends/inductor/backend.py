@@ -89,7 +89,7 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
         key = tuple(id(w) for w in weights)
         if key not in fused_weights:          # the originals are kept in the entry: their ids stay theirs
             fused_weights[key] = (weights, torch.cat(weights, dim=0))
-        name = f"_fused_projection_{len([n for n in dir(gm) if n.startswith('_fused_projection_')])}"
+        name = f"_fused_projection_{sum(n.startswith('_fused_projection_') for n in gm._buffers)}"
         gm.register_buffer(name, fused_weights[key][1], persistent=False)
         first, start = members[0], 0
         with gm.graph.inserting_before(first):
