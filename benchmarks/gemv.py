@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -25,26 +24,14 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from quant_gemm import copy_bandwidth, events_ms   # noqa: E402  (benchmarks/ is the script's directory)
+
 RESULTS = ROOT / "benchmarks" / "results" / "gemv.md"
 # V2-Lite projections (out, K): attention, the shared experts (2 x 1408 wide), the dense layer's MLP, lm_head
 SHAPES = [("q_proj", 3072, 2048), ("kv_a_proj", 576, 2048), ("o_proj", 2048, 2048), ("shared gate", 2816, 2048),
           ("shared down", 2048, 2816), ("dense gate", 10944, 2048), ("dense down", 2048, 10944),
           ("lm_head", 102400, 2048)]
 COLD_BYTES = 256 << 20
-
-
-def events_ms(fn, reps: int = 10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def cold_us(fn, weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> float:
@@ -60,14 +47,7 @@ def cold_us(fn, weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> fl
     with torch.cuda.graph(graph):
         for a, w in calls:
             fn(a, w)
-    return events_ms(graph.replay) * 1e3 / len(calls)
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = events_ms(lambda: dst.copy_(src), reps=20)
-    return 2 * src.numel() / (ms * 1e-3)
+    return events_ms(graph.replay, reps=10) * 1e3 / len(calls)
 
 
 def tile_choices(m: int, k: int):

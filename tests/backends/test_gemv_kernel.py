@@ -7,13 +7,11 @@ registered op, replayed from a CUDA graph, and the inductor lowering's rewrite o
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_interpreter import run_interpreted
 
 # name -> (leading shape of x, out, K): odd sizes exercise the masks (K not a multiple of the tile,
 # N not a multiple of the column tile)
@@ -50,19 +48,9 @@ def _run_interpreted() -> None:
     print(json.dumps(out))
 
 
-def _env(**extra):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env=_env(TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))

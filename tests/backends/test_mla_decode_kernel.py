@@ -8,7 +8,6 @@ reference implementation at model shapes, and replayed from a CUDA graph with ne
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import torch
 
 import graphopt.ops.paged_attention  # noqa: F401  defines the op (until ops/__init__ imports the module)
 from graphopt.ops.paged_attention import mla_paged_attention_reference
+from kernel_interpreter import checkout_env, run_interpreted
 
 ARGS = ("q_nope", "q_pe", "kv_cache", "block_tables", "positions", "kv_b_weight", "w_uk", "w_uv")
 
@@ -104,20 +104,9 @@ def _interpreter_main() -> None:
     print(json.dumps(results))
 
 
-def _env(**extra):
-    """The environment for a subprocess that imports graphopt from this checkout."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
@@ -151,7 +140,7 @@ def test_module_imports_and_reports_unavailable_without_triton():
     code = ("import sys; sys.modules['triton'] = None\n"        # makes `import triton` raise ImportError
             "from graphopt.backends.inductor.kernels import mla_decode\n"
             "assert not mla_decode.available() and not mla_decode.register()\n")
-    proc = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], env=checkout_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 

@@ -10,14 +10,12 @@ top k+1 choices are more than 1e-5 apart (a closer pair may swap); those must be
 """
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from graphopt.ops import core
+from kernel_interpreter import run_interpreted
 
 # name -> (rows, experts, hidden, top_k, n_group, topk_group, topk_method, scoring, norm, scale, bias)
 CASES = {
@@ -62,19 +60,9 @@ def _run_interpreted() -> None:
     print(json.dumps(out))
 
 
-def _env(**extra):
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, **extra}
-
-
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, __file__], env=_env(TRITON_INTERPRET="1"), capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted(__file__)
 
 
 def _check(result, name):
