@@ -54,6 +54,7 @@ def test_dump_report_lists_every_pass(compiled_random):
     (dict(backend="tensorrt"), "unknown backend 'tensorrt'; accepted: auto, eager"),
     (dict(block_sizes=16), "unknown compile option.*block_sizes.*accepted options"),
     (dict(block_size=12), "power of two"),
+    (dict(fuse_projections="no"), "fuse_projections='no' must be True or False"),
     (dict(spec="medusa"), "spec = 'medusa' is not supported; accepted values: None, 'mtp'"),
     (dict(disable_passes=["no_such_pass"]), "unknown pass"),
 ])

@@ -52,6 +52,10 @@ class CompileOptions:
         if unknown:
             raise ValueError(f"unknown compile option(s) {unknown}; accepted options: {names}")
         opts = cls(**options)
+        flags = [f.name for f in fields(cls) if isinstance(f.default, bool)]
+        wrong = [f"{n}={getattr(opts, n)!r}" for n in flags if not isinstance(getattr(opts, n), bool)]
+        if wrong:
+            raise ValueError(f"compile options {', '.join(wrong)} must be True or False (options taking a bool: {flags})")
         if opts.block_size < 1 or opts.block_size & (opts.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {opts.block_size}")
         if opts.max_batch_size < 1 or opts.prefill_chunk_size < 1:

@@ -36,17 +36,18 @@ _INLINE = {
 }
 
 
-def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None) -> fx.GraphModule:
+def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, one_row: bool = True) -> fx.GraphModule:
     """A copy of `gm` as Inductor should see it: the elementwise graphopt ops inlined as their torch
     maths, export's unused guard module call dropped, stored-weight linears as graphopt::linear when
-    its GEMV kernel is registered. Weights are shared with `gm`, not copied. With `fused_weights` (a
-    dict shared by the graphs of one executable), projections of one input are fused
-    (`fuse_projections`)."""
+    its GEMV kernel is registered and the graph can run one row (`one_row`: the decode steps; a prefill
+    chunk never does, and the op's per-call dispatch would only add host time there). Weights are
+    shared with `gm`, not copied. With `fused_weights` (a dict shared by the graphs of one executable),
+    projections of one input are fused (`fuse_projections`)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
     kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
-    gemv = "linear" in kernels.registered()
+    gemv = one_row and "linear" in kernels.registered()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue
@@ -140,7 +141,7 @@ class _Compiled:
 
     def __init__(self, gm: fx.GraphModule, name: str, fused_weights: dict | None = None):
         self.name = name
-        self.graph_module = for_inductor(gm, fused_weights)
+        self.graph_module = for_inductor(gm, fused_weights, one_row=name in ("step", "step_greedy"))
         self.fn = torch.compile(self.graph_module, backend="inductor", dynamic=True)
 
     def __call__(self, *args):
