@@ -5,7 +5,7 @@ and the eager reference on the CPU.
     python examples/fast_decode.py --device cpu --backend inductor   # compiled on the CPU (first call ~1-2 min)
 
 Prints the backend chosen, the greedy tokens of a small batch (equal for every backend in float32),
-the decode speed, and on CUDA how many step graphs were captured.
+the decode speed, and on CUDA how many decode-step and prefill graphs were captured.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def main() -> None:
     print(f"{sum(map(len, out)) / seconds:.0f} tokens/s over {len(prompts)} rows")
     captures = getattr(compiled.executable, "captures", None)
     if captures is not None:
-        print(f"decode step graphs captured: {captures}")
+        print(f"decode step graphs captured: {captures}, prefill graphs: {compiled.executable.prefill_captures} "
+              f"(prefill_graph_tokens={compiled.executable.prefill_graph_tokens}; 0 off CUDA)")
 
 
 if __name__ == "__main__":

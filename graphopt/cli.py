@@ -346,7 +346,7 @@ def _validate(args: argparse.Namespace) -> None:
 def _check_pass_names(names: list[str]) -> None:
     from graphopt.passes.pipeline import build_pipeline
 
-    known = {p.name for phase in build_pipeline(quant=True) for p in phase.passes}
+    known = {p.name for phase in build_pipeline(quant=True, int8_cache=True) for p in phase.passes}
     unknown = sorted(set(names) - known)
     if unknown:
         raise UsageError(f"--disable-passes: unknown pass(es) {', '.join(unknown)}; passes: {', '.join(sorted(known))}")

@@ -228,3 +228,21 @@ def test_a_sharded_artefact_reloads_on_its_own_rank_only(tmp_path):
         assert json.loads((tmp_path / f"loaded{rank}.json").read_text()) == saved_tokens
     assert saved_tokens == [graphopt.compile(_shard_model(), block_size=4, progress=False)
                             .generate([p], max_new_tokens=6, ignore_eos=True)[0] for p in SHARD_PROMPTS]
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a16"])
+def test_int4_weights_stay_packed_through_save_and_load(tmp_path, scheme):
+    quant = graphopt.QuantConfig(scheme, group_size=16)             # RTN: no calibration data needed
+    compiled = graphopt.compile(random_model(), block_size=4, quant=quant, progress=False)
+    packed = {n: t for n, t in compiled.graphs["main"].state_dict().items() if n.startswith("_quant_")
+              and n.endswith("_weight")}
+    assert packed and all(t.dtype == torch.uint8 for t in packed.values())   # two int4 a byte in the Program
+    compiled.save(tmp_path / "artefact")
+    stored = safetensors.torch.load_file(str(tmp_path / "artefact" / program_io.WEIGHTS))
+    assert sum(t.dtype == torch.uint8 for t in stored.values()) >= len(packed)
+    reloaded = graphopt.load_compiled(tmp_path / "artefact")
+    got = reloaded.graphs["main"].state_dict()
+    assert all(torch.equal(got[n], t) for n, t in packed.items())
+    inputs = compiled.program.make_inputs["main"](0)
+    assert torch.equal(_outputs(compiled.graphs["main"], inputs)[0], _outputs(reloaded.graphs["main"], inputs)[0])
+    assert reloaded.generate(PROMPTS, max_new_tokens=6) == compiled.generate(PROMPTS, max_new_tokens=6)

@@ -67,3 +67,18 @@ def test_tensor_parallel():
     assert "ranks: 2, tp=2 ep=2" in out
     assert out.count("(same as unsharded: True)") == 2
     assert "'all_reduce': 20, 'all_gather': 2" in out
+
+
+def test_prefill_decode_weights(tmp_path):
+    out = run("prefill_decode_weights.py", "--out", str(tmp_path / "compiled"))
+    prefill, step = (line for line in out.splitlines() if line.startswith(("prefill graph:", "step graph:")))
+    assert "'int8_matmul'" in prefill and "'int8_matmul'" not in step and "'w4a8_matmul'" in step
+    assert "reloaded quant: w4a8 decode, w8a8 prefill" in out and "same tokens: True" in out
+    assert (tmp_path / "compiled" / "manifest.json").is_file()
+
+
+def test_expert_pruning():
+    out = run("expert_pruning.py", "--threshold", "0.3", "--windows", "2")
+    kept = float(out.split("experts kept per token per MoE layer: ")[1].split()[0])
+    assert 1.0 <= kept < 2.0                                     # top-2 routing, some experts dropped
+    assert "top-1 agreement" in out and "2.5, 0.3)" in out       # the step graph's router has the threshold

@@ -9,7 +9,8 @@ the same ops; they never change what an op means.
     rms_norm(x [..., H], weight [H], eps)                      -> [..., H]   (dtype: x * weight promotion)
     swiglu(gate [...], up [...])                               -> [...]      silu(gate) * up
     linear(x [..., K], weight [N, K])                          -> [..., N]   x @ weight^T (no bias)
-    moe_route(x [N, H], gate_weight [E, H], bias [E]?, ...)    -> weights fp32 [N, k], ids int64 [N, k]
+    moe_route(x [N, H], gate_weight [E, H], bias [E]?, ...,
+              prune_threshold)                                  -> weights fp32 [N, k], ids int64 [N, k]
     moe_experts(x [N, H], weights [N, k], ids [N, k],
                 gate_up [E, 2I, H], down [E, H, I])            -> [N, H]
 
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["SUPPORTED_SCORING", "SUPPORTED_TOPK_METHODS", "linear", "rms_norm", "swiglu", "moe_route", "moe_experts",
-           "route"]
+           "prune_routing", "route"]
 
 # the routers graphopt implements (models/config.py validates a config against these)
 SUPPORTED_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -117,8 +118,10 @@ def _(x: Tensor, weight: Tensor) -> Tensor:
 # -- moe_route --------------------------------------------------------------------------------------
 
 def _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method,
-                     scoring_func) -> None:
+                     scoring_func, prune_threshold: float = 0.0) -> None:
     where = "graphopt.moe_route"
+    _require(0.0 <= prune_threshold <= 1.0,
+             f"{where}: prune_threshold must be in [0, 1] (0: no pruning), got {prune_threshold}")
     _require(topk_method in SUPPORTED_TOPK_METHODS,
              f"{where}: topk_method {topk_method!r} is not supported; accepted: {SUPPORTED_TOPK_METHODS}")
     _require(scoring_func in SUPPORTED_SCORING,
@@ -160,27 +163,51 @@ def route(x, gate_weight, correction_bias, top_k: int, n_group: int, topk_group:
     return weights * routed_scaling_factor, ids
 
 
+def prune_routing(weights: Tensor, threshold: float) -> Tensor:
+    """Top-k expert pruning: weights [N, k] -> [N, k], the experts whose share of the token's routing
+    weight is below `threshold` set to 0, the others rescaled to the same total.
+
+        share_j = w_j / sum_j w_j          (the normalised routing weight; w_j itself when norm_topk_prob)
+        keep_j  = share_j >= threshold, or j is the token's largest weight (a token keeps >= 1 expert)
+        w'_j    = keep_j * w_j * sum(w) / sum(keep * w)
+
+    A weight of 0 marks a dropped expert: moe_experts skips it, so its weights are never read. The
+    ids are unchanged (shapes stay static for CUDA graphs). Scale-invariant, so applying it to the
+    scaled weights (x routed_scaling_factor) equals applying it before the scaling."""
+    total = weights.sum(dim=-1, keepdim=True)                                  # [N, 1]
+    share = weights / (total + 1e-20)
+    best = weights.argmax(dim=-1, keepdim=True)
+    keep = (share >= threshold).scatter(1, best, True)                         # [N, k] bool
+    kept = torch.where(keep, weights, torch.zeros_like(weights))
+    return kept * (total / (kept.sum(dim=-1, keepdim=True) + 1e-20))
+
+
 @torch.library.custom_op("graphopt::moe_route", mutates_args=())
 def moe_route(x: Tensor, gate_weight: Tensor, correction_bias: Optional[Tensor], top_k: int, n_group: int,
               topk_group: int, topk_method: str, scoring_func: str, norm_topk_prob: bool,
-              routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
+              routed_scaling_factor: float, prune_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """The DeepSeek router: scores in float32, (group-limited) top-k selection, normalised weights.
 
     Same maths as models.deepseek.TopkRouter: noaux_tc selects on sigmoid scores + correction_bias
     with a group scored by the sum of its top-2 experts; group_limited_greedy scores a group by its
     best expert; greedy (or n_group 1) is a plain top-k. Weights are the unbiased scores of the chosen
     experts, normalised to sum 1 when norm_topk_prob, times routed_scaling_factor.
+    prune_threshold > 0 (the decode step's expert pruning, passes/prune_routed_experts.py) then drops
+    the chosen experts whose normalised weight is below it (`prune_routing`: weight 0, ids kept).
     Returns weights float32 [N, top_k] and ids int64 [N, top_k].
     """
-    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func)
-    return route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
-                 norm_topk_prob, routed_scaling_factor)
+    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                     prune_threshold)
+    weights, ids = route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                         norm_topk_prob, routed_scaling_factor)
+    return (prune_routing(weights, prune_threshold) if prune_threshold > 0 else weights), ids
 
 
 @moe_route.register_fake
 def _(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func, norm_topk_prob,
-      routed_scaling_factor):
-    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func)
+      routed_scaling_factor, prune_threshold=0.0):
+    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                     prune_threshold)
     shape = (x.shape[0], top_k)
     return x.new_empty(shape, dtype=torch.float32), x.new_empty(shape, dtype=torch.int64)
 
@@ -216,17 +243,20 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: 
     weighted sum in float32) up to float summation order: both run the expert matmuls in x.dtype and
     accumulate the weighted expert outputs in float32, but here only the top_k non-zero terms are
     added, in expert order. The experts of one token must be distinct (top-k ids are); a repeated id
-    would be added twice here but written once by the dense scatter. The reference groups tokens by
-    expert on the host (data-dependent sizes); a backend kernel does the same grouping on the device.
+    would be added twice here but written once by the dense scatter. An assignment of weight 0 (an
+    expert dropped by moe_route's prune_threshold) is skipped: it would add 0, and skipping it is what
+    saves reading the expert's weights. The reference groups tokens by expert on the host (data-
+    dependent sizes); a backend kernel does the same grouping on the device.
     """
     _check_moe_experts(x, weights, ids, gate_up, down)
     n_tokens, top_k = ids.shape
     n_inter = down.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)          # [N, H] float32 accumulator
-    flat_ids = ids.reshape(-1).long()                                          # [N * k]
-    order = torch.argsort(flat_ids, stable=True)                               # assignments grouped by expert
-    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0]).tolist()
     flat_weights = weights.reshape(-1).float()
+    live = flat_weights != 0                                                   # pruned assignments: weight 0
+    flat_ids = torch.where(live, ids.reshape(-1).long(), gate_up.shape[0])     # [N * k], dropped -> E (past the end)
+    order = torch.argsort(flat_ids, stable=True)                               # assignments grouped by expert
+    counts = torch.bincount(flat_ids, minlength=gate_up.shape[0] + 1)[:-1].tolist()
     start = 0
     for e, count in enumerate(counts):
         if count == 0:

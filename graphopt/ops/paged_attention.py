@@ -29,15 +29,15 @@ import torch
 from torch import Tensor
 
 from .attention import ABSORB_MAX_TOKENS, _require, mla_attention
+from .kv_int8 import decode_kv_int8, int8_kv_dim
 
-__all__ = ["mla_paged_attention", "mla_paged_attention_reference"]
+__all__ = ["mla_paged_attention", "mla_paged_attention_reference", "mla_paged_attention_int8"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor, positions: Tensor,
-           kv_b_weight: Tensor, w_uk: Tensor, w_uv: Tensor) -> None:
-    op = "graphopt.mla_paged_attention"
+           kv_b_weight: Tensor, w_uk: Tensor, w_uv: Tensor, stored_dim=None, op="graphopt.mla_paged_attention") -> None:
     _require(q_nope.dim() == 4, f"{op}: q_nope must be [B, T, H, dn], got shape {tuple(q_nope.shape)}")
     B, T, H, dn = q_nope.shape
     _require(q_nope.dtype in _FLOAT_DTYPES,
@@ -54,10 +54,16 @@ def _check(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor,
     _require(kv_b_weight.dim() == 2 and kv_b_weight.shape[0] == H * (dn + dv) and kv_b_weight.shape[1] == R,
              f"{op}: kv_b_weight must be [H * (dn + dv), R] = [{H * (dn + dv)}, {R}], "
              f"got shape {tuple(kv_b_weight.shape)}")
-    _require(kv_cache.dim() == 3 and kv_cache.shape[2] == R + r,
-             f"{op}: kv_cache must be [num_blocks, block_size, R + r] with R + r = {R} + {r} = {R + r} "
-             f"(R from w_uk, r from q_pe), got shape {tuple(kv_cache.shape)}")
-    _require(kv_cache.dtype.is_floating_point, f"{op}: kv_cache must be floating point, got {kv_cache.dtype}")
+    if stored_dim is None:
+        _require(kv_cache.dim() == 3 and kv_cache.shape[2] == R + r,
+                 f"{op}: kv_cache must be [num_blocks, block_size, R + r] with R + r = {R} + {r} = {R + r} "
+                 f"(R from w_uk, r from q_pe), got shape {tuple(kv_cache.shape)}")
+        _require(kv_cache.dtype.is_floating_point, f"{op}: kv_cache must be floating point, got {kv_cache.dtype}")
+    else:
+        _require(kv_cache.dim() == 3 and kv_cache.shape[2] == stored_dim,
+                 f"{op}: kv_cache must be int8 [num_blocks, block_size, R + r * rope itemsize] = [N, bs, "
+                 f"{stored_dim}] (R = {R} from w_uk, r = {r} from q_pe), got shape {tuple(kv_cache.shape)}")
+        _require(kv_cache.dtype == torch.int8, f"{op}: kv_cache must be int8 (C8 storage), got {kv_cache.dtype}")
     _require(block_tables.dim() == 2 and block_tables.shape[0] == B,
              f"{op}: block_tables must be [B, max_blocks] = [{B}, M], got shape {tuple(block_tables.shape)}")
     _require(block_tables.dtype == torch.int64, f"{op}: block_tables must be int64, got {block_tables.dtype}")
@@ -74,8 +80,13 @@ def mla_paged_attention_reference(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor
     A plain function (no dispatch) so that a backend kernel can fall back to it for the cases it
     does not cover without calling itself again through the op.
     """
-    R, r = w_uk.shape[2], q_pe.shape[3]
     context = kv_cache[block_tables].flatten(1, 2).to(q_nope.dtype)          # [B, S = M * bs, R + r]
+    return _attend_context(q_nope, q_pe, context, positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
+
+
+def _attend_context(q_nope, q_pe, context, positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens):
+    """mla_attention of q over the gathered context [B, S, R + r], key j visible iff j <= position."""
+    R, r = w_uk.shape[2], q_pe.shape[3]
     latent, k_pe = context.split([R, r], dim=-1)
     key_positions = torch.arange(context.shape[1], device=q_nope.device)      # gathered slot j: position j
     visible = key_positions[None, None, None, :] <= positions[:, None, :, None]   # [B, 1, T, S]
@@ -96,5 +107,39 @@ def mla_paged_attention(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, block_ta
 def _(q_nope, q_pe, kv_cache, block_tables, positions, kv_b_weight, w_uk, w_uv, scale,
       absorb_max_tokens=ABSORB_MAX_TOKENS):
     _check(q_nope, q_pe, kv_cache, block_tables, positions, kv_b_weight, w_uk, w_uv)
+    B, T, H = q_nope.shape[:3]
+    return q_nope.new_empty((B, T, H, w_uv.shape[1]))
+
+
+# -- C8: the latent cache stored as int8 (ops/kv_int8.py) ---------------------------------------------
+
+def _check_int8(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv):
+    op = "graphopt.mla_paged_attention_int8"
+    R, r = w_uk.shape[2], q_pe.shape[3]
+    _require(kv_scale.dim() == 1 and kv_scale.shape[0] == R,
+             f"{op}: kv_scale must be the latent's per-channel scales [R = {R}], got shape {tuple(kv_scale.shape)}")
+    _require(rope_dtype.is_floating_point, f"{op}: rope_dtype must be a float dtype, got {rope_dtype}")
+    _check(q_nope, q_pe, kv_cache, block_tables, positions, kv_b_weight, w_uk, w_uv,
+           stored_dim=int8_kv_dim(R, r, rope_dtype), op=op)
+
+
+@torch.library.custom_op("graphopt::mla_paged_attention_int8", mutates_args=())
+def mla_paged_attention_int8(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, kv_scale: Tensor,
+                             rope_dtype: torch.dtype, block_tables: Tensor, positions: Tensor,
+                             kv_b_weight: Tensor, w_uk: Tensor, w_uv: Tensor, scale: float,
+                             absorb_max_tokens: int = ABSORB_MAX_TOKENS) -> Tensor:
+    """mla_paged_attention over an int8 cache (C8): kv_cache int8 [N, bs, R + r * itemsize(rope_dtype)],
+    kv_scale fp32 [R]. Each gathered entry is decoded (latent codes x kv_scale, rope bytes as
+    rope_dtype) into the float entry the unquantised cache would hold, then attended exactly as
+    mla_paged_attention does; no CUDA kernel reads this layout yet, so every device runs this."""
+    _check_int8(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv)
+    context = decode_kv_int8(kv_cache[block_tables].flatten(1, 2), kv_scale, rope_dtype).to(q_nope.dtype)
+    return _attend_context(q_nope, q_pe, context, positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
+
+
+@mla_paged_attention_int8.register_fake
+def _(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv, scale,
+      absorb_max_tokens=ABSORB_MAX_TOKENS):
+    _check_int8(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv)
     B, T, H = q_nope.shape[:3]
     return q_nope.new_empty((B, T, H, w_uv.shape[1]))

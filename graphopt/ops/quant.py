@@ -7,16 +7,22 @@ A quantised linear is spelled as explicit nodes so a graph dump shows where prec
         acc      = graphopt.int8_matmul(x_q, w_q)                       # int32 [..., N, out]
         y        = graphopt.dequantize_int32(acc, x_s, w_s, bias, bf16) # [..., N, out]
     static activations: graphopt.quantize_per_tensor(x, scale, zero, smooth_inv, -128, 127)
-    int4 weights, int8 activations (w4a8): graphopt.w4a8_matmul(x_q, w_q4, w_group_scale) instead of
-        int8_matmul; it widens int4 -> int8 by the int8 group scale, so accumulation stays integer
-    weight only (w8a16, w4a16, w2a16): W = graphopt.dequantize_weight(w_q, w_s, w_zero, bf16); aten.linear(x, W)
+    int4 weights, int8 activations (w4a8): graphopt.w4a8_matmul(x_q, w_packed, w_group_scale) instead of
+        int8_matmul; it unpacks the int4 (two a byte) and widens it to int8 by the int8 group scale, so
+        accumulation stays integer
+    weight only (w8a16): W = graphopt.dequantize_weight(w_q, w_s, w_zero, bf16); aten.linear(x, W)
+    packed weight only: W = graphopt.dequantize_int4(w_packed, w_s, w_zero, bf16) (w4a16, two a byte),
+        graphopt.dequantize_int2(w_packed, w_s, w_zero, bf16) (w2a16, four a byte), unpacking inside
     codebook weights (hif8, nf4): W = graphopt.dequantize_lut(codes, codebook, w_s, bf16): codebook[code] * scale
+        (nf4: graphopt.dequantize_lut4, its codes packed two a byte)
     fp8 (e4m3): graphopt.quantize_fp8 + graphopt.fp8_linear (block scales act inside the K loop, so
         matmul and dequantisation are one op there)
     latent KV cache (C8): graphopt.quantize_kv / graphopt.dequantize_kv, static per-channel scales
 
 Conventions (shared with `graphopt.quant.schemes`, which produces the weights):
-  * weights are [out, K] or stacked experts [E, out, K]; matmuls broadcast like
+  * weights are [out, K] or stacked experts [E, out, K]; int4 / nf4 weights are packed two per byte
+    along K, uint8 [..., out, K/2], int2 four (graphopt/ops/packing.py), unpacked inside the op;
+    matmuls broadcast like
     `torch.matmul(x, w.transpose(-1, -2))`, so x [N, K] against [E, out, K] gives [E, N, out];
   * weight scales are [..., out, K // group] (per channel: one group, [..., out, 1]); fp8 block scales
     are [..., out / 128, K / 128];
@@ -35,6 +41,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .packing import INT4_OFFSET, check_packed, unpack_int2, unpack_int4
 
 __all__ = ["SCALE_FLOOR", "FP8_MAX", "FP8_DTYPE", "hadamard_matrix", "normal_float_codebook", "NF4_VALUES"]
 
@@ -116,7 +124,7 @@ def _(x_q, w_q):
 
 
 def widen_int4(w_q4: Tensor, group_scale: Tensor) -> Tensor:
-    """int4 values [..., out, K] times int8 group scales [..., out, K/G] -> int8 [..., out, K].
+    """int4 values [..., out, K] (int8) times int8 group scales [..., out, K/G] -> int8 [..., out, K].
 
     The product is an exact integer; the saturating clamp to +-127 only bites for weights that were
     not produced by `schemes.quantize_w4a8` (its protective range keeps |q4 * s_g| <= 119).
@@ -127,19 +135,22 @@ def widen_int4(w_q4: Tensor, group_scale: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("graphopt::w4a8_matmul", mutates_args=())
-def w4a8_matmul(x_q: Tensor, w_q4: Tensor, w_group_scale: Tensor) -> Tensor:
-    """int8 x [..., N, K] against int4 w [..., out, K] with int8 group scales -> exact int32 [..., N, out].
+def w4a8_matmul(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
+    """int8 x [..., N, K] against packed int4 w (uint8 [..., out, K/2], two a byte, graphopt/ops/packing.py)
+    with int8 group scales [..., out, K/G] -> exact int32 [..., N, out].
 
-    QServe-style progressive dequantisation: int4 -> int8 inside the kernel, then an int8 GEMM; the
+    QServe-style progressive dequantisation: int4 -> int8 inside the op (unpack, times the group
+    scale), then the int8 GEMM (graphopt::int8_matmul, so a registered int8 kernel serves it too); the
     per-channel float scale is applied later by dequantize_int32.
     """
-    _check_k("w4a8_matmul", x_q, w_q4)
-    return int8_matmul(x_q, widen_int4(w_q4, w_group_scale))
+    check_packed("w4a8_matmul", w_packed, 2, x_q.shape[-1])
+    return int8_matmul(x_q, widen_int4(unpack_int4(w_packed, signed=True), w_group_scale))
 
 
 @w4a8_matmul.register_fake
-def _(x_q, w_q4, w_group_scale):
-    return x_q.new_empty(_matmul_out_shape(x_q, w_q4), dtype=torch.int32)
+def _(x_q, w_packed, w_group_scale):
+    check_packed("w4a8_matmul", w_packed, 2, x_q.shape[-1])
+    return x_q.new_empty(_matmul_out_shape(x_q, w_packed), dtype=torch.int32)
 
 
 @torch.library.custom_op("graphopt::dequantize_int32", mutates_args=())
@@ -164,16 +175,52 @@ def dequantize_weight(w_q: Tensor, scale: Tensor, zero: Optional[Tensor], out_dt
 
     scale / zero are [..., out, K/G] float32 (zero: HQQ's float zero point; None for symmetric).
     """
-    groups = scale.shape[-1]
-    w = w_q.float().unflatten(-1, (groups, -1))
-    if zero is not None:
-        w = w - zero.float().unsqueeze(-1)
-    return (w * scale.float().unsqueeze(-1)).flatten(-2).to(out_dtype)
+    return _dequantize_groups(w_q.float(), scale, zero, out_dtype)
 
 
 @dequantize_weight.register_fake
 def _(w_q, scale, zero, out_dtype):
     return w_q.new_empty(w_q.shape, dtype=out_dtype)
+
+
+def _dequantize_groups(values: Tensor, scale: Tensor, zero: Tensor | float | None, out_dtype: torch.dtype) -> Tensor:
+    """(values - zero) * scale per group: values [..., out, K] float32, scale / zero [..., out, K/G]."""
+    w = values.unflatten(-1, (scale.shape[-1], -1))
+    if zero is not None:
+        w = w - (zero.float().unsqueeze(-1) if isinstance(zero, Tensor) else zero)
+    return (w * scale.float().unsqueeze(-1)).flatten(-2).to(out_dtype)
+
+
+@torch.library.custom_op("graphopt::dequantize_int4", mutates_args=())
+def dequantize_int4(w_packed: Tensor, scale: Tensor, zero: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """Packed int4 weight uint8 [..., out, K/2] -> (nibble - zero) * scale per group, [..., out, K] in out_dtype.
+
+    Nibbles are 0..15 (graphopt/ops/packing.py). zero [..., out, K/G] float32: HQQ's asymmetric grid;
+    None: symmetric int4, stored offset by 8, so zero = 8 (the same value the unpacked int8 held).
+    """
+    check_packed("dequantize_int4", w_packed)
+    zero = zero if zero is not None else float(INT4_OFFSET)
+    return _dequantize_groups(unpack_int4(w_packed, signed=False).float(), scale, zero, out_dtype)
+
+
+@dequantize_int4.register_fake
+def _(w_packed, scale, zero, out_dtype):
+    check_packed("dequantize_int4", w_packed)
+    return w_packed.new_empty((*w_packed.shape[:-1], 2 * w_packed.shape[-1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("graphopt::dequantize_int2", mutates_args=())
+def dequantize_int2(w_packed: Tensor, scale: Tensor, zero: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """Packed int2 weight uint8 [..., out, K/4] (codes 0..3, four a byte) -> (code - zero) * scale per
+    group, [..., out, K] in out_dtype; zero [..., out, K/G] float32 (w2a16's asymmetric grid)."""
+    check_packed("dequantize_int2", w_packed, 4)
+    return _dequantize_groups(unpack_int2(w_packed).float(), scale, zero, out_dtype)
+
+
+@dequantize_int2.register_fake
+def _(w_packed, scale, zero, out_dtype):
+    check_packed("dequantize_int2", w_packed, 4)
+    return w_packed.new_empty((*w_packed.shape[:-1], 4 * w_packed.shape[-1]), dtype=out_dtype)
 
 
 def normal_float_codebook(bits: int = 4) -> Tensor:
@@ -210,6 +257,19 @@ def dequantize_lut(codes: Tensor, codebook: Tensor, scale: Tensor, out_dtype: to
 @dequantize_lut.register_fake
 def _(codes, codebook, scale, out_dtype):
     return codes.new_empty(codes.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("graphopt::dequantize_lut4", mutates_args=())
+def dequantize_lut4(codes_packed: Tensor, codebook: Tensor, scale: Tensor, out_dtype: torch.dtype) -> Tensor:
+    """dequantize_lut with 4-bit codes packed two per byte: uint8 [..., out, K/2] -> [..., out, K] (NF4)."""
+    check_packed("dequantize_lut4", codes_packed)
+    return dequantize_lut._init_fn(unpack_int4(codes_packed, signed=False), codebook, scale, out_dtype)
+
+
+@dequantize_lut4.register_fake
+def _(codes_packed, codebook, scale, out_dtype):
+    check_packed("dequantize_lut4", codes_packed)
+    return codes_packed.new_empty((*codes_packed.shape[:-1], 2 * codes_packed.shape[-1]), dtype=out_dtype)
 
 
 # -- fp8 -------------------------------------------------------------------------------------------

@@ -12,7 +12,10 @@ graphopt::quantized_moe_experts' reference runs it.
     w4a8:    as w8a8 with acc = w4a8_matmul(x_q, w, group_scale)
     static:  x_q = quantize_per_tensor(x, input_scale, input_zero, smooth_inv, -128, 127); x_s = input_scale
     a16:     w = dequantize_weight(w, scale, zero, dtype); y = linear(x * smooth_inv, w, bias)
-             (hif8, nf4: w = dequantize_lut(w, codebook, scale, dtype), codes into a value table)
+             (w4a16 / w2a16: w = dequantize_int4 / dequantize_int2(w_packed, scale, zero, dtype), the
+             weight two int4 / four int2 a byte)
+             (hif8: w = dequantize_lut(w, codebook, scale, dtype), codes into a value table; nf4:
+             dequantize_lut4, its codes two a byte)
     fp8:     x_q, x_s = quantize_fp8(x, smooth_inv, act_block); y = fp8_linear(x_q, x_s, w, scale, bias, dtype)
     hadamard rotation (optional) first: x = hadamard_transform(x, rotate_block).
 """
@@ -40,7 +43,9 @@ TENSOR_FIELDS = ("weight", "scale", "group_scale", "zero", "smooth_inv", "input_
 class QuantizedLinear:
     """Everything one quantised linear (or stacked expert matmul) needs at run time.
 
-    tensors: weight (int8 / int4-in-int8 / uint8 HQQ, int2 / e4m3 / uint8 codes) [..., out, K]; scale
+    tensors: weight (int8 / uint8 HQQ-8 / e4m3 / uint8 hif8 codes) [..., out, K], or packed uint8
+    [..., out, K / n] (graphopt/ops/packing.py: int4 of w4a8 / w4a16 and NF4 codes two a byte, int2 of
+    w2a16 four); scale
     fp32; optional group_scale (w4a8, int8), zero (HQQ, w2a16: fp32), smooth_inv ([K] or [E, 1, K]:
     inputs are multiplied by it), input_scale (static activations), bias, codebook (hif8, nf4: the
     float32 value of each code, [L]). meta: what the algorithms chose (alpha, beta, ...).
@@ -57,6 +62,17 @@ class QuantizedLinear:
     def stacked(self) -> bool:
         return self.tensors["weight"].dim() == 3
 
+    @property
+    def packed(self) -> bool:
+        """The weight holds several values a byte (int4 / nf4: two, int2: four; last dimension K / n)."""
+        return SCHEMES[self.scheme].per_byte > 1
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The logical weight shape [..., out, K], whatever the storage."""
+        w = self.tensors["weight"]
+        return (*w.shape[:-1], w.shape[-1] * SCHEMES[self.scheme].per_byte)
+
     def expert(self, e: int, tensors: dict[str, Tensor] | None = None) -> tuple["QuantizedLinear", dict[str, Tensor]]:
         """Expert e of a stacked linear: 3-d tensors ([E, ...]) indexed, shared ones ([K], 0-d) kept."""
         tensors = {k: (t[e] if t.dim() == 3 else t) for k, t in (tensors or self.tensors).items()}
@@ -66,7 +82,7 @@ class QuantizedLinear:
     def spec(self) -> dict[str, Any]:
         """The non-tensor part, JSON-friendly (saved next to the tensors)."""
         return {"scheme": self.scheme, "rotate_block": self.rotate_block, "act_block": self.act_block,
-                "input_zero": self.input_zero, "meta": self.meta, "shape": list(self.tensors["weight"].shape)}
+                "input_zero": self.input_zero, "meta": self.meta, "shape": list(self.shape)}
 
 
 def eager_call(op: Callable, *args):
@@ -83,8 +99,12 @@ def emit_linear(call: Callable, x, q: QuantizedLinear, t: dict[str, Any], out_dt
     if s.activation == "none":
         if smooth is not None:
             x = call(torch.ops.aten.mul.Tensor, x, smooth)
-        if s.codebook:
-            w = call(OPS.dequantize_lut.default, t["weight"], t["codebook"], t["scale"], out_dtype)
+        if s.codebook:                                     # nf4: codes packed two a byte
+            lut = OPS.dequantize_lut4 if s.per_byte == 2 else OPS.dequantize_lut
+            w = call(lut.default, t["weight"], t["codebook"], t["scale"], out_dtype)
+        elif s.per_byte > 1:                               # int4 / int2: packed, unpacked inside
+            packed = OPS.dequantize_int4 if s.per_byte == 2 else OPS.dequantize_int2
+            w = call(packed.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
         else:
             w = call(OPS.dequantize_weight.default, t["weight"], t["scale"], t.get("zero"), out_dtype)
         if q.stacked:

@@ -35,6 +35,11 @@ class Scheme:
         return {"int8": 8, "int4": 4, "int2": 2, "fp8": 8, "hif8": 8, "nf4": 4, "none": 16}[self.weight]
 
     @property
+    def per_byte(self) -> int:
+        """Weight values stored in one byte: 2 for int4 and NF4 codes, 4 for int2 (graphopt/ops/packing.py)."""
+        return {"int4": 2, "nf4": 2, "int2": 4}.get(self.weight, 1)
+
+    @property
     def codebook(self) -> bool:
         """Weights are codes into a value table (graphopt::dequantize_lut), not integers on a grid."""
         return self.weight in ("hif8", "nf4")

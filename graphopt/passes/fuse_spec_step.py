@@ -51,6 +51,7 @@ from ..ops.sampling import DEFAULT_MAX_TOP_K
 from ..spec import SpecConfig
 from .base import ModulePass, ModuleResult, PassContext
 from .program import GraphSignature, Program
+from .split_prefill_weights import PREFILL_MAIN
 
 __all__ = ["FuseSpecStepPass", "FunctionalStep", "build_greedy_step", "build_spec_step", "cache_layout", "example_inputs", "fuse"]
 
@@ -198,8 +199,10 @@ def fuse(module: SpecStep | SpecPrefill, model_config) -> fx.GraphModule:
 
 def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.GraphModule], model_config,
                     spec_config: SpecConfig | None, block_size: int, sampling: bool = True,
-                    max_top_k: int = DEFAULT_MAX_TOP_K) -> tuple[fx.GraphModule, fx.GraphModule]:
+                    max_top_k: int = DEFAULT_MAX_TOP_K, prefill_main_gm: fx.GraphModule | None = None
+                    ) -> tuple[fx.GraphModule, fx.GraphModule]:
     """(step graph, prefill graph): SpecStep / SpecPrefill over the captured graphs, exported flat.
+    prefill_main_gm: the main graph the prefill runs, when it has its own weights (default: the same).
 
     Call them with `step.spec_step.decode_args(SpecStepInputs)` / `prefill_args(SpecPrefillInputs)`;
     they return the SpecStepOutputs fields in order (`step.spec_step.as_outputs`), or wrap both in
@@ -215,8 +218,9 @@ def build_spec_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.
                          "captured_mtp_gms is empty); the checkpoint must have MTP weights")
     kw = dict(sampling=sampling, max_top_k=max_top_k)
     main, mtp = FunctionalStep(captured_main_gm), [FunctionalStep(g) for g in mtp]
+    prefill_main = main if prefill_main_gm is None else FunctionalStep(prefill_main_gm)
     return (fuse(SpecStep(main, mtp, k, block_size, **kw), model_config),
-            fuse(SpecPrefill(main, mtp, k, block_size, **kw), model_config))
+            fuse(SpecPrefill(prefill_main, mtp, k, block_size, **kw), model_config))
 
 
 def build_greedy_step(captured_main_gm: fx.GraphModule, captured_mtp_gms: list[fx.GraphModule], model_config,
@@ -245,13 +249,17 @@ class FuseSpecStepPass(ModulePass):
         spec, main = program.state.spec, program.main
         k = program.state.num_speculative_tokens
         mtp = program.mtp_graphs if k else []
+        prefill_main = program.graphs.get(PREFILL_MAIN)   # its own weights (split_prefill_weights), or main's
         step, prefill = build_spec_step(main, mtp, ctx.model_config, spec, program.cache.block_size,
-                                        self.sampling, self.max_top_k)
+                                        self.sampling, self.max_top_k, prefill_main)
         # later passes (verify mode, quantisation of the fused graph) run them on these inputs
         inputs = functools.partial(example_inputs, cache_layout(main), len(mtp), k, ctx.model_config.vocab_size)
         program.set("step", step, GraphSignature(DECODE_INPUTS, STEP_OUTPUTS), functools.partial(inputs, False))
         program.set("prefill", prefill, GraphSignature(PREFILL_INPUTS, STEP_OUTPUTS), functools.partial(inputs, True))
         notes = [f"fused main + {len(mtp)} MTP graph(s) + acceptance, k = {k}"]
+        if prefill_main is not None:
+            program.remove(PREFILL_MAIN)                   # its nodes live on in prefill
+            notes.append(f"prefill over {PREFILL_MAIN}")
         if self.greedy and self.sampling:
             greedy = build_greedy_step(main, mtp, ctx.model_config, k, program.cache.block_size)
             program.set("step_greedy", greedy, GraphSignature(DECODE_INPUTS, STEP_OUTPUTS),

@@ -37,6 +37,8 @@ class CompileOptions:
     fold_max_bytes: int = 64 << 20        # fold_constants skips results larger than this
     progress: bool = True                 # progress bars for long passes (calibration)
     cuda_graphs: bool = True              # inductor on CUDA: replay decode steps as CUDA graphs per batch bucket
+    prefill_graph_tokens: int = 8192      # inductor on CUDA: prefill chunks of up to this many padded
+                                          # tokens (rows x length bucket) replay CUDA graphs; 0: none
     fuse_projections: bool = True         # inductor on CUDA: linears of one input as one GEMM over
                                           # concatenated weights (kept beside the originals)
     ascend_mode: str = "max-autotune"     # ascend: "max-autotune" (GE graph) or "reduce-overhead" (captured)
@@ -44,6 +46,8 @@ class CompileOptions:
     capture_workers: int | None = None    # forked processes tracing decoder layers during capture;
                                           # None: one per layer kind where fork is safe (a CPU
                                           # model, no CUDA on the machine), 0: none
+    moe_prune_threshold: float = 0.0      # decode steps drop routed experts below this share of a token's
+                                          # routing weight (passes/prune_routed_experts.py); 0: none
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> "CompileOptions":
@@ -58,12 +62,19 @@ class CompileOptions:
             raise ValueError(f"compile options {', '.join(wrong)} must be True or False (options taking a bool: {flags})")
         if opts.block_size < 1 or opts.block_size & (opts.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {opts.block_size}")
+        if isinstance(opts.prefill_graph_tokens, bool) or not isinstance(opts.prefill_graph_tokens, int) \
+                or opts.prefill_graph_tokens < 0:
+            raise ValueError(f"prefill_graph_tokens must be an int >= 0, got {opts.prefill_graph_tokens!r}")
         if opts.max_batch_size < 1 or opts.prefill_chunk_size < 1:
             raise ValueError("max_batch_size and prefill_chunk_size must be >= 1")
         if opts.capture_workers is not None and (isinstance(opts.capture_workers, bool)
                                                  or not isinstance(opts.capture_workers, int)
                                                  or opts.capture_workers < 0):
             raise ValueError(f"capture_workers must be None or an int >= 0, got {opts.capture_workers!r}")
+        t = opts.moe_prune_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
+            raise ValueError(f"moe_prune_threshold must be a number in [0, 1] (0: no pruning, 1: the top expert only), got {t!r}")
+        opts.moe_prune_threshold = float(t)
         if isinstance(opts.disable_passes, str):
             opts.disable_passes = [p.strip() for p in opts.disable_passes.split(",") if p.strip()]
         return opts
@@ -139,6 +150,12 @@ class Program:
         if make_inputs is not None:
             self.make_inputs[name] = make_inputs
         self.graphs = {n: self.graphs[n] for n in sorted(self.graphs, key=_rank)}
+
+    def remove(self, name: str) -> None:
+        """Drop graph `name` (a pass whose copy of a graph is spliced into another is done with it)."""
+        self[name]   # a KeyError naming the graphs when absent
+        for table in (self.graphs, self.signatures, self.make_inputs):
+            table.pop(name, None)
 
     @property
     def names(self) -> list[str]:

@@ -203,7 +203,8 @@ def _encode_codegen(graph: fx.Graph, where: str) -> dict | None:
 
 def _encode_layout(c: CacheLayout) -> dict:
     return {"num_layers": c.num_layers, "block_size": c.block_size, "kv_cache_dim": c.kv_cache_dim,
-            "dtype": str(c.dtype).removeprefix("torch."), "device": str(c.device), "num_mtp": c.num_mtp}
+            "dtype": str(c.dtype).removeprefix("torch."), "device": str(c.device), "num_mtp": c.num_mtp,
+            "cache_dtype": None if c.cache_dtype is None else str(c.cache_dtype).removeprefix("torch.")}
 
 
 def _file_digest(path: Path) -> dict:
@@ -393,8 +394,9 @@ def _resolve_python(module: str, qualname: str) -> Any:
 
 
 def _decode_layout(c: dict) -> CacheLayout:
+    cache_dtype = c.get("cache_dtype")             # absent in artefacts from before C8 storage
     return CacheLayout(c["num_layers"], c["block_size"], c["kv_cache_dim"], getattr(torch, c["dtype"]),
-                       torch.device(c["device"]), c["num_mtp"])
+                       torch.device(c["device"]), c["num_mtp"], None if cache_dtype is None else getattr(torch, cache_dtype))
 
 
 def _decode_quant(data: dict | None):

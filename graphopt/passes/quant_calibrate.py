@@ -11,6 +11,9 @@ than calibration.min_expert_tokens tokens fall back to every token (quant/observ
 listed in the pass record; the shared gate_up input is observed on every token (each is routed).
 Not sites: the router (its weight is cast to float32 first), and anything QuantConfig.skip keeps in
 16 bit (lm_head, kv_b_proj by default).
+The prefill copy `main_prefill` (split_prefill_weights) is the same float graph as main on the same
+data: its sites reuse main's observers, and only sites main did not observe (a scheme main leaves in
+16 bit) run, on main's calibration inputs; its config is QuantConfig.prefill_config().
 
 How: one call node per site is inserted in front of it (`Observer.observe(x)`, a plain Python call,
 so it never reaches a backend), the graph runs over the calibration inputs with a progress bar, and
@@ -44,6 +47,7 @@ from ..quant.calibration import RANDOM, observe_expert_inputs, routed_mask
 from ..quant.graph_sites import find_sites
 from ..quant.observers import Observer
 from .base import GraphPass, PassContext, PassResult
+from .split_prefill_weights import PREFILL_MAIN, calibration_graph, quant_config_for
 
 __all__ = ["QuantCalibratePass"]
 
@@ -52,13 +56,17 @@ class QuantCalibratePass(GraphPass):
     name = "quant_calibrate"
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.state.quant)
+        config = resolve(quant_config_for(ctx.state.quant, ctx.graph_name))
         if config is None or not config.needs_calibration:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
+        observers = ctx.state.quant_observers
+        if ctx.graph_name == PREFILL_MAIN:   # main's copy: main's statistics are this graph's (same float graph, same data)
+            sites = [s for s in sites if not all(n in observers for n in _observer_names(s))]
+            if not sites:
+                return PassResult(gm, modified=False, notes=["every site observed on main (the same float graph and data)"])
         if not sites:
             return PassResult(gm, modified=False)
-        observers = ctx.state.quant_observers
         cal = config.calibration
         inputs, note = _calibration_inputs(ctx, cal)     # before touching the graph: a missing input is an error
         hooks, notes, routed = [], [], []
@@ -98,6 +106,10 @@ class QuantCalibratePass(GraphPass):
         return PassResult(gm, modified=False, matches=len(sites), notes=[note, *notes])
 
 
+def _observer_names(site) -> list[str]:
+    return [f"{site.name}.gate_up_proj", f"{site.name}.down_proj"] if site.kind == "moe" else [site.name]
+
+
 def _moe_observer(gate_up: Observer, down: Observer):
     def observe_moe_inputs(x, gate_up_weight, ids):
         observe_expert_inputs(x, gate_up_weight, gate_up, down, ids)
@@ -134,7 +146,7 @@ def _calibration_inputs(ctx: PassContext, cal: CalibrationConfig) -> tuple[list,
     """(input tuples for this graph, what they are for the pass record)."""
     given = ctx.state.calibration_inputs
     if given is not None:
-        inputs = list(given(ctx.graph_name) if callable(given) else given)
+        inputs = list(given(calibration_graph(ctx.graph_name)) if callable(given) else given)
         if not inputs:
             raise ValueError(f"quant_calibrate ({ctx.graph_name}): the calibration inputs for this graph are empty")
         tokens = sum(int(a[0].numel()) for a in inputs if isinstance(a[0], torch.Tensor) and not a[0].is_floating_point())

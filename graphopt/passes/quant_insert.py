@@ -10,7 +10,9 @@ Cases (sites: graphopt/quant/graph_sites.py; schemes and their op sequences: qua
 The quantised tensors come from the same algorithms as quantize_model (quant.algorithms.quantize_target,
 with ctx.state["quant_observers"] from quant_calibrate) and are registered on the GraphModule as
 buffers `_quant.<site name with __>.<field>`, read by new get_attr nodes; the float weight is dropped
-from the module when nothing else reads it. Not matched (negative cases): linears the config skips
+from the module when nothing else reads it. The prefill copy `main_prefill` is quantised with
+QuantConfig.prefill_config() (prefill_scheme), every other graph with the config. Not matched
+(negative cases): linears the config skips
 (router gate, lm_head, kv_b_proj by default) and linears whose weight is computed (a cast) rather
 than a get_attr.
 
@@ -35,6 +37,7 @@ from ..quant.config import resolve
 from ..quant.graph_sites import Site, attr_tensor, find_sites
 from ..quant.qlinear import QuantizedLinear, emit_linear, moe_op_args
 from .base import GraphPass, PassContext, PassResult
+from .split_prefill_weights import quant_config_for
 from .patterns import call_op, fake_mode_of
 
 __all__ = ["QuantInsertPass"]
@@ -50,7 +53,7 @@ class QuantInsertPass(GraphPass):
     numerics = "quantised"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        config = resolve(ctx.state.quant)
+        config = resolve(quant_config_for(ctx.state.quant, ctx.graph_name))   # main_prefill: prefill_scheme
         if config is None:
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)

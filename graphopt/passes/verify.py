@@ -6,6 +6,8 @@ the metric that failed (the manager adds the pass, the graph and the passes befo
 
   close      every float output and mutated cache within the pass's rtol/atol, NaN only where it
              was NaN, integers equal: rewrites and fusions compute the same maths
+  pruned     (expert pruning) float values finite and within REL_BOUND, integer inputs equal, integer
+             outputs of the same shape and dtype: dropping experts may change the tokens
   quantised  the logits judged as next-token distributions, per position p_float = softmax(float
              logits), p_quant = softmax(quantised logits): mean KL(p_float || p_quant) and top-1
              agreement within the budget of the config's schemes (QUANT_BUDGETS); any other float
@@ -194,6 +196,23 @@ def _judge_integer(label: str, same, over: str, budget: QuantBudget, is_output: 
             raise Mismatch(f"changed integer {label}", f"{over}: agreement {agree:.1%} < {budget.top1:.0%}")
 
 
+def _judge_pruned(p: GraphPass, ctx: PassContext, pairs: list[tuple[Run, Run]]) -> list[str]:
+    """Expert pruning changes which experts a token reads, so tokens may differ: float values (the
+    caches written) finite where they were and within REL_BOUND, integer inputs equal, integer
+    outputs of the same shape and dtype."""
+    worst = 0.0
+    for ref, got in pairs:
+        n_out = len(ref.outputs)
+        for k, (label, a, b) in enumerate(values(ref, got, ctx)):
+            if a.dtype.is_floating_point:
+                worst = max(worst, _judge_float(label, [(a, b)], "beyond what expert pruning may change"))
+            elif k >= n_out and not torch.equal(a, b):
+                raise Mismatch(f"changed integer {label}", "(pruning never writes integer inputs)")
+            elif a.shape != b.shape or a.dtype != b.dtype:
+                raise Mismatch(f"changed {label}", f"from {a.dtype}{list(a.shape)} to {b.dtype}{list(b.shape)}")
+    return [f"verify: float values within relative error {worst:.2e} of the unpruned graph (bound {REL_BOUND:g})"]
+
+
 @dataclass(frozen=True)
 class Check:
     """How verify mode judges one kind of pass: `draws` input draws, then `judge` raises a Mismatch."""
@@ -206,6 +225,7 @@ CHECKS: dict[str, Check] = {
     "close": Check(_judge_close, 1, "rewrites and fusions: the same maths, up to float summation order"),
     # 8 draws: top-1 agreement is a rate, and one draw holds only batch x tokens (6) positions
     "quantised": Check(_judge_quantised, 8, "quantisation: judged by the next-token distribution it changes"),
+    "pruned": Check(_judge_pruned, 1, "expert pruning: what it must not change (integer inputs, shapes, finite caches)"),
 }
 
 

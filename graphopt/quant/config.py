@@ -11,6 +11,8 @@ Which linear gets which scheme (`QuantConfig.scheme_for(name)`), first rule that
   2. `overrides` {pattern: scheme}: hand-written or chosen by sensitivity (quant.mixed_precision);
   3. `mtp_scheme` for the MTP draft module (`mtp.*`) when set: drafts cost acceptance, not exactness;
   4. `scheme`.
+`prefill_scheme` (graph path only): the prefill graph's main model is quantised with it in place of
+`scheme` (rules 1-3 apply to both), the decode steps with `scheme`: `prefill_config()` is its config.
 
 Algorithms: at most one *transform* (SmoothQuant, FlexSmooth, Hadamard: they rescale or rotate the
 input channels of a linear and its weight so that the float function is unchanged) and at most one
@@ -198,6 +200,7 @@ class QuantConfig:
     skip: tuple[str, ...] = DEFAULT_SKIP
     overrides: tuple[tuple[str, str], ...] = ()
     mtp_scheme: str | None = None
+    prefill_scheme: str | None = None  # graphopt.compile: the prefill graph's scheme (None: `scheme`)
     mixed_precision: MixedPrecisionConfig | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
@@ -205,6 +208,11 @@ class QuantConfig:
         get_scheme(self.scheme)
         if self.mtp_scheme is not None:
             get_scheme(self.mtp_scheme)
+        if self.prefill_scheme is not None:
+            get_scheme(self.prefill_scheme)
+            if self.mixed_precision is not None:
+                raise QuantError("prefill_scheme and mixed_precision cannot be combined: the per-layer overrides "
+                                 "mixed precision chooses would apply to the prefill graph too")
         object.__setattr__(self, "overrides", tuple(tuple(p) for p in (
             self.overrides.items() if isinstance(self.overrides, dict) else self.overrides)))
         for _, s in self.overrides:
@@ -244,10 +252,22 @@ class QuantConfig:
                 or not isinstance(self.weight_method, (RTNConfig, HQQConfig))
                 or any(s.activation == "int8_static" for s in self.used_schemes()))
 
+    @property
+    def separate_prefill(self) -> bool:
+        """True when the prefill graph gets other weights than the decode steps."""
+        return self.prefill_scheme is not None and self.prefill_scheme != self.scheme
+
+    def prefill_config(self) -> "QuantConfig":
+        """The config of the prefill graph's weights: `prefill_scheme` in place of `scheme`, the rest shared."""
+        if self.prefill_scheme is None:
+            return self
+        return dataclasses.replace(self, scheme=self.prefill_scheme, prefill_scheme=None)
+
     def used_schemes(self) -> list[Scheme]:
         names = {self.scheme, *(s for _, s in self.overrides)}
-        if self.mtp_scheme:
-            names.add(self.mtp_scheme)
+        for extra in (self.mtp_scheme, self.prefill_scheme):
+            if extra:
+                names.add(extra)
         return [SCHEMES[n] for n in sorted(names)]
 
     def scheme_for(self, name: str) -> Scheme | None:

@@ -14,9 +14,10 @@ written last inside it, so its presence vouches for the rest:
                            model.layers.0.self_attn.kv_a_layernorm.kv_scale fp32 [R]    (C8)
                            ... and the 16-bit tensors that stayed float.
                          int4 weights (w4a8, w4a16, nf4 codes) are packed two per byte along K
-                         (uint8, low nibble first, value + 8 for signed int4), int2 weights (w2a16)
-                         four per byte (low bits first), so the file is the size the scheme
-                         promises; hif8 codes are uint8 already. Codebook schemes save their
+                         (uint8, low nibble first, value + 8 for signed int4; graphopt/ops/packing.py),
+                         int2 weights (w2a16) four per byte (low bits first), so the file is the size
+                         the scheme promises; hif8 codes are uint8 already. They are packed in
+                         memory too, so they are written and loaded as they are. Codebook schemes save their
                          table (`....codebook`, fp32 [16] or [256]) with each linear.
     quant_model.json     {"format": "graphopt-quant", "version": 1, "quant_config": QuantConfig.to_dict(),
                           "modules": {path: {"kind": "linear" | "experts" | "kv", scheme, rotate_block,
@@ -74,12 +75,7 @@ def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike, tokeni
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     modules = _describe(model)
-    packed = {bits: {n: str(tensors[n].dtype).removeprefix("torch.") for n in _weights_of(modules, bits)
-                     if n in tensors and tensors[n].shape[-1] % (8 // bits) == 0} for bits in (4, 2)}
-    for n in packed[4]:
-        tensors[n] = pack_int4(tensors[n])
-    for n in packed[2]:
-        tensors[n] = pack_int2(tensors[n])
+    packed = _packed_weights(modules, tensors)    # packed in memory already: written as they are
     description = {"format": FORMAT, "version": VERSION, "quant_config": model.quant_config.to_dict(),
                    "modules": modules, "packed_int4": packed[4], "aliases": aliases}
     if packed[2]:
@@ -111,36 +107,20 @@ def _describe(model: nn.Module) -> dict:
     return out
 
 
-def _weights_of(modules: dict, bits: int) -> list[str]:
-    """Saved names of the weights whose scheme stores `bits`-bit values (4: int4 / nf4, 2: int2)."""
-    names = []
+def _packed_weights(modules: dict, tensors: dict[str, Tensor]) -> dict[int, dict[str, str]]:
+    """{4: {name: values' dtype}, 2: {...}}: the saved names of the weights packed in memory, int4 and
+    NF4 codes (4 bits) and int2 (2 bits), with the dtype their unpacked values have: "int8" (signed
+    int4, stored + 8) or "uint8" (codes: HQQ's with a zero point, NF4, int2)."""
+    out: dict[int, dict[str, str]] = {4: {}, 2: {}}
     for path, d in modules.items():
         specs = [(path, d)] if d["kind"] == "linear" else \
             [(f"{path}.{p}", d[p]) for p in ("gate_up", "down") if d["kind"] == "experts" and d[p]]
-        names += [f"{p}.weight" for p, s in specs if SCHEMES[s["scheme"]].weight_bits == bits]
-    return names
-
-
-def pack_int4(q: Tensor) -> Tensor:
-    """int4 values [..., K] (int8 in [-8, 7] or uint8 in [0, 15]) -> uint8 [..., K/2], low nibble first."""
-    u = (q.to(torch.int16) + (8 if q.dtype == torch.int8 else 0)).to(torch.uint8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(p: Tensor, signed: bool) -> Tensor:
-    lo, hi = p & 0xF, p >> 4
-    u = torch.stack([lo, hi], dim=-1).flatten(-2)
-    return (u.to(torch.int16) - 8).to(torch.int8) if signed else u
-
-
-def pack_int2(q: Tensor) -> Tensor:
-    """int2 values [..., K] (uint8 in [0, 3]) -> uint8 [..., K/4], element 4j + i in bits 2i, 2i + 1."""
-    u = q.to(torch.uint8)
-    return u[..., 0::4] | (u[..., 1::4] << 2) | (u[..., 2::4] << 4) | (u[..., 3::4] << 6)
-
-
-def unpack_int2(p: Tensor) -> Tensor:
-    return torch.stack([(p >> s) & 3 for s in (0, 2, 4, 6)], dim=-1).flatten(-2)
+        for p, spec in specs:
+            scheme = SCHEMES[spec["scheme"]]
+            if scheme.per_byte > 1:
+                signed = scheme.weight == "int4" and f"{p}.zero" not in tensors
+                out[scheme.weight_bits][f"{p}.weight"] = "int8" if signed else "uint8"
+    return out
 
 
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") -> DeepseekV3ForCausalLM:
@@ -151,14 +131,15 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu") 
         tensors = safetensors.torch.load_file(str(root / WEIGHTS_FILE), device=str(device))
     except (SafetensorError, OSError) as e:
         raise QuantError(f"corrupt or unreadable quantised weights {root / WEIGHTS_FILE}: {e}") from None
-    for n, dtype in desc["packed_int4"].items():
-        if n not in tensors:
-            raise QuantError(f"{root / WEIGHTS_FILE}: packed int4 tensor {n} is missing")
-        tensors[n] = unpack_int4(tensors[n], signed=dtype == "int8")
-    for n in desc.get("packed_int2", {}):
-        if n not in tensors:
-            raise QuantError(f"{root / WEIGHTS_FILE}: packed int2 tensor {n} is missing")
-        tensors[n] = unpack_int2(tensors[n])
+    packed = _packed_weights(desc["modules"], tensors)  # stay packed: the form the ops take
+    for bits, key in ((4, "packed_int4"), (2, "packed_int2")):
+        for n in packed[bits]:
+            if n not in desc.get(key, {}):
+                raise QuantError(f"{root / WEIGHTS_FILE}: {bits}-bit weight {n} is not listed as packed in "
+                                 f"{DESCRIPTION_FILE} ({key})")
+        for n in desc.get(key, {}):
+            if n not in tensors:
+                raise QuantError(f"{root / WEIGHTS_FILE}: packed int{bits} tensor {n} is missing")
     for alias, original in desc["aliases"].items():
         tensors[alias] = tensors[original]
     with torch.device("meta"):

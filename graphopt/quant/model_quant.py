@@ -32,6 +32,7 @@ from graphopt.models.deepseek import DeepseekV3ForCausalLM, Experts
 from .algorithms import Target, quantize_target
 from .calibration import LayerRunner, calibration_data, check_windows, model_tokenizer, observe_layer
 from .config import QuantConfig, resolve
+from .schemes import QuantError
 from .observers import Observer
 from .qlinear import QuantExperts, QuantLatentNorm, QuantLinear
 
@@ -44,6 +45,10 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
     config = resolve(quant)
     if config is None:
         raise ValueError("quantize_model needs a quant preset or QuantConfig, got None")
+    if config.separate_prefill:
+        raise QuantError(f"quantize_model makes one model, but the config has prefill_scheme={config.prefill_scheme!r} "
+                         "(separate prefill weights exist in graphopt.compile only): quantise with "
+                         "config.prefill_config() for the prefill weights, or drop prefill_scheme")
     report = {"data": None, "dense_experts": {}}   # dense_experts: name -> experts routed < min_expert_tokens
     if data is not None:
         data = check_windows(data, model, "quantize_model(data=...)")

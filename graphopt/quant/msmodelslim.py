@@ -48,6 +48,7 @@ from torch import Tensor
 
 from graphopt.models.config import DeepseekV3Config
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
+from graphopt.ops.packing import pack_int4
 
 from .config import QuantConfig
 from .model_quant import quantized_names
@@ -303,7 +304,11 @@ def _w4a8(name: str, f: dict[str, Tensor], group_size: int) -> QuantizedLinear:
         group_scale = s.to(torch.int8)
         if int((w.unflatten(-1, (groups, -1)).abs().amax(-1).to(torch.int32) * group_scale).max()) > 127:
             raise QuantError(f"{name}: int4 value * group scale exceeds the int8 range")
-    return QuantizedLinear("w4a8", {"weight": w, "scale": scale.reshape(out, 1), "group_scale": group_scale})
+    if k % 2:
+        raise QuantError(f"{name}.weight: graphopt keeps int4 weights two per byte along K, which must be even "
+                         f"(K={k})")
+    return QuantizedLinear("w4a8", {"weight": pack_int4(w), "scale": scale.reshape(out, 1),
+                                    "group_scale": group_scale})
 
 
 def _module(model, path: str, what: str):
@@ -316,7 +321,7 @@ def _module(model, path: str, what: str):
 
 def _install(model, path: str, q: QuantizedLinear) -> None:
     want = tuple(_module(model, path, "quantised linear").weight.shape)
-    got = tuple(q.tensors["weight"].shape)
+    got = tuple(q.shape)
     if got != want:
         raise QuantError(f"{path}.weight: shape {list(got)} does not fit the model in config.json ({list(want)})")
     _set(model, path, QuantLinear(q))
@@ -345,8 +350,8 @@ def _install_experts(model, path: str, parts: dict, float_sd: dict, n_experts: i
         stacked.append(_stack(path, [[q[(e, p)] for p in projs] for e in range(n_experts)]))
     experts = _module(model, path, "routed experts")
     for part, q, want_shape in zip(("gate_up", "down"), stacked, (experts.gate_up_proj.shape, experts.down_proj.shape)):
-        if q is not None and tuple(q.tensors["weight"].shape) != tuple(want_shape):
-            raise QuantError(f"{path}: stacked {part} shape {list(q.tensors['weight'].shape)} does not fit "
+        if q is not None and tuple(q.shape) != tuple(want_shape):
+            raise QuantError(f"{path}: stacked {part} shape {list(q.shape)} does not fit "
                              f"the model in config.json ({list(want_shape)})")
     _set(model, path, QuantExperts(experts, *stacked))
 
@@ -380,6 +385,6 @@ def _quant_config(desc: dict, model) -> QuantConfig:
     """The main scheme from model_quant_type; matmuls of another type as overrides."""
     scheme = SCHEME_OF[desc["model_quant_type"]]
     overrides = {name: s for name, s in quantized_names(model).items() if s != scheme}
-    ks = [m.weight.shape[-1] for m in model.modules() if isinstance(m, QuantLinear) and m.q.scheme == "w4a8"]
+    ks = [m.q.shape[-1] for m in model.modules() if isinstance(m, QuantLinear) and m.q.scheme == "w4a8"]
     group_size = desc.get("group_size") or max(ks, default=128)      # per channel: one group per row
     return QuantConfig(scheme, skip=(), overrides=overrides, group_size=group_size)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from graphopt.models.deepseek import DeepseekV3ForCausalLM
 from graphopt.models.fileio import replace_dir_atomically
+from graphopt.ops.packing import unpack_int4
 
 from .msmodelslim import ACCEPTED_TYPES, SCHEME_OF, hf_name
 from .qlinear import QuantExperts, QuantizedLinear, QuantLatentNorm, QuantLinear
@@ -116,6 +117,8 @@ def _put_linear(tensors: dict, desc: dict, hf: str, q: QuantizedLinear, t: dict[
     if "bias" in t:
         raise QuantError(f"{path}: a linear bias is not exported (DeepSeek linears have none)")
     w, scale = t["weight"], t["scale"].float()
+    if q.packed:                                   # msModelSlim's pre-1.0.0 layout: one int4 a byte
+        w = unpack_int4(w, signed=True)
     out = w.shape[-2]
     zeros = torch.zeros(out, 1, dtype=torch.float32)
     fields = {"weight": w, "weight_scale": scale.reshape(out, 1), "weight_offset": zeros}

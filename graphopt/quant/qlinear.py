@@ -40,8 +40,8 @@ class QuantLinear(_Holder):
     """Drop-in for nn.Linear [out, K]."""
 
     def extra_repr(self) -> str:
-        w = self.q.tensors["weight"]
-        return f"{self.q.scheme}, in_features={w.shape[-1]}, out_features={w.shape[-2]}"
+        out, k = self.q.shape[-2:]
+        return f"{self.q.scheme}, in_features={k}, out_features={out}"
 
 
 def moe_op_args(gate_up: QuantizedLinear, down: QuantizedLinear, t_gate_up: dict, t_down: dict) -> tuple:

@@ -22,6 +22,9 @@
     bf16          not quantised (used in overrides / mixed precision)
 
 Weights are [out, K] or stacked experts [E, out, K]; the scale layouts are those of graphopt.ops.quant.
+int4 weights (w4a8, w4a16, HQQ's w4a16) and NF4 codes come out packed two per byte along K, uint8
+[..., out, K/2], int2 (w2a16) four (graphopt/ops/packing.py): the form they keep in memory, in the
+Program and on disk.
 `clip` arguments are per-group ratios in (0, 1] that shrink the abs-max a scale is computed from
 (clipping search chooses them; w2a16: the min and the max); None means plain round-to-nearest (RTN)
 on the abs-max. Codebook schemes (hif8, nf4) carry their table as a `codebook` tensor, so the
@@ -37,6 +40,7 @@ from torch import Tensor
 
 from graphopt.ops import quant as qops
 from graphopt.ops.hifloat8 import hif8_encode, hif8_values
+from graphopt.ops.packing import pack_int2, pack_int4, unpack_int4
 from graphopt.ops.quant_schemes import SCHEMES, QuantError, Scheme, get_scheme
 
 __all__ = ["Scheme", "SCHEMES", "QuantError", "get_scheme", "quantize_weight", "int_quantize",
@@ -84,7 +88,8 @@ def quantize_w4a8(w: Tensor, groups: int, clip: Tensor | None = None) -> dict[st
         amax = amax * clip
     group_scale = torch.ceil(amax / 7).clamp_(1, 17)                        # integer, |q4 * s| <= 119
     q4 = torch.round(tiles / group_scale.unsqueeze(-1)).clamp_(-7, 7)
-    return {"weight": q4.flatten(-2).to(torch.int8), "group_scale": group_scale.to(torch.int8), "scale": scale}
+    return {"weight": pack_int4(q4.flatten(-2).to(torch.int8)), "group_scale": group_scale.to(torch.int8),
+            "scale": scale}
 
 
 def quantize_fp8(w: Tensor, block: int | None) -> dict[str, Tensor]:
@@ -139,7 +144,7 @@ def quantize_nf4(w: Tensor, groups: int, clip: Tensor | None = None) -> dict[str
     book = qops.NF4_VALUES.to(w.device)
     v = (tiles / scale.unsqueeze(-1)).clamp_(-1, 1)
     codes = torch.bucketize(v, (book[1:] + book[:-1]) / 2)                  # index of the nearest entry
-    return {"weight": codes.flatten(-2).to(torch.uint8), "scale": scale, "codebook": book.clone()}
+    return {"weight": pack_int4(codes.flatten(-2).to(torch.uint8)), "scale": scale, "codebook": book.clone()}
 
 
 def quantize_weight(scheme: Scheme, w: Tensor, group_size: int, fp8_block: int,
@@ -152,13 +157,17 @@ def quantize_weight(scheme: Scheme, w: Tensor, group_size: int, fp8_block: int,
     if scheme.weight == "int8":
         q, s = int_quantize(w, 127, 1, clip)
         return {"weight": q, "scale": s}
+    if k % scheme.per_byte:
+        raise QuantError(f"{scheme.name}: {scheme.weight} weights are stored {scheme.per_byte} per byte along the "
+                         f"input dimension, which must be a multiple of {scheme.per_byte}; got {tuple(w.shape)}")
     if scheme.weight == "int4" and scheme.activation == "int8_dynamic":
         return quantize_w4a8(w, groups_of(k, group_size), clip)
     if scheme.weight == "int4":
         q, s = int_quantize(w, 7, groups_of(k, group_size), clip)
-        return {"weight": q, "scale": s}
+        return {"weight": pack_int4(q), "scale": s}
     if scheme.weight == "int2":
-        return hqq_initial(w, 2, groups_of(k, group_size), clip)
+        t = hqq_initial(w, 2, groups_of(k, group_size), clip)
+        return {**t, "weight": pack_int2(t["weight"])}
     if scheme.weight == "hif8":
         return quantize_hif8(w, clip)
     if scheme.weight == "nf4":
@@ -170,9 +179,18 @@ def quantize_weight(scheme: Scheme, w: Tensor, group_size: int, fp8_block: int,
     raise QuantError(f"scheme {scheme.name!r} does not quantise weights")
 
 
-def dequantize(t: dict[str, Tensor]) -> Tensor:
+def dequantize(t: dict[str, Tensor], scheme: Scheme) -> Tensor:
     """The float32 weight [..., out, K] a scheme's tensors stand for (in the smoothed/rotated basis)."""
     w = t["weight"]
+    if scheme.weight == "int4" and "group_scale" in t:
+        return qops.dequantize_weight(qops.widen_int4(unpack_int4(w, signed=True), t["group_scale"]),
+                                      t["scale"], None, torch.float32)
+    if scheme.weight == "int4":
+        return qops.dequantize_int4(w, t["scale"], t.get("zero"), torch.float32)
+    if scheme.weight == "int2":
+        return qops.dequantize_int2(w, t["scale"], t["zero"], torch.float32)
+    if scheme.weight == "nf4":
+        return qops.dequantize_lut4(w, t["codebook"], t["scale"], torch.float32)
     if "codebook" in t:
         return qops.dequantize_lut(w, t["codebook"], t["scale"], torch.float32)
     if w.dtype == qops.FP8_DTYPE:
@@ -182,8 +200,6 @@ def dequantize(t: dict[str, Tensor]) -> Tensor:
         bk = w.shape[-1] // s.shape[-1]                                     # square blocks
         full = s.repeat_interleave(bk, dim=-2)[..., : w.shape[-2], :].repeat_interleave(bk, dim=-1)
         return w.float() * full
-    if "group_scale" in t:
-        w = qops.widen_int4(w, t["group_scale"])
     return qops.dequantize_weight(w, t["scale"], t.get("zero"), torch.float32)
 
 

@@ -25,7 +25,9 @@ __all__ = ["CacheLayout", "blocks_for", "dense_block_tables", "slot_mapping"]
 @dataclass(frozen=True)
 class CacheLayout:
     """What a step's caches look like: `num_layers` main caches and `num_mtp` MTP caches, each
-    [num_blocks, block_size, kv_cache_dim] of `dtype` on `device` (num_blocks is the runtime's choice)."""
+    [num_blocks, block_size, kv_cache_dim] of `storage_dtype` on `device` (num_blocks is the runtime's
+    choice). `dtype` is the model's float dtype; the caches hold it too unless `cache_dtype` says
+    otherwise (C8: int8, the latent as int8 codes and the rope part's bytes: ops/kv_int8.py)."""
 
     num_layers: int
     block_size: int
@@ -33,10 +35,20 @@ class CacheLayout:
     dtype: torch.dtype
     device: torch.device
     num_mtp: int = 0
+    cache_dtype: torch.dtype | None = None
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return self.cache_dtype or self.dtype
+
+    def bytes_per_token(self, with_mtp: bool = True) -> int:
+        """Cache bytes one token position costs over every layer (and the MTP layers)."""
+        layers = self.num_layers + (self.num_mtp if with_mtp else 0)
+        return self.kv_cache_dim * self.storage_dtype.itemsize * layers
 
     def new_caches(self, num_blocks: int, with_mtp: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(kv_caches, mtp_caches), zeroed; no MTP caches when with_mtp is False (plain decoding)."""
-        new = lambda n: [torch.zeros(num_blocks, self.block_size, self.kv_cache_dim, dtype=self.dtype,
+        new = lambda n: [torch.zeros(num_blocks, self.block_size, self.kv_cache_dim, dtype=self.storage_dtype,
                                      device=self.device) for _ in range(n)]
         return new(self.num_layers), new(self.num_mtp if with_mtp else 0)
 

@@ -83,8 +83,9 @@ class SpecStepProvider:
 
     def __init__(self, step, prefill, config, num_speculative_tokens: int, block_size: int,
                  cache_dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                 max_top_k: int = DEFAULT_MAX_TOP_K, greedy_step=None):
+                 max_top_k: int = DEFAULT_MAX_TOP_K, greedy_step=None, layout: CacheLayout | None = None):
         self.step, self.prefill_fn, self.config = step, prefill, config
+        self.layout = layout     # the caches the graphs were compiled for (C8: int8); None: the config's
         self.greedy_step = greedy_step   # run instead of `step` when SpecStepInputs.greedy says all rows are
         self.num_speculative_tokens, self.block_size = num_speculative_tokens, block_size
         self.cache_dtype, self.device = cache_dtype, torch.device(device)
@@ -100,7 +101,7 @@ class SpecStepProvider:
                    model.config, num_speculative_tokens, block_size, w.dtype, w.device)
 
     def new_caches(self, num_blocks: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        layout = CacheLayout.for_config(self.config, self.block_size, self.cache_dtype, self.device)
+        layout = self.layout or CacheLayout.for_config(self.config, self.block_size, self.cache_dtype, self.device)
         return layout.new_caches(num_blocks, with_mtp=self.num_speculative_tokens > 0)
 
     @torch.no_grad()

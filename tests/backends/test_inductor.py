@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import graphopt
-from graphopt.backends.inductor import batch_buckets, for_inductor
+from graphopt.backends.inductor import batch_buckets, for_inductor, prefill_shape
 from graphopt.config import resolve_backend
+from graphopt.passes.program import CompileOptions
 from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
 
@@ -24,6 +25,22 @@ def test_buckets_cover_every_batch_size_up_to_the_largest():
     assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]
     assert batch_buckets(1) == [1] and batch_buckets(5) == [1, 2, 4, 5]
     assert batch_buckets(200)[-3:] == [160, 192, 200]
+
+
+def test_prefill_chunks_pad_to_row_token_and_width_buckets_up_to_a_token_budget():
+    buckets = batch_buckets(64)
+    assert prefill_shape(1, 5, 1, buckets, 300, 8192) == (1, 16, 1)
+    assert prefill_shape(3, 17, 5, buckets, 300, 8192) == (4, 32, 8)
+    assert prefill_shape(8, 512, 40, buckets, 300, 8192) == (8, 512, 64)
+    assert prefill_shape(2, 129, 9, buckets, 300, 8192) == (2, 256, 16)       # multiples of 128 above 128
+    assert prefill_shape(2, 300, 19, buckets, 300, 8192) == (2, 384, 32)
+    assert prefill_shape(8, 512, 290, buckets, 300, 8192) == (8, 512, 300)     # width capped at the table
+    assert prefill_shape(17, 512, 40, buckets, 300, 8192) is None              # 24 x 512 padded tokens
+    assert prefill_shape(65, 16, 1, buckets, 300, 8192) is None                # past the last bucket
+    assert prefill_shape(1, 16, 301, buckets, 300, 8192) is None
+    assert prefill_shape(1, 16, 1, buckets, 300, 0) is None                    # prefill_graph_tokens=0: off
+    with pytest.raises(ValueError, match="prefill_graph_tokens must be an int >= 0"):
+        CompileOptions.from_kwargs({"prefill_graph_tokens": -1})
 
 
 def test_inductor_sees_the_elementwise_ops_as_torch_maths():
@@ -97,14 +114,45 @@ def test_cuda_graph_steps_are_token_identical_to_greedy_in_float32(gpu_model, k)
     assert sampled == compiled.generate(ragged, max_new_tokens=8, temperature=0.8, seed=3)
     # rows finishing at different steps move the batch to smaller buckets: each is captured once (its
     # copying graph, then a bound one); a repeat of a generation replays what it captured
-    captures, steps = ex.captures, ex.stats["steps"] if k else 0
-    assert captures <= 2 * 2 * len(ex.buckets)
+    captures, steps = (ex.captures, ex.prefill_captures), ex.stats["steps"] if k else 0
+    assert captures[0] <= 2 * 2 * len(ex.buckets) and 1 <= captures[1] <= 3
     assert compiled.generate(ragged, max_new_tokens=24, ignore_eos=True) == want
-    assert ex.captures == captures
+    assert (ex.captures, ex.prefill_captures) == captures
     if k:
         assert ex.stats["steps"] > steps        # counted inside the replayed graph
     if k:
         assert compiled.stats["acceptance_rate"] > 0.2
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_replayed_prefill_graph_equals_the_compiled_prefill_on_padded_rows_and_tokens(gpu_model):
+    from graphopt.step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs
+    from graphopt.step.spec_step import as_outputs, prefill_args
+    spec = graphopt.SpecConfig(num_speculative_tokens=1)
+    ex = graphopt.compile(gpu_model, spec=spec, progress=False, max_batch_size=8).executable
+    dev, (B, T) = ex.device, (3, 11)                          # bucket (4, 16, 2): a padding row and 5 tokens
+    g = torch.Generator().manual_seed(1)
+    params = {n: torch.full((B,), IDLE_SAMPLING[n], dtype=d, device=dev) for n, d in SAMPLING_FIELDS}
+    params["max_pos"].fill_(40)
+    inputs = lambda kv, mtp: SpecPrefillInputs(   # noqa: E731
+        ids=torch.randint(3, ex.config.vocab_size, (B, T), generator=g).to(dev),
+        lengths=torch.tensor([11, 4, 7], device=dev), start_pos=torch.zeros(B, dtype=torch.int64, device=dev),
+        block_tables=torch.tensor([[1, 2], [3, 0], [4, 5]], device=dev), **params, kv_caches=kv, mtp_caches=mtp)
+    kv, mtp = ex.new_caches(8)
+    a = inputs(kv, mtp)
+    kv2, mtp2 = [c.clone() for c in kv], [c.clone() for c in mtp]
+    b = SpecPrefillInputs(**{**a.__dict__, "kv_caches": kv2, "mtp_caches": mtp2})
+    with torch.no_grad():                               # as prefill() runs it: the same compiled graph
+        want = as_outputs(ex._prefill(*prefill_args(a)))
+    got = ex.prefill(b)
+    assert ex.prefill_captures == 1 and next(iter(ex._prefill_graphs)) == (4, 16, 2)
+    for name, w in want.__dict__.items():
+        assert torch.equal(getattr(got, name), w), name
+    for c, d in zip((*kv, *mtp), (*kv2, *mtp2)):       # the same slots written, the sink aside
+        torch.testing.assert_close(d[1:], c[1:], rtol=1e-5, atol=1e-5)
+    again = ex.prefill(b)                               # a replay: no new capture, the same tokens
+    assert ex.prefill_captures == 1 and torch.equal(again.out_tokens, want.out_tokens)
 
 
 @pytest.mark.gpu

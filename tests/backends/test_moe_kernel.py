@@ -118,6 +118,10 @@ INTERPRETER_CASES = {
     "n2_float32_one_per_block_shared_expert": (24, 160, 80, 2, 2, "float32", dict(one_expert=3)),
     "n2_bfloat16_one_per_block_shared_expert": (24, 40, 24, 2, 2, "bfloat16", dict(one_expert=3)),
     "n2_float32_one_per_block_unused_experts_nan": (24, 40, 24, 2, 2, "float32", dict(poison=True)),
+    # expert pruning: each token's last assignment has weight 0; its expert poisoned where only it uses it
+    "n1_float32_pruned_expert_nan": (6, 160, 80, 3, 1, "float32", dict(poison=True, prune=True)),
+    "n2_bfloat16_one_per_block_pruned_expert_nan": (24, 40, 24, 2, 2, "bfloat16", dict(poison=True, prune=True)),
+    "n17_float32_sorted_pruned": (6, 40, 24, 3, 17, "float32", dict(prune=True)),
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # bounds on max |kernel - reference| / max |reference|: float32 products are exact ("ieee") and sums
@@ -130,13 +134,15 @@ def _interpreter_main() -> None:
     results = {"available": moe.available()}
     for name, (E, H, I, k, N, dtype_name, extra) in INTERPRETER_CASES.items():
         extra = dict(extra)
-        poison = extra.pop("poison", False)
+        poison, prune = extra.pop("poison", False), extra.pop("prune", False)
         dtype = DTYPES[dtype_name]
         a = {**make_experts(E, H, I, dtype, seed=len(results)), **make_routing(N, E, H, k, dtype, **extra)}
+        if prune:
+            a["weights"][:, -1] = 0.0
         ref = reference(a)
-        if poison:                                       # the kernel may read only the chosen experts
+        if poison:                                       # the kernel may read only the chosen, kept experts
             unused = torch.ones(E, dtype=torch.bool)
-            unused[a["ids"].flatten()] = False
+            unused[a["ids"][a["weights"] != 0]] = False
             a["gate_up"][unused], a["down"][unused] = float("nan"), float("nan")
         got = moe.moe_experts_cuda(*(a[name] for name in ARGS))
         results[name] = dict(rel_max_error=rel_max_error(got, ref), dtype=str(got.dtype), shape=list(got.shape))
@@ -187,11 +193,8 @@ def test_one_block_per_assignment_only_where_few_experts_repeat(n_tokens, k, E, 
 
 @pytest.fixture(scope="module")
 def interpreted():
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from kernel_interpreter import run_interpreted    # here: a subprocess below imports this file as a module
+    return run_interpreted(__file__)
 
 
 @pytest.mark.parametrize("case", list(INTERPRETER_CASES))

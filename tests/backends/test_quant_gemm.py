@@ -6,6 +6,7 @@ import torch
 
 from graphopt.backends.inductor.kernels import quant_gemm
 from graphopt.ops import quant
+from graphopt.ops.packing import pack_int4
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -52,3 +53,20 @@ def test_registered_kernels_serve_the_ops():
     quant_gemm.register()
     x, w = _int8(2, 112, seed=7), _int8(64, 112, seed=8)
     assert torch.equal(torch.ops.graphopt.int8_matmul(x, w), quant.int8_matmul._init_fn(x, w))
+
+
+@pytest.mark.parametrize("rows", [1, 17, 64])
+def test_packed_int4_ops_on_cuda_equal_the_cpu_reference(rows):
+    quant_gemm.register()
+    g = torch.Generator().manual_seed(rows)
+    q4 = torch.randint(-7, 8, (1408, 2048), generator=g, dtype=torch.int8)
+    gs = torch.randint(1, 18, (1408, 16), generator=g, dtype=torch.int8)
+    x = torch.randint(-127, 128, (rows, 2048), generator=g, dtype=torch.int8)
+    packed = pack_int4(q4)                                             # uint8 [1408, 1024]
+    want = torch.ops.graphopt.w4a8_matmul(x, packed, gs)
+    got = torch.ops.graphopt.w4a8_matmul(x.cuda(), packed.cuda(), gs.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), want)                # integer maths: bit-identical
+    scale = torch.rand(1408, 16, generator=g) + 0.01
+    w = torch.ops.graphopt.dequantize_int4(packed.cuda(), scale.cuda(), None, torch.bfloat16)
+    assert w.shape == (1408, 2048)
+    assert torch.equal(w.cpu(), torch.ops.graphopt.dequantize_int4(packed, scale, None, torch.bfloat16))

@@ -4,7 +4,10 @@ fake implementations, and bad input."""
 import pytest
 import torch
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from graphopt.ops import quant as qops
+from graphopt.ops.packing import pack_int2, pack_int4
 
 OPS = torch.ops.graphopt
 
@@ -58,7 +61,55 @@ def test_w4a8_matmul_equals_int8_matmul_on_widened_weight():
     gs = torch.randint(1, 18, (12, 4), generator=g, dtype=torch.int8)
     w8 = (q4.double().view(12, 4, 16) * gs.double()[..., None]).view(12, 64)
     assert w8.abs().max() <= 119                                   # protective range: no saturation
-    assert torch.equal(OPS.w4a8_matmul(x, q4, gs).double(), x.double() @ w8.T)
+    packed = pack_int4(q4)
+    assert packed.dtype == torch.uint8 and packed.shape == (12, 32)   # two int4 a byte
+    assert torch.equal(OPS.w4a8_matmul(x, packed, gs).double(), x.double() @ w8.T)
+
+
+def test_w4a8_matmul_refuses_an_unpacked_or_mismatched_weight():
+    x = torch.zeros(2, 64, dtype=torch.int8)
+    q4 = torch.zeros(3, 64, dtype=torch.int8)
+    gs = torch.ones(3, 1, dtype=torch.int8)
+    with pytest.raises(ValueError, match="packed two per byte"):
+        OPS.w4a8_matmul(x, q4, gs)
+    with pytest.raises(ValueError, match=r"K=64 but the packed weight \(3, 16\) holds K=32"):
+        OPS.w4a8_matmul(x, pack_int4(q4[:, :32]), gs)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dequantize_int4_equals_dequantize_weight_on_the_unpacked_values(signed):
+    g = _gen(6)
+    shape = (2, 6, 32)                                              # stacked experts
+    if signed:                                                      # symmetric w4a16
+        q, zero = torch.randint(-8, 8, shape, generator=g, dtype=torch.int8), None
+    else:                                                           # HQQ: codes 0..15 and a float zero
+        q, zero = torch.randint(0, 16, shape, generator=g, dtype=torch.uint8), torch.rand(2, 6, 4, generator=g) * 15
+    scale = torch.rand(2, 6, 4, generator=g) + 0.1
+    got = OPS.dequantize_int4(pack_int4(q), scale, zero, torch.float32)
+    assert got.shape == shape
+    assert torch.equal(got, OPS.dequantize_weight(q, scale, zero, torch.float32))   # bit for bit
+
+
+def test_dequantize_int2_and_lut4_equal_their_unpacked_ops_bit_for_bit():
+    g = _gen(7)
+    codes2 = torch.randint(0, 4, (6, 32), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(6, 2, generator=g) + 0.1, torch.rand(6, 2, generator=g) * 3
+    got = OPS.dequantize_int2(pack_int2(codes2), scale, zero, torch.float32)
+    assert got.shape == (6, 32) and torch.equal(got, OPS.dequantize_weight(codes2, scale, zero, torch.float32))
+    codes4 = torch.randint(0, 16, (2, 6, 32), generator=g, dtype=torch.uint8)
+    book, scale4 = torch.randn(16, generator=g), torch.rand(2, 6, 4, generator=g)
+    got4 = OPS.dequantize_lut4(pack_int4(codes4), book, scale4, torch.bfloat16)
+    assert got4.shape == (2, 6, 32) and torch.equal(got4, OPS.dequantize_lut(codes4, book, scale4, torch.bfloat16))
+    with pytest.raises(ValueError, match="int2 weight must be packed four per byte"):
+        OPS.dequantize_int2(codes2.to(torch.int8), scale, zero, torch.float32)
+
+
+def test_dequantize_int4_fake_gives_the_unpacked_shape_and_refuses_int8():
+    with FakeTensorMode():
+        w = torch.empty(4, 8, dtype=torch.uint8)
+        assert OPS.dequantize_int4(w, torch.empty(4, 1), None, torch.bfloat16).shape == (4, 16)
+    with pytest.raises(ValueError, match="packed two per byte"):
+        OPS.dequantize_int4(torch.zeros(4, 16, dtype=torch.int8), torch.ones(4, 1), None, torch.float32)
 
 
 def test_dequantize_int32_applies_token_and_channel_scales_and_bias():

@@ -248,5 +248,5 @@ def test_quantised_logits_are_judged_as_next_token_distributions():
 
 
 def test_a_pass_declaring_an_unknown_check_is_refused():
-    with pytest.raises(ValueError, match="numerics='approximately'; verify knows \\['close', 'quantised'\\]"):
+    with pytest.raises(ValueError, match="numerics='approximately'; verify knows \\['close', 'pruned', 'quantised'\\]"):
         PassManager([Phase("t", "t", [ScaleOutput(1.0, "approximately")])])

@@ -52,11 +52,35 @@ def test_other_schemes_write_their_own_op_sequence(main_fp32, run, outputs, pres
     ops = count_ops(ran.graph_module)
     n = ran.record("quant_insert").matches
     expect = {"w4a8": "graphopt.w4a8_matmul.default", "fp8_block": "graphopt.fp8_linear.default",
-              "w4a16": "graphopt.dequantize_weight.default", "w8a8_static": "graphopt.quantize_per_tensor.default"}
+              "w4a16": "graphopt.dequantize_int4.default", "w8a8_static": "graphopt.quantize_per_tensor.default"}
     assert n > 0 and ops[expect[preset]] == n
     ref, got = outputs(main_fp32.step.graph_module, ran.graph_module, main_fp32.step.make_inputs)
     rel = float((got[0] - ref[0]).norm() / ref[0].norm())                    # logits
     assert 0 < rel < 0.15
+
+
+@pytest.mark.parametrize("scheme", ["w4a8", "w4a16"])
+def test_int4_weights_are_packed_in_the_graph_and_match_the_eager_model(main_fp32, run, scheme):
+    config = QuantConfig(scheme, group_size=16)                               # RTN: no calibration
+    ran = run(main_fp32, [QuantInsertPass()], verify=False, options=_opts(config))
+    gm = ran.graph_module
+    float_k = {n: t.shape[-1] for n, t in main_fp32.step.graph_module.state_dict().items()}
+    weights = {n: t for n, t in gm.state_dict().items() if n.startswith("_quant_") and n.endswith("_weight")}
+    assert len(weights) == ran.record("quant_insert").matches > 0
+    for name, t in weights.items():                                           # two int4 a byte, in the Program
+        assert t.dtype == torch.uint8, name
+    attrs = {n.target: n for n in gm.graph.nodes if n.op == "get_attr"}
+    q_a = "_quant_model__layers__0__self_attn__q_a_proj_weight"
+    assert attrs[q_a].meta["val"].dtype == torch.uint8
+    assert 2 * weights[q_a].shape[-1] == float_k["model.model.layers.0.self_attn.q_a_proj.weight"]
+
+    eager = quantize_model(main_fp32.model, config, torch.zeros(1, 4, dtype=torch.long), progress=False)
+    assert torch.equal(eager.model.layers[0].self_attn.q_a_proj.weight, weights[q_a])  # the same packed bytes
+    args, (ids, pos, slots, blocks, caches) = main_fp32.step.make_inputs(3), main_fp32.step.make_inputs(3)
+    with torch.no_grad():
+        logits, _ = gm(*args)
+        want, _ = eager(ids, pos, caches, slots, blocks, return_hidden=True)
+    torch.testing.assert_close(logits, want, rtol=1e-6, atol=1e-6)
 
 
 def test_c8_writes_latents_on_the_int8_grid(main_fp32, run):

@@ -64,7 +64,7 @@ def quantise(program: Program, quant, passes=None, graphs=("main", "mtp0")) -> t
 def test_every_scheme_has_a_budget_and_quant_insert_declares_its_check():
     assert {s for s, sch in SCHEMES.items() if sch.quantized} | {"c8"} == set(QUANT_BUDGETS)
     assert QuantInsertPass.numerics == "quantised" and QuantCalibratePass.numerics == "close"
-    assert set(CHECKS) == {"close", "quantised"}
+    assert set(CHECKS) == {"close", "pruned", "quantised"}
     name, budget = quant_budget("w4a8_c8")      # the loosest scheme, plus what the int8 cache adds
     assert name == "w4a8 + c8"
     assert budget.kl == pytest.approx(QUANT_BUDGETS["w4a8"].kl + QUANT_BUDGETS["c8"].kl)

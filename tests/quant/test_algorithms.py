@@ -14,6 +14,7 @@ from graphopt.quant.config import (ClippingConfig, FlexSmoothConfig, HadamardCon
                                    LearnableClippingConfig, QuantConfig, RTNConfig, SmoothQuantConfig)
 from graphopt.quant.observers import Observer
 from graphopt.quant.qlinear import eager_call, emit_linear
+from graphopt.ops.packing import pack_int4
 from graphopt.quant.schemes import SCHEMES, dequantize, hqq_initial, quantize_weight
 
 
@@ -83,7 +84,7 @@ def _clip_case():
 
 
 def _output_error(x, w, tensors):
-    return float((x @ (w - dequantize(tensors)).T).square().mean())
+    return float((x @ (w - dequantize(tensors, SCHEMES["w4a16"])).T).square().mean())
 
 
 def test_clipping_search_reduces_output_error_against_rtn_on_weight_outliers():
@@ -101,10 +102,11 @@ def test_clipping_search_reduces_output_error_against_rtn_on_weight_outliers():
 def test_hqq_beats_min_max_without_data():
     w, _ = _clip_case()
     target = _target("w4a16", w, None, group_size=16)
-    init = hqq_initial(w, 4, 4)
+    init = hqq_initial(w, 4, 4)                                   # unpacked codes: HQQ's starting point
+    init["weight"] = pack_int4(init["weight"])
     out = hqq(HQQConfig(iters=20), target, Transformed(w))
-    err = lambda t: float((dequantize(t) - w).square().sum())
-    assert out["weight"].dtype == torch.uint8 and out["weight"].max() <= 15
+    err = lambda t: float((dequantize(t, SCHEMES["w4a16"]) - w).square().sum())
+    assert out["weight"].dtype == torch.uint8 and out["weight"].shape == (*w.shape[:-1], w.shape[-1] // 2)
     assert err(out) < err(init)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from graphopt.models.random import random_model
 from graphopt.quant import PRESETS, QuantError, load_quantized, quantize_model, save_quantized
-from graphopt.quant.formats import pack_int2, pack_int4, unpack_int2, unpack_int4
+from graphopt.ops.packing import pack_int2, pack_int4, unpack_int2, unpack_int4
 
 
 @pytest.fixture(scope="module")
@@ -38,15 +38,37 @@ def _bits(t):
     return t.contiguous().reshape(-1).view(torch.uint8) if t.is_floating_point() else t
 
 
-def test_int4_is_packed_two_per_byte(tmp_path, model_and_data):
+@pytest.mark.parametrize("preset, signed", [("w4a16", "uint8"), ("w4a8", "int8")])
+def test_int4_is_packed_two_per_byte_in_memory_and_on_disk(tmp_path, model_and_data, preset, signed):
     model, data, _ = model_and_data
-    q = quantize_model(model, PRESETS["w4a16"].replace(group_size=16), data, progress=False)
+    q = quantize_model(model, PRESETS[preset].replace(group_size=16), data, progress=False)
+    name = "model.layers.0.self_attn.o_proj.weight"
+    k = model.state_dict()[name].shape[-1]
+    in_memory = q.state_dict()[name]
+    assert in_memory.dtype == torch.uint8 and in_memory.shape[-1] * 2 == k      # packed in memory
+    experts = q.state_dict()["model.layers.1.mlp.experts.gate_up.weight"]
+    assert experts.shape[-1] * 2 == model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"].shape[-1]
     save_quantized(q, tmp_path)
     desc = json.loads((tmp_path / "quant_model.json").read_text())
-    name = "model.layers.0.self_attn.o_proj.weight"
-    assert desc["packed_int4"][name] == "uint8"
+    assert desc["packed_int4"][name] == signed                  # the values' dtype: HQQ codes or signed int4
+    assert desc["modules"]["model.layers.0.self_attn.o_proj"]["shape"][-1] == k   # the logical shape
     on_disk = safetensors.torch.load_file(tmp_path / "model.safetensors")[name]
-    assert on_disk.shape[-1] * 2 == q.state_dict()[name].shape[-1]
+    assert torch.equal(on_disk, in_memory)                      # the file holds the memory's bytes
+    assert torch.equal(load_quantized(tmp_path).state_dict()[name], in_memory)
+
+
+def test_an_int4_weight_the_file_does_not_list_as_packed_is_refused(tmp_path, model_and_data):
+    model, data, _ = model_and_data
+    save_quantized(quantize_model(model, PRESETS["w4a8"].replace(group_size=16), data, progress=False), tmp_path)
+    f = tmp_path / "quant_model.json"
+    desc = json.loads(f.read_text())
+    del desc["packed_int4"]["model.layers.0.self_attn.o_proj.weight"]
+    f.write_text(json.dumps(desc))
+    with pytest.raises(QuantError, match="4-bit weight model.layers.0.self_attn.o_proj.weight is not listed as packed"):
+        load_quantized(tmp_path)
+
+
+def test_int4_pack_helpers_round_trip():
     for signed in (True, False):
         v = torch.randint(-7 if signed else 0, 8 if signed else 16, (3, 10),
                           dtype=torch.int8 if signed else torch.uint8)
@@ -63,7 +85,8 @@ def test_int2_is_packed_four_per_byte_nf4_two_and_hif8_codes_stay_bytes(tmp_path
         desc = json.loads((tmp_path / preset / "quant_model.json").read_text())
         on_disk = safetensors.torch.load_file(tmp_path / preset / "model.safetensors")
         assert on_disk[name].dtype == torch.uint8
-        assert on_disk[name].shape[-1] * per_byte == q.state_dict()[name].shape[-1]
+        assert on_disk[name].shape[-1] * per_byte == model.state_dict()[name].shape[-1]
+        assert torch.equal(on_disk[name], q.state_dict()[name])            # packed in memory as on disk
         assert (name in desc.get("packed_int2", {})) == (preset == "w2a16")
         assert (name in desc["packed_int4"]) == (preset == "nf4")
         codebook = on_disk.get(name.replace(".weight", ".codebook"))

@@ -11,6 +11,7 @@ from graphopt.ops.hifloat8 import hif8_values
 from graphopt.ops.quant import NF4_VALUES
 from graphopt.passes.base import count_ops
 from graphopt.quant import PRESETS, quantize_model, quantized_names
+from graphopt.ops.packing import unpack_int2, unpack_int4
 from graphopt.quant.schemes import (HIF8_WEIGHT_MAX, SCHEMES, W4A8_PROTECT, QuantError, dequantize, get_scheme,
                                     groups_of, quantize_weight, weight_bits_per_element)
 
@@ -30,22 +31,25 @@ FLOORS = {"w8a8": 38, "w8a8_static": 38, "w8a16": 38, "fp8": 28, "fp8_block": 28
 def test_scheme_round_trip_meets_sqnr_floor(name, shape):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     t = quantize_weight(SCHEMES[name], w, group_size=16, fp8_block=32)
-    assert t["weight"].shape == w.shape
-    assert sqnr_db(w, dequantize(t)) > FLOORS[name]
+    per_byte = SCHEMES[name].per_byte                         # int4 / nf4: two a byte along K, int2: four
+    assert t["weight"].shape == (*w.shape[:-1], w.shape[-1] // per_byte)
+    assert t["weight"].dtype == torch.uint8 or per_byte == 1
+    assert sqnr_db(w, dequantize(t, SCHEMES[name])) > FLOORS[name]
 
 
 def test_coarser_grids_lose_more():
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(1))
-    err = {n: sqnr_db(w, dequantize(quantize_weight(SCHEMES[n], w, 32, 128))) for n in ("w8a8", "fp8", "w4a16")}
+    err = {n: sqnr_db(w, dequantize(quantize_weight(SCHEMES[n], w, 32, 128), SCHEMES[n])) for n in ("w8a8", "fp8", "w4a16")}
     assert err["w8a8"] > err["fp8"] > err["w4a16"]
 
 
 def test_w4a8_is_progressive_and_never_leaves_int8():
     w = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.01, 5, 64)
     t = quantize_weight(SCHEMES["w4a8"], w, group_size=16, fp8_block=128)
-    assert t["weight"].abs().max() <= 7 and t["group_scale"].dtype == torch.int8
+    q4 = unpack_int4(t["weight"], signed=True)
+    assert q4.abs().max() <= 7 and t["group_scale"].dtype == torch.int8
     assert t["group_scale"].min() >= 1 and t["group_scale"].max() <= 17
-    widened = t["weight"].int().view(2, 16, 4, 16) * t["group_scale"].int()[..., None]
+    widened = q4.int().view(2, 16, 4, 16) * t["group_scale"].int()[..., None]
     assert widened.abs().max() <= W4A8_PROTECT      # int4 x int8 scale stays an unsaturated int8
 
 
@@ -98,15 +102,17 @@ def test_codebook_schemes_store_codes_and_their_table():
     torch.testing.assert_close(hif8["codebook"], hif8_values(), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(hif8["scale"].squeeze(-1), w.abs().amax(-1) / HIF8_WEIGHT_MAX)
     nf4 = quantize_weight(SCHEMES["nf4"], w, 16, 128)
-    assert nf4["weight"].dtype == torch.uint8 and nf4["weight"].max() <= 15 and nf4["scale"].shape == (2, 8, 4)
+    nf4_codes = unpack_int4(nf4["weight"], signed=False)                               # two codes a byte
+    assert nf4["weight"].shape == (2, 8, 32) and nf4_codes.max() <= 15 and nf4["scale"].shape == (2, 8, 4)
     w2 = quantize_weight(SCHEMES["w2a16"], w, 16, 128)
-    assert w2["weight"].dtype == torch.uint8 and set(w2["weight"].unique().tolist()) == {0, 1, 2, 3}
+    assert w2["weight"].dtype == torch.uint8 and w2["weight"].shape == (2, 8, 16)        # four codes a byte
+    assert set(unpack_int2(w2["weight"]).unique().tolist()) == {0, 1, 2, 3}
     assert w2["zero"].shape == w2["scale"].shape == (2, 8, 4)
 
 
 def test_new_schemes_meet_their_per_weight_error_bounds():
     w = torch.randn(32, 128, generator=torch.Generator().manual_seed(5)) * torch.linspace(0.01, 3, 128)
-    err = {n: (dequantize(quantize_weight(SCHEMES[n], w, 32, 128)) - w).abs() for n in NEW}
+    err = {n: (dequantize(quantize_weight(SCHEMES[n], w, 32, 128), SCHEMES[n]) - w).abs() for n in NEW}
     # hif8: half a quantum; 3 mantissa bits down to abs-max / 120 (|err| <= |w| / 16), below that
     # at least 2 bits on values < 0.125 scaled units
     scale = w.abs().amax(-1, keepdim=True) / HIF8_WEIGHT_MAX
@@ -127,7 +133,7 @@ def test_zero_and_constant_groups_are_exact_and_nan_is_refused(name):
     w[1] = 0.37
     w[2] = -2.5
     w[3, :32] = 1e-3                              # a zero group next to a constant one
-    back = dequantize(quantize_weight(SCHEMES[name], w, 32, 128))
+    back = dequantize(quantize_weight(SCHEMES[name], w, 32, 128), SCHEMES[name])
     torch.testing.assert_close(back, w, rtol=1e-6, atol=1e-7)
     assert (back[0] == 0).all() and (back[3, 32:] == 0).all()
     w[2, 5] = float("nan")
@@ -141,7 +147,7 @@ def test_clipping_shrinks_the_new_grids():
         half = torch.full((8, 2 if SCHEMES[name].grouped else 1), 0.5)         # hif8: per channel
         full_t, half_t = (quantize_weight(SCHEMES[name], w, 32, 128, clip=c) for c in (None, half))
         torch.testing.assert_close(half_t["scale"], full_t["scale"] * 0.5)
-        assert dequantize(half_t).abs().max() <= 0.5 * w.abs().max() * (1 + 1e-6)
+        assert dequantize(half_t, SCHEMES[name]).abs().max() <= 0.5 * w.abs().max() * (1 + 1e-6)
 
 
 def test_bits_per_weight_of_the_new_schemes():
@@ -178,11 +184,25 @@ def test_new_presets_quantise_eagerly_and_compile_to_the_same_model(small_model,
 
     compiled = graphopt.compile(model, quant=config, progress=False)
     ops = count_ops(compiled.program["main"])
-    dequant, other = (("graphopt.dequantize_lut.default", "graphopt.dequantize_weight.default")
-                      if SCHEMES[preset].codebook else
-                      ("graphopt.dequantize_weight.default", "graphopt.dequantize_lut.default"))
-    assert ops[dequant] > 0 and other not in ops
+    dequant = {"hif8": "graphopt.dequantize_lut.default", "nf4": "graphopt.dequantize_lut4.default",
+               "w2a16": "graphopt.dequantize_int2.default"}[preset]             # nf4 / int2 read packed codes
+    assert ops[dequant] > 0 and "graphopt.dequantize_weight.default" not in ops
     assert ops["graphopt.quantized_moe_experts.default"] == 1     # the MoE layer's experts, quantised
     assert ops.get("aten.linear.default", 0) >= 2                 # negative: kv_b_proj and the gate stay float
     prompt = ids[0, :4].tolist()
     assert compiled.generate([prompt], max_new_tokens=6) == [greedy_generate(eager, prompt, 6)]
+
+
+@pytest.mark.parametrize("name", ["w4a8", "w4a16"])
+def test_int4_needs_an_even_input_dimension_to_pack(name):
+    w = torch.randn(4, 7)                                            # one group of 7: K cannot be halved
+    with pytest.raises(QuantError, match=f"{name}: int4 weights are stored 2 per byte"):
+        quantize_weight(SCHEMES[name], w, group_size=128, fp8_block=128)
+    assert quantize_weight(SCHEMES[name], torch.randn(4, 8), 128, 128)["weight"].shape == (4, 4)
+
+
+def test_int2_and_nf4_need_a_dimension_they_can_pack():
+    with pytest.raises(QuantError, match="w2a16: int2 weights are stored 4 per byte"):
+        quantize_weight(SCHEMES["w2a16"], torch.randn(4, 6), group_size=6, fp8_block=128)
+    with pytest.raises(QuantError, match="nf4: nf4 weights are stored 2 per byte"):
+        quantize_weight(SCHEMES["nf4"], torch.randn(4, 7), group_size=128, fp8_block=128)

@@ -35,7 +35,15 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
 
 
 def moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
-              norm_topk_prob, routed_scaling_factor):
+              norm_topk_prob, routed_scaling_factor, prune_threshold=0.0):
+    weights, ids = _gating_top_k(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method,
+                                 scoring_func, norm_topk_prob, routed_scaling_factor)
+    # expert pruning (decode steps): the reference's rule on the kernel's weights
+    return (core.prune_routing(weights, prune_threshold) if prune_threshold > 0 else weights), ids
+
+
+def _gating_top_k(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                  norm_topk_prob, routed_scaling_factor):
     eligible = (topk_method == "noaux_tc" and scoring_func == "sigmoid" and norm_topk_prob
                 and correction_bias is not None and gate_weight.shape[0] == 256 and topk_group == 4)
     if not eligible:          # the kernel's documented limits on Atlas A2/A3

@@ -33,7 +33,7 @@ class EagerExecutable:
         if program.has_step_graphs:
             greedy = program["step_greedy"] if "step_greedy" in program else None
             self._provider = SpecStepProvider(program["step"], program["prefill"], self.config, k, layout.block_size,
-                                              layout.dtype, layout.device, greedy_step=greedy)
+                                              layout.dtype, layout.device, greedy_step=greedy, layout=layout)
         else:   # fuse_spec_step switched off: plain decoding over the main graph
             self._provider = ReferenceStepProvider(program.main, self.config, layout)
         self.num_speculative_tokens = self._provider.num_speculative_tokens

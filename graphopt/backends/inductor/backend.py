@@ -19,14 +19,25 @@ from ...step.spec_step import as_outputs, decode_args, prefill_args
 from ..base import Backend, fresh_cache_forward
 from . import kernels
 
-__all__ = ["InductorBackend", "InductorExecutable", "batch_buckets", "for_inductor"]
+__all__ = ["InductorBackend", "InductorExecutable", "batch_buckets", "for_inductor", "prefill_shape"]
+
+
+
+def _moe_route_maths(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                     norm_topk_prob, routed_scaling_factor, prune_threshold=0.0):
+    """graphopt::moe_route's reference without its argument checks (the op checked them when the graph
+    was made): a check's message formats symbolic sizes, which breaks Dynamo's graph in two."""
+    weights, ids = _core.route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method,
+                               scoring_func, norm_topk_prob, routed_scaling_factor)
+    return (_core.prune_routing(weights, prune_threshold) if prune_threshold > 0 else weights), ids
+
 
 # graphopt:: ops whose reference is plain elementwise / reduction torch: handed to Inductor as their
 # maths, so it fuses them with their neighbours (an opaque op is one eager call per node)
 _INLINE = {
     torch.ops.graphopt.rms_norm.default: _core.rms_norm._init_fn,
     torch.ops.graphopt.swiglu.default: _core.swiglu._init_fn,
-    torch.ops.graphopt.moe_route.default: _core.moe_route._init_fn,
+    torch.ops.graphopt.moe_route.default: _moe_route_maths,
     # dynamic activation quantisation and the int32 -> float epilogue: fused into the producer /
     # consumer kernels instead of 3-5 eager kernels each around every quantised GEMM
     torch.ops.graphopt.quantize_per_token.default: _quant.quantize_per_token._init_fn,
@@ -136,8 +147,28 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return sizes + [max_batch_size]
 
 
+def prefill_shape(rows: int, tokens: int, width: int, buckets: list[int], max_width: int,
+                  max_tokens: int) -> tuple[int, int, int] | None:
+    """The (rows, tokens, table width) bucket a prefill chunk of this shape replays in, or None when it
+    runs without a CUDA graph: rows to the decode batch buckets, tokens to the next power of two from
+    16 up to 128 and to the next multiple of 128 above (long chunks approach compute-bound, where
+    padding costs what it pads), width to the next power of two of blocks (at most `max_width`);
+    None past the last batch bucket or when the padded chunk holds more than `max_tokens` tokens
+    (its launches are then a small part of its time)."""
+    if rows > buckets[-1] or width > max_width:
+        return None
+    r = next(b for b in buckets if b >= rows)
+    t = max(16, 1 << (tokens - 1).bit_length()) if tokens <= 128 else -(-tokens // 128) * 128
+    if r * t > max_tokens:
+        return None
+    return r, t, min(max_width, 1 << (width - 1).bit_length())
+
+
 class _Compiled:
-    """One graph compiled once by Inductor with dynamic batch / token / table / cache sizes."""
+    """One graph compiled by Inductor with dynamic batch / token / table / cache sizes: twice in all,
+    for one row and for more (Dynamo specialises sizes 0 and 1). Traced without duck shaping: by
+    default two sizes equal at the first call (a 16-token chunk and the 16-slot cache block) become
+    one symbol, and the next chunk length recompiles the whole graph (~40 s on V2-Lite)."""
 
     def __init__(self, gm: fx.GraphModule, name: str, fused_weights: dict | None = None):
         self.name = name
@@ -145,7 +176,13 @@ class _Compiled:
         self.fn = torch.compile(self.graph_module, backend="inductor", dynamic=True)
 
     def __call__(self, *args):
-        return self.fn(*args)
+        with _no_duck_shapes():
+            return self.fn(*args)
+
+
+def _no_duck_shapes():
+    from torch.fx.experimental import _config
+    return _config.patch(use_duck_shape=False)
 
 
 class _CapturedStep:
@@ -205,6 +242,52 @@ class _CapturedStep:
         return SpecStepOutputs(*(t[:n] for t in self.outputs.__dict__.values()))
 
 
+class _CapturedPrefill:
+    """One CUDA graph of the prefill graph for a (rows, tokens, width) bucket over one set of caches,
+    over its own static inputs: a call copies the chunk in (padding tokens past each row's length,
+    padding rows of length 1 whose all-zero block table points every write at the sink block) and
+    replays. The outputs are the graph's own tensors: valid until the next prefill call."""
+
+    def __init__(self, fn: _Compiled, shape: tuple[int, int, int], k: int, kv, mtp, pool, device):
+        rows, tokens, width = self.shape = shape
+        self.key, self._caches = _cache_key(kv, mtp), (*kv, *mtp)
+        z = lambda *s, dtype=torch.int64: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        self.ids, self.start_pos, self.block_tables = z(rows, tokens), z(rows), z(rows, width)
+        self.lengths = torch.ones(rows, dtype=torch.int64, device=device)
+        self.params = {name: torch.full((rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
+                       for name, dtype in SAMPLING_FIELDS}
+        self.last = z((), dtype=torch.bool)
+        args = (self.ids, self.lengths, self.start_pos, self.block_tables, *self.params.values(), self.last,
+                list(kv), list(mtp))
+        side = torch.cuda.Stream()                  # warm-up: every write goes to the sink (zero tables)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn(*args)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = as_outputs(fn(*args))
+
+    def holds(self, kv, mtp) -> bool:
+        return len(kv) + len(mtp) == len(self._caches) and all(map(operator.is_, (*kv, *mtp), self._caches))
+
+    def run(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
+        (n, t), w = inputs.ids.shape, inputs.block_tables.shape[1]
+        self.ids[:n, t:].zero_()
+        self.block_tables[:n, w:].zero_()
+        self.lengths[n:].fill_(1)                       # rows past n: padding, one token into the sink
+        self.start_pos[n:].zero_()
+        self.block_tables[n:].zero_()
+        copies = [(self.ids[:n, :t], inputs.ids), (self.lengths[:n], inputs.lengths),
+                  (self.start_pos[:n], inputs.start_pos), (self.block_tables[:n, :w], inputs.block_tables)]
+        copies += [(self.params[name][:n], getattr(inputs, name)) for name, _ in SAMPLING_FIELDS]
+        torch._foreach_copy_([d for d, _ in copies], [s for _, s in copies])
+        self.last.fill_(bool(inputs.is_last_chunk))
+        self.graph.replay()
+        return SpecStepOutputs(*(o[:n] for o in self.outputs.__dict__.values()))
+
+
 def _cache_key(kv, mtp) -> tuple:
     return tuple((c.data_ptr(), tuple(c.shape)) for c in (*kv, *mtp))
 
@@ -218,7 +301,8 @@ def _input_key(inputs: SpecStepInputs) -> tuple:
 
 class InductorExecutable:
     """The step contract over Inductor-compiled graphs; on CUDA, decode replays a CUDA graph per
-    (batch bucket, greedy) over the caller's caches (re-captured when the caches change)."""
+    (batch bucket, greedy) and prefill one per (rows, tokens, table width) bucket, over the caller's
+    caches (re-captured when the caches change)."""
 
     def __init__(self, program: Program, options: CompileOptions):
         if not program.has_step_graphs:
@@ -242,6 +326,8 @@ class InductorExecutable:
         self.buckets = batch_buckets(options.max_batch_size)
         self.width = blocks_for(self.config.max_position_embeddings + 2 * self.num_speculative_tokens + 1,
                                 self.block_size)
+        self.prefill_graph_tokens = options.prefill_graph_tokens if self.cuda_graphs else 0
+        self._prefill_graphs: dict[tuple[int, int, int], _CapturedPrefill] = {}
         self._graphs: dict[tuple[int, bool], _CapturedStep] = {}   # (rows, greedy) -> over own buffers
         self._bound: dict[tuple, _CapturedStep] = {}               # caller's input tensors -> bound graph
         self._last_inputs: dict[tuple[int, bool], tuple] = {}
@@ -249,7 +335,8 @@ class InductorExecutable:
         self._stats = SpecStats()
         if self.cuda_graphs and self.num_speculative_tokens:
             self._stats.prepare(self.num_speculative_tokens, self.device)   # graphs update it in place
-        self.captures = 0                                        # CUDA graphs captured so far
+        self.captures = 0                                        # decode CUDA graphs captured so far
+        self.prefill_captures = 0                                # prefill CUDA graphs captured so far
 
     def _compile(self, gm: fx.GraphModule, name: str):
         """One graph compiled once (a subclass may compile with another torch.compile backend)."""
@@ -261,7 +348,19 @@ class InductorExecutable:
     @torch.no_grad()
     def prefill(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
         inputs.validate()
-        return as_outputs(self._prefill(*prefill_args(inputs)))
+        (rows, tokens), width = inputs.ids.shape, inputs.block_tables.shape[1]
+        shape = prefill_shape(rows, tokens, width, self.buckets, self.width, self.prefill_graph_tokens)
+        if shape is None:
+            return as_outputs(self._prefill(*prefill_args(inputs)))
+        entry = self._prefill_graphs.get(shape)
+        if entry is None or not entry.holds(inputs.kv_caches, inputs.mtp_caches):
+            if entry is not None:                        # the engine's caches changed: drop the old graphs
+                self._prefill_graphs.clear()
+            entry = self._prefill_graphs[shape] = _CapturedPrefill(
+                self._prefill, shape, self.num_speculative_tokens, inputs.kv_caches, inputs.mtp_caches,
+                self._pool, self.device)
+            self.prefill_captures += 1
+        return entry.run(inputs)
 
     def decode_shape(self, rows: int, width: int) -> tuple[int, int]:
         """The rows and block-table width a batch of `rows` is replayed with: a caller that passes

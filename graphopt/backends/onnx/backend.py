@@ -156,4 +156,8 @@ class OnnxBackend(Backend):
     name = "onnx"
 
     def lower(self, program: Program, options: CompileOptions) -> OnnxExecutable:
+        if program.cache.cache_dtype is not None:
+            raise ValueError(f"the onnx backend does not take {program.cache.cache_dtype} caches (C8 storage) yet; "
+                             "compile with disable_passes=('store_int8_kv_cache',) for float caches with C8 numerics, "
+                             "or with the eager / inductor backend")
         return OnnxExecutable(program)

@@ -190,7 +190,8 @@ DECOMPOSITIONS = {
 }
 # the quantised-linear ops: their references are plain torch (graphopt/ops/quant.py)
 for _name in ("quantize_per_token", "quantize_per_tensor", "int8_matmul", "dequantize_int32", "dequantize_weight",
-              "dequantize_kv", "quantize_kv", "hadamard_transform", "dequantize_lut"):
+              "dequantize_int4", "dequantize_int2", "dequantize_kv", "quantize_kv", "hadamard_transform",
+              "dequantize_lut", "dequantize_lut4"):
     if hasattr(G, _name):
         DECOMPOSITIONS[getattr(G, _name).default] = _reference(getattr(_quant, _name))
 

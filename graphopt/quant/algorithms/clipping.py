@@ -27,7 +27,7 @@ __all__ = ["grid_clipping", "learnable_clipping"]
 
 def _errors(target: Target, t: Transformed, x, ratio: torch.Tensor) -> torch.Tensor:
     c = target.config
-    wq = dequantize(quantize_weight(target.scheme, t.weight, c.group_size, c.fp8_block, clip=ratio))
+    wq = dequantize(quantize_weight(target.scheme, t.weight, c.group_size, c.fp8_block, clip=ratio), target.scheme)
     return weight_error(x, t.weight, wq, group_count(target))
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from ..config import HQQConfig
+from graphopt.ops.packing import pack_int4
+
 from ..schemes import QuantError, groups_of, hqq_initial
 from .base import Target, Transformed
 
@@ -29,6 +31,9 @@ def hqq(cfg: HQQConfig, target: Target, t: Transformed) -> dict:
     if scheme.weight not in ("int4", "int8") or scheme.activation != "none":
         raise QuantError(f"HQQ needs a weight-only integer scheme (w4a16, w8a16), got {scheme.name!r}")
     bits = 4 if scheme.weight == "int4" else 8
+    if bits == 4 and target.k % 2:
+        raise QuantError(f"{target.name}: int4 weights are stored two per byte along the input dimension, "
+                         f"which must be even; got K={target.k}")
     groups = groups_of(target.k, target.config.group_size) if scheme.grouped else 1
     init = hqq_initial(t.weight, bits, groups)
     w = t.weight.float().unflatten(-1, (groups, -1))                          # [..., out, G, k]
@@ -45,5 +50,5 @@ def hqq(cfg: HQQConfig, target: Target, t: Transformed) -> dict:
         err = ((torch.round(w / s + z).clamp(0, top) - z) * s - w).square().sum(dim=-1, keepdim=True)
         better = err < best_err
         best_z, best_err = torch.where(better, z, best_z), torch.where(better, err, best_err)
-    q = torch.round(w / s + best_z).clamp(0, top)
-    return {"weight": q.flatten(-2).to(torch.uint8), "scale": init["scale"], "zero": best_z.squeeze(-1)}
+    q = torch.round(w / s + best_z).clamp(0, top).flatten(-2).to(torch.uint8)
+    return {"weight": pack_int4(q) if bits == 4 else q, "scale": init["scale"], "zero": best_z.squeeze(-1)}

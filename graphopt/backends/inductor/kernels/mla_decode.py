@@ -8,7 +8,9 @@ For T <= absorb_max_tokens (decode, 1 + k speculative queries) the op runs in th
 
 and the middle line is the Triton kernel `mla_paged_decode`, which reads latent_j and kpe_j straight
 from the paged cache through the block table; longer queries (prefill) use the reference python
-implementation (expanded form). The kernel design:
+implementation (expanded form). An int8 (C8) cache is read by a different op,
+graphopt::mla_paged_attention_int8 (passes/store_int8_kv_cache.py), which this kernel does not
+implement: int8 caches run that op's reference (gather, decode, attention) on CUDA too. The kernel design:
 
   * rows: the T * H (query, head) pairs of one batch row, flattened and cut into tiles of TILE_H >= 16
     rows (tl.dot wants >= 16 in each dimension; padding rows are masked). The T queries of a row

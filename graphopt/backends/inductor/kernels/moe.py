@@ -28,6 +28,10 @@ comes from tensor shapes. With M = N * k assignments (a = n * k + j is token n's
      Wd, times the routing weight in float32, written per assignment to [M, H] float32.
   4. out = that.view(N, k, H).sum(1).to(x.dtype): a deterministic sum over k (no atomics).
 
+Expert pruning (routing weight 0, `passes/prune_routed_experts.py`): with one block per assignment
+the block's programs return without reading its expert (the down kernel writes its zero term), so a
+pruned expert's bytes are saved at batch 1; in the sorted layout a pruned assignment is computed and
+weighted by 0 (the same result, no bytes saved).
 Programs of a block with block_expert == E return at once, so the grid (worst case, from shapes) can be
 larger than the real block count (known only on the device). Only experts some token chose are read:
 at batch 1, k of E experts. No host sync anywhere (no .item(), .tolist(), nonzero or data-dependent
@@ -175,6 +179,7 @@ if triton is not None:
         x_ptr,                       # [N, H] any strides
         gate_up_ptr,                 # [E, 2I, H] any strides: rows 0..I-1 are Wg, I..2I-1 are Wu
         inter_ptr,                   # [blocks * BLOCK_M, I] out, x.dtype
+        weights_ptr,                 # [M] float32 routing weights (read for ONE_PER_BLOCK: 0 = pruned)
         sorted_ids_ptr,              # [blocks * BLOCK_M] int64: assignment n * k + j, or the sentinel M
         block_expert_ptr,            # [blocks] int64: the block's expert, or E past the last used block
         n_assign,                    # M = N * k, also the padding sentinel
@@ -187,6 +192,9 @@ if triton is not None:
         expert = tl.load(block_expert_ptr + block)
         if expert >= N_EXPERTS:      # past the real blocks (the grid is the worst case)
             return
+        if ONE_PER_BLOCK:            # a pruned assignment (weight 0): its expert is never read
+            if tl.load(weights_ptr + block) == 0.0:
+                return
 
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)                    # slots of the padded layout
         assign = _block_assignments(sorted_ids_ptr, rows, block, n_assign, BLOCK_M, ONE_PER_BLOCK)
@@ -244,6 +252,11 @@ if triton is not None:
         row_ok = assign < n_assign
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)                     # columns of H
         col_ok = cols < HIDDEN
+        if ONE_PER_BLOCK:            # pruned: _gate_up_kernel skipped it; its term is 0, not read
+            if tl.load(weights_ptr + block) == 0.0:
+                tl.store(out_ptr + block.to(tl.int64) * stride_om + cols, tl.zeros([BLOCK_N], dtype=tl.float32),
+                         mask=col_ok)
+                return
         offs_k = tl.arange(0, BLOCK_K)
 
         a_rows = inter_ptr + rows[:, None].to(tl.int64) * stride_in       # [BLOCK_M, 1]
@@ -356,7 +369,7 @@ def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor
         else:
             sorted_ids, block_expert = _align_to_blocks(flat_ids, n_experts, block_m)
     n_blocks = block_expert.numel()
-    flat_weights = weights.reshape(-1).float().contiguous()               # [M]
+    flat_weights = weights.reshape(-1).float().contiguous()               # [M], 0: pruned (one_per_block skips it)
     precision = "ieee" if x.dtype == torch.float32 else "tf32"             # tf32 is ignored for half types
     emulate_bf16 = x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     # the model's sizes are compile-time constants (one compile per model; tile loops of known length)
@@ -367,7 +380,7 @@ def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor
     inter_buf = x.new_empty((n_blocks * block_m, inter))                   # [blocks * BLOCK_M, I]
     block_n, block_k = _tile(inter, 64), _tile(hidden, largest_k)
     _gate_up_kernel[(n_blocks, triton.cdiv(inter, block_n))](
-        x, gate_up, inter_buf, sorted_ids, block_expert, n_assign,
+        x, gate_up, inter_buf, flat_weights, sorted_ids, block_expert, n_assign,
         x.stride(0), x.stride(1), gate_up.stride(0), gate_up.stride(1), gate_up.stride(2), inter_buf.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **options,
     )

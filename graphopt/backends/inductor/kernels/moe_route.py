@@ -22,6 +22,9 @@ The reference (`graphopt/ops/core.py: route`) stays the definition. The logits a
 another order, so they agree to float32 rounding and the selection agrees except where two experts'
 choices are that close (the tests check both). Grouped routing needs a power-of-two expert and group
 count (the reshape into groups); other shapes, and more than 1024 experts, run the reference.
+Expert pruning (prune_threshold > 0, the decode step's) is honoured on every path: the kernel's
+weights go through the reference's own `core.prune_routing` (elementwise torch on the device, no
+host synchronisation), so pruned and unpruned routing share the kernel and the pruning rule.
 """
 
 from __future__ import annotations
@@ -137,9 +140,18 @@ def _kernel_takes(x: Tensor, gate_weight: Tensor, n_group: int, grouped: bool) -
 
 def moe_route_cuda(x: Tensor, gate_weight: Tensor, correction_bias: Tensor | None, top_k: int, n_group: int,
                    topk_group: int, topk_method: str, scoring_func: str, norm_topk_prob: bool,
-                   routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
+                   routed_scaling_factor: float, prune_threshold: float = 0.0) -> tuple[Tensor, Tensor]:
     """graphopt::moe_route's CUDA kernel: same arguments and results as the reference op."""
-    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func)
+    _check_moe_route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                     prune_threshold)
+    weights, ids = _route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,
+                          norm_topk_prob, routed_scaling_factor)
+    return (core.prune_routing(weights, prune_threshold) if prune_threshold > 0 else weights), ids
+
+
+def _route(x: Tensor, gate_weight: Tensor, correction_bias: Tensor | None, top_k: int, n_group: int,
+           topk_group: int, topk_method: str, scoring_func: str, norm_topk_prob: bool,
+           routed_scaling_factor: float) -> tuple[Tensor, Tensor]:
     grouped = topk_method != "greedy" and n_group > 1
     if not _kernel_takes(x, gate_weight, n_group, grouped):
         return core.route(x, gate_weight, correction_bias, top_k, n_group, topk_group, topk_method, scoring_func,

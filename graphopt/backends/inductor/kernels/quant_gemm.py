@@ -15,7 +15,10 @@ quantised step read more bytes than a bf16 one. Here the weight is read once, in
                  and is scaled in its epilogue (bf16 tolerance against the reference). DeepSeek's
                  128x128 block scales, other output dtypes and shapes use the reference.
 
-w4a8_matmul widens its int4 values to int8 and calls int8_matmul, so it reaches the int8 kernel too.
+w4a8_matmul takes its int4 weight packed two per byte (uint8 [out, K/2], graphopt/ops/packing.py),
+unpacks and widens it to int8 in its reference and calls int8_matmul, so it reaches the int8 kernel
+too (the unpacked int8 copy is made per call: a kernel reading the packed bytes is not written yet);
+dequantize_int4 (w4a16) has no CUDA kernel and runs its reference.
 
     quantized_moe_experts  the reference runs each expert on its routed tokens, which needs the
                  per-expert counts on the host: a CUDA graph cannot capture that. While a graph is
