@@ -70,6 +70,8 @@ def rows(quick: bool) -> list[tuple[str, str, QuantConfig]]:
         ("w8a8, MTP w4a16", "clipping", QuantConfig("w8a8", mtp_scheme="w4a16", algorithms=(CLIP,))),
         ("mixed w8a8/w4a8 <= 6 bits", "clipping", QuantConfig("w8a8", algorithms=(CLIP,),
                                                                   mixed_precision=MixedPrecisionConfig(("w8a8", "w4a8"), 6.0))),
+        ("mixed w8a8/w4a8 <= 6 bits, per linear", "clipping", QuantConfig(
+            "w8a8", algorithms=(CLIP,), mixed_precision=MixedPrecisionConfig(("w8a8", "w4a8"), 6.0, unit="linear"))),
     ]
     if quick:
         keep = {"w8a8", "w8a8 + C8", "w4a8", "fp8"}

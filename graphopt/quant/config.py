@@ -177,16 +177,24 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """Per-layer scheme from `candidates` (cheapest last) chosen by measured sensitivity so that the
-    quantised weights average at most `budget_bits` per element (scales included)."""
+    """A scheme per unit from `candidates` (cheapest last) chosen by measured sensitivity so that the
+    quantised weights average at most `budget_bits` per element (scales included). unit: "layer" (a
+    main decoder layer: all its linears share a scheme) or "linear" (each targeted linear, or stacked
+    experts tensor, of the main decoder layers on its own)."""
     candidates: tuple[str, ...] = ("w8a8", "w4a8")
     budget_bits: float = 6.0
+    unit: str = "layer"
 
     def __post_init__(self):
         for c in self.candidates:
             get_scheme(c)
         if len(self.candidates) < 2:
             raise QuantError("MixedPrecisionConfig.candidates needs at least two schemes to choose from")
+        if self.unit not in MIXED_PRECISION_UNITS:
+            raise QuantError(f"MixedPrecisionConfig.unit {self.unit!r} is not supported; accepted: {MIXED_PRECISION_UNITS}")
+
+
+MIXED_PRECISION_UNITS = ("layer", "linear")
 
 
 # -- the config ----------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ from graphopt.models.generate import greedy_generate
 from graphopt.models.random import random_model
 from graphopt.quant import (PRESETS, CalibrationConfig, MixedPrecisionConfig, QuantConfig, quantize_model,
                             quantized_names)
-from graphopt.quant.mixed_precision import layer_sizes
+from graphopt.quant.mixed_precision import layer_sizes, mixed_precision_units
 from graphopt.quant.qlinear import QuantExperts, QuantLatentNorm, QuantLinear
-from graphopt.quant.schemes import QuantError
+from graphopt.quant.schemes import SCHEMES, QuantError, weight_bits_per_element
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,24 @@ def test_mixed_precision_meets_the_size_budget(setup):
     with pytest.raises(ValueError, match="below the smallest reachable"):
         quantize_model(model, cfg.replace(mixed_precision=MixedPrecisionConfig(("w8a8", "w4a8"), 3.0)), data,
                        progress=False)
+
+
+def test_mixed_precision_per_linear_meets_the_budget_with_one_override_per_linear(setup):
+    model, data, _, _ = setup
+    cfg = QuantConfig("w8a8", group_size=16, mixed_precision=MixedPrecisionConfig(("w8a8", "w4a8"), 6.0, unit="linear"))
+    units = mixed_precision_units(model, cfg, "linear")
+    assert len(units) > 3 * 3 and all(len(ws) == 1 and not u.endswith("*") for u, ws in units.items())
+    q = quantize_model(model, cfg, data, progress=False)
+    chosen = dict(q.quant_config.overrides)
+    assert set(chosen) == set(units) and set(chosen.values()) == {"w8a8", "w4a8"}
+    names = quantized_names(q)
+    assert all(names[u] == s for u, s in chosen.items())                  # each linear got its own scheme
+    bits = sum(weight_bits_per_element(SCHEMES[chosen[u]], w.shape[-1], 16) * w.numel() for u, (w,) in units.items())
+    assert bits / sum(w.numel() for (w,) in units.values()) <= 6.0
+    mixed_layers = [i for i in range(3) if len({s for u, s in chosen.items() if u.startswith(f"model.layers.{i}.")}) > 1]
+    assert mixed_layers                                                   # finer than one scheme per layer
+    with pytest.raises(ValueError, match="unit 'expert' is not supported; accepted"):
+        MixedPrecisionConfig(unit="expert")
 
 
 def test_sparse_expert_dispatch_equals_the_dense_form(setup):
