@@ -435,6 +435,9 @@ def cmd_demo(args) -> int:
     print("-" * 60)
     n = sum(len(o) for o in outs)
     print(f"generated {n} tokens for {len(prompts)} prompts in {dt:.2f} s ({n / dt:.1f} tokens/s)")
+    layout = compiled.program.cache
+    print(f"KV cache: {layout.bytes_per_token(spec is not None)} bytes per token "
+          f"({str(layout.storage_dtype).removeprefix('torch.')}, width {layout.kv_cache_dim})")
     stats = getattr(compiled, "stats", None)
     if stats is not None and spec is not None:
         print(f"speculative decoding: {stats}")

@@ -121,11 +121,13 @@ class Engine:
 
     def load(self) -> dict[str, int]:
         """What the engine holds now: requests waiting for admission, running (prefill or decode),
-        cache blocks in use and in all (the sink excluded). Read between steps."""
+        cache blocks in use and in all (the sink excluded), and the cache bytes a token takes (every
+        layer). Read between steps."""
         waiting = len(self.scheduler.waiting)
         allocator = self.cache.allocator
         return {"waiting": waiting, "running": len(self._live) - waiting,
-                "blocks_used": allocator.num_usable - allocator.num_free, "blocks_total": allocator.num_usable}
+                "blocks_used": allocator.num_usable - allocator.num_free, "blocks_total": allocator.num_usable,
+                "cache_bytes_per_token": self.cache.bytes_per_token}
 
     def take_output(self, request_id: int) -> RequestOutput:
         """The result of a finished request (removed from the engine once taken)."""

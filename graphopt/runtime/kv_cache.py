@@ -118,6 +118,12 @@ class PagedKVCache:
         return self.allocator.num_usable * self.block_size
 
     @property
+    def bytes_per_token(self) -> int:
+        """Cache bytes one token takes over every layer (main and MTP), in the tensors' own dtype:
+        e.g. 576 x 2 x 62 = 71424 for DeepSeek-V3 in bf16; an int8 (C8) cache about half."""
+        return sum(t[0, 0].numel() * t.element_size() for t in (*self.kv_caches, *self.mtp_caches))
+
+    @property
     def bytes_per_block(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in (*self.kv_caches, *self.mtp_caches))
 

@@ -271,6 +271,8 @@ _METRICS = (  # (name, type, help, key in EngineLoop's figures)
     ("graphopt_requests_waiting", "gauge", "Requests waiting for a batch slot or cache blocks.", "waiting"),
     ("graphopt_cache_blocks_used", "gauge", "KV-cache blocks held by requests.", "blocks_used"),
     ("graphopt_cache_blocks_total", "gauge", "KV-cache blocks in all (the sink excluded).", "blocks_total"),
+    ("graphopt_cache_bytes_per_token", "gauge", "KV-cache bytes one token takes over every layer.",
+     "cache_bytes_per_token"),
     ("graphopt_generated_tokens_total", "counter", "Tokens generated since start.", "generated_tokens"),
     ("graphopt_tokens_per_second", "gauge", "Tokens generated per second over the last 10 s.", "tokens_per_second"),
     ("graphopt_engine_steps_total", "counter", "Engine steps since start.", "steps"),

@@ -26,6 +26,9 @@ def test_bytes_per_block_matches_the_formula():
     c = _cache(num_blocks=5, block_size=4, dim=8, layers=2, mtp=1)
     assert c.bytes_per_block == 4 * 8 * 4 * 3
     assert c.capacity_tokens == 4 * 4
+    assert c.bytes_per_token == 8 * 4 * 3 == c.bytes_per_block // 4
+    int8 = PagedKVCache([torch.zeros(5, 4, 8, dtype=torch.int8)] * 2, [], 256)   # a C8 cache: one byte a value
+    assert int8.bytes_per_token == 8 * 2
 
 
 def test_allocator_never_hands_out_the_sink_or_a_block_twice():

@@ -183,6 +183,7 @@ def test_models_health_and_metrics(server, client):
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     text = httpx.get(server.url + "/metrics", timeout=10).text
     for name in ("graphopt_requests_running", "graphopt_requests_waiting", "graphopt_tokens_per_second",
-                 "graphopt_spec_acceptance_rate", "graphopt_cache_blocks_used", "graphopt_engine_last_step_seconds"):
+                 "graphopt_spec_acceptance_rate", "graphopt_cache_blocks_used", "graphopt_engine_last_step_seconds",
+                 "graphopt_cache_bytes_per_token"):
         assert f"\n{name} " in text
     assert 'graphopt_requests_finished_total{reason="length"}' in text
