@@ -104,6 +104,9 @@ class PagedKVCache:
         self.kv_caches, self.mtp_caches = kv_caches, mtp_caches
         self.num_blocks, self.block_size, _ = kv_caches[0].shape
         self.max_positions = max_positions
+        # cache bytes one token takes over every layer (main and MTP), in the tensors' own dtype: e.g.
+        # 576 x 2 x 62 = 71424 for DeepSeek-V3 in bf16; an int8 (C8) cache about half
+        self.bytes_per_token = sum(t[0, 0].numel() * t.element_size() for t in (*kv_caches, *mtp_caches))
         self.allocator = BlockAllocator(self.num_blocks, debug)
         self.tables: dict[object, list[int]] = {}
         self._reserved: dict[object, int] = {}   # request -> blocks it may still take
@@ -117,11 +120,6 @@ class PagedKVCache:
     def capacity_tokens(self) -> int:
         return self.allocator.num_usable * self.block_size
 
-    @property
-    def bytes_per_token(self) -> int:
-        """Cache bytes one token takes over every layer (main and MTP), in the tensors' own dtype:
-        e.g. 576 x 2 x 62 = 71424 for DeepSeek-V3 in bf16; an int8 (C8) cache about half."""
-        return sum(t[0, 0].numel() * t.element_size() for t in (*self.kv_caches, *self.mtp_caches))
 
     @property
     def bytes_per_block(self) -> int:

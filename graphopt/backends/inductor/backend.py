@@ -7,6 +7,7 @@ import operator
 
 import torch
 from torch import fx
+from torch.fx.experimental import _config as _fx_config
 
 from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the graphs may call
 from ...ops import core as _core
@@ -181,11 +182,37 @@ class _Compiled:
 
 
 def _no_duck_shapes():
-    from torch.fx.experimental import _config
-    return _config.patch(use_duck_shape=False)
+    return _fx_config.patch(use_duck_shape=False)
 
 
-class _CapturedStep:
+def _idle_sampling(rows: int, device) -> dict[str, torch.Tensor]:
+    """Static sampling-field buffers for `rows` rows, every row at the idle values."""
+    return {name: torch.full((rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
+            for name, dtype in SAMPLING_FIELDS}
+
+
+def _warm_up(fn, args) -> None:
+    """Two calls on a side stream before a capture: the first compiles, the second settles the allocator."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+
+
+class _OverCaches:
+    """A CUDA graph captured over one set of cache tensors (it reads and writes their storage)."""
+
+    def __init__(self, kv, mtp):
+        self.key, self._caches = _cache_key(kv, mtp), (*kv, *mtp)
+
+    def holds(self, kv, mtp) -> bool:
+        """Whether the graph was captured over exactly these cache tensors."""
+        return len(kv) + len(mtp) == len(self._caches) and all(map(operator.is_, (*kv, *mtp), self._caches))
+
+
+class _CapturedStep(_OverCaches):
     """One CUDA graph of the decode step for `rows` rows over one set of caches.
 
     Two kinds: over its own static input buffers (`bind=None`: each call copies the caller's rows in,
@@ -195,13 +222,12 @@ class _CapturedStep:
 
     def __init__(self, fn: _Compiled, rows: int, k: int, width: int, kv, mtp, pool, device,
                  stats: SpecStats | None, bind: SpecStepInputs | None = None):
+        super().__init__(kv, mtp)
         self.rows, self.width = rows, width
-        self.key, self._caches = _cache_key(kv, mtp), (*kv, *mtp)
         if bind is None:
             z = lambda *shape, dtype=torch.int64: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
             self.tokens, self.start_pos, self.block_tables = z(rows, 1 + k), z(rows), z(rows, width)
-            self.params = {name: torch.full((rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
-                           for name, dtype in SAMPLING_FIELDS}
+            self.params = _idle_sampling(rows, device)
             self.active = z(rows, dtype=torch.bool)     # all rows idle while warming up: writes go to the sink
             args = (self.tokens, self.start_pos, self.block_tables, *self.params.values(), self.active, kv, mtp)
             self.bound = None
@@ -209,21 +235,12 @@ class _CapturedStep:
             args = decode_args(bind)
             self.bound = _input_key(bind)
         if bind is None:    # a bound graph is captured after a graph of the same rows ran: no warm-up
-            side = torch.cuda.Stream()                  # (it would run a step over the caller's live rows)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):                      # compile (first call) and settle the allocator
-                    fn(*args)
-            torch.cuda.current_stream().wait_stream(side)
+            _warm_up(fn, args)                          # (it would run a step over the caller's live rows)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = as_outputs(fn(*args))
             if stats is not None:
                 stats.update(self.outputs)              # accumulates on every replay
-
-    def holds(self, kv, mtp) -> bool:
-        """Whether the graph was captured over exactly these cache tensors."""
-        return len(kv) + len(mtp) == len(self._caches) and all(map(operator.is_, (*kv, *mtp), self._caches))
 
     def run(self, inputs: SpecStepInputs) -> SpecStepOutputs:
         if self.bound is not None:                      # the caller's tensors are the graph's inputs
@@ -242,35 +259,26 @@ class _CapturedStep:
         return SpecStepOutputs(*(t[:n] for t in self.outputs.__dict__.values()))
 
 
-class _CapturedPrefill:
+class _CapturedPrefill(_OverCaches):
     """One CUDA graph of the prefill graph for a (rows, tokens, width) bucket over one set of caches,
     over its own static inputs: a call copies the chunk in (padding tokens past each row's length,
     padding rows of length 1 whose all-zero block table points every write at the sink block) and
     replays. The outputs are the graph's own tensors: valid until the next prefill call."""
 
     def __init__(self, fn: _Compiled, shape: tuple[int, int, int], k: int, kv, mtp, pool, device):
+        super().__init__(kv, mtp)
         rows, tokens, width = self.shape = shape
-        self.key, self._caches = _cache_key(kv, mtp), (*kv, *mtp)
         z = lambda *s, dtype=torch.int64: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
         self.ids, self.start_pos, self.block_tables = z(rows, tokens), z(rows), z(rows, width)
         self.lengths = torch.ones(rows, dtype=torch.int64, device=device)
-        self.params = {name: torch.full((rows,), IDLE_SAMPLING[name], dtype=dtype, device=device)
-                       for name, dtype in SAMPLING_FIELDS}
+        self.params = _idle_sampling(rows, device)
         self.last = z((), dtype=torch.bool)
         args = (self.ids, self.lengths, self.start_pos, self.block_tables, *self.params.values(), self.last,
                 list(kv), list(mtp))
-        side = torch.cuda.Stream()                  # warm-up: every write goes to the sink (zero tables)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                fn(*args)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_up(fn, args)                          # every write goes to the sink (zero tables)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = as_outputs(fn(*args))
-
-    def holds(self, kv, mtp) -> bool:
-        return len(kv) + len(mtp) == len(self._caches) and all(map(operator.is_, (*kv, *mtp), self._caches))
 
     def run(self, inputs: SpecPrefillInputs) -> SpecStepOutputs:
         (n, t), w = inputs.ids.shape, inputs.block_tables.shape[1]
