@@ -64,13 +64,13 @@ def v2lite_config():
                             routed_scaling_factor=1.0, norm_topk_prob=False)
 
 
-def build_model(name: str):
+def build_model(name: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     from graphopt.models import load
     from graphopt.models.deepseek import DeepseekV3ForCausalLM
     if name == "embedded":
-        return load(dtype=torch.bfloat16, device="cuda")
-    with torch.device("cuda"):
-        model = DeepseekV3ForCausalLM(v2lite_config()).to(torch.bfloat16)
+        return load(dtype=dtype, device=device)
+    with torch.device(device):
+        model = DeepseekV3ForCausalLM(v2lite_config()).to(dtype)
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname:
@@ -80,7 +80,7 @@ def build_model(name: str):
         for pname, p in model.named_parameters():
             if pname.endswith("mlp.gate.weight"):
                 p.normal_(0, 0.5)           # spread routing, as trained routers are
-    model.model.rotary_emb.reset_parameters("cuda")
+    model.model.rotary_emb.reset_parameters(device)
     return model.eval()
 
 

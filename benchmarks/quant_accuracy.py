@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ RESULTS = Path(__file__).parent / "results" / "quant_accuracy.md"
 RESAMPLES, SPAN = 1000, 32        # bootstrap resamples; token run length of the calibration / evaluation check
 SQ, FS, CLIP, LCLIP, HQQ, HAD = (SmoothQuantConfig(0.5), FlexSmoothConfig(), ClippingConfig(),
                                  LearnableClippingConfig(steps=20), HQQConfig(), HadamardConfig())
+SQ_INPUT = SmoothQuantConfig(0.5, scope="input")    # one factor per norm output: what save_msmodelslim folds
 
 
 def rows(quick: bool) -> list[tuple[str, str, QuantConfig]]:
@@ -44,11 +46,13 @@ def rows(quick: bool) -> list[tuple[str, str, QuantConfig]]:
     r = [
         ("w8a8", "RTN", QuantConfig("w8a8")),
         ("w8a8", "SmoothQuant a=0.5", QuantConfig("w8a8", algorithms=(SQ,))),
+        ("w8a8", "SmoothQuant a=0.5 scope=input", QuantConfig("w8a8", algorithms=(SQ_INPUT,))),
         ("w8a8", "FlexSmooth", QuantConfig("w8a8", algorithms=(FS,))),
         ("w8a8", "clipping (grid)", QuantConfig("w8a8", algorithms=(CLIP,))),
         ("w8a8 + C8", "RTN", QuantConfig("w8a8", kv_cache="int8")),
         ("w8a8_static", "RTN", QuantConfig("w8a8_static")),
         ("w8a8_static", "SmoothQuant a=0.5", QuantConfig("w8a8_static", algorithms=(SQ,))),
+        ("w8a8_static", "SmoothQuant a=0.5 scope=input", QuantConfig("w8a8_static", algorithms=(SQ_INPUT,))),
         ("w4a8", "RTN", QuantConfig("w4a8")),
         ("w4a8", "SmoothQuant a=0.5", QuantConfig("w4a8", algorithms=(SQ,))),
         ("w4a8", "clipping (grid)", QuantConfig("w4a8", algorithms=(CLIP,))),
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(stats, labels)
     total_rows = len(rows(args.quick))
     reduced = "" if len(selected) == total_rows else f"Reduced row set: {len(selected)} of {total_rows} rows.  \n"
-    command = "python benchmarks/quant_accuracy.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = "python benchmarks/quant_accuracy.py" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
     text = (f"# Quantisation accuracy on the embedded model\n\nCommand: `{command}`  \n"
             f"Host: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
             f"total {time.perf_counter() - start:.0f} s.  \n"
@@ -164,6 +168,10 @@ def _table(stats, labels) -> str:
 PAIRS = [(("w8a8", "SmoothQuant a=0.5"), ("w8a8", "RTN")), (("w8a8", "FlexSmooth"), ("w8a8", "RTN")),
          (("w8a8", "clipping (grid)"), ("w8a8", "RTN")), (("w8a8 + C8", "RTN"), ("w8a8", "RTN")),
          (("w8a8_static", "SmoothQuant a=0.5"), ("w8a8_static", "RTN")),
+         (("w8a8", "SmoothQuant a=0.5 scope=input"), ("w8a8", "SmoothQuant a=0.5")),
+         (("w8a8_static", "SmoothQuant a=0.5 scope=input"), ("w8a8_static", "SmoothQuant a=0.5")),
+         (("w8a8", "SmoothQuant a=0.5 scope=input"), ("w8a8", "RTN")),
+         (("w8a8_static", "SmoothQuant a=0.5 scope=input"), ("w8a8_static", "RTN")),
          (("w4a8", "SmoothQuant a=0.5"), ("w4a8", "RTN")), (("w4a8", "clipping (grid)"), ("w4a8", "RTN")),
          (("w4a8", "Hadamard + clipping"), ("w4a8", "clipping (grid)")),
          (("w4a8", "FlexSmooth + clipping"), ("w4a8", "clipping (grid)")),

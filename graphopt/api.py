@@ -316,7 +316,8 @@ def compile(model: Any, *, spec: Any = None, quant: Any = None, backend: str = "
     lowering = backends.get(backend)
     lowering.check(ref.lm_head.weight.device)          # e.g. ascend without torch_npu: before any capture
     state = CompileState(spec=_resolve_spec(spec, ref), quant=_resolve_quant(quant))
-    parallel = _resolve_parallel(tp, ep, ref, backend, state.quant, shards, verify or verify_from_env())
+    parallel = _resolve_parallel(tp, ep, ref, backend, state.quant, shards, verify or verify_from_env(),
+                                 opts.shard_one_rank)
     check_options(opts, state, parallel)
     if state.quant is not None and state.quant.needs_calibration:   # data errors before capture
         state.calibration_inputs = _calibration_inputs(ref, state.quant, opts.block_size, tokenizer)
@@ -402,7 +403,8 @@ def _check_parallel(saved: dict | None, directory) -> None:
         return
     import torch.distributed as dist
     want = (f"{directory} holds rank {saved['rank']} of a tp={saved['tp']} ep={saved['ep']} compile over "
-            f"{saved['world_size']} processes (process group {saved['group_name']!r}); load it on that rank of "
+            f"{saved['world_size']} process{'es' if saved['world_size'] != 1 else ''} (process group "
+            f"{saved['group_name']!r}); load it on that rank of "
             f"an initialised world of {saved['world_size']} (e.g. torchrun --nproc-per-node {saved['world_size']}, "
             "each rank loading its own directory)")
     if not (dist.is_available() and dist.is_initialized()):
@@ -433,13 +435,15 @@ def _resolve_spec(spec: Any, model: DeepseekV3ForCausalLM):
 _PARALLEL_BACKENDS = ("eager", "inductor")   # the backends that run torch.distributed's functional collectives
 
 
-def _resolve_parallel(tp: int, ep: int, model: DeepseekV3ForCausalLM, backend: str, quant, shards, verify: bool):
-    """The ParallelPlan of this rank (None for tp = ep = 1); every error before capture."""
+def _resolve_parallel(tp: int, ep: int, model: DeepseekV3ForCausalLM, backend: str, quant, shards, verify: bool,
+                      one_rank: bool = False):
+    """The ParallelPlan of this rank (None for tp = ep = 1 without the option shard_one_rank, `one_rank`);
+    every error before capture."""
     from .passes.sharding import ParallelPlan, ShardError
-    plan = ParallelPlan.resolve(tp, ep, model.config)
+    plan = ParallelPlan.resolve(tp, ep, model.config, one_rank=one_rank)
     if plan is None:
         if shards is not None:
-            raise ShardError("shards= (from load_shard) needs tp= / ep= above 1")
+            raise ShardError("shards= (from load_shard) needs tp= / ep= above 1 (or shard_one_rank=True)")
         return None
     if shards is not None:
         if shards.model is not model:
@@ -449,12 +453,13 @@ def _resolve_parallel(tp: int, ep: int, model: DeepseekV3ForCausalLM, backend: s
                              "weights) and verify mode (which runs the unsharded graphs) need models.load instead")
         plan = plan.with_shards(shards)
     if backend not in _PARALLEL_BACKENDS:
-        raise ShardError(f"tp= / ep= run on backends {_PARALLEL_BACKENDS}; got backend {backend!r}")
+        raise ShardError(f"tp= / ep= (and shard_one_rank) run on backends {_PARALLEL_BACKENDS}; got backend "
+                         f"{backend!r}")
     if quant is not None:
         schemes = {quant.scheme, quant.mtp_scheme, *(s for _, s in quant.overrides)} - {None}
         if schemes - {"w8a8"} or quant.kv_cache is not None:
-            raise ShardError(f"tp= / ep= support quant scheme 'w8a8' (without a quantised KV cache); got schemes "
-                             f"{sorted(schemes)}, kv_cache={quant.kv_cache!r}")
+            raise ShardError(f"tp= / ep= (and shard_one_rank) support quant scheme 'w8a8' (without a quantised KV "
+                             f"cache); got schemes {sorted(schemes)}, kv_cache={quant.kv_cache!r}")
     return plan
 
 

@@ -31,7 +31,8 @@ from torch import Tensor
 from .attention import ABSORB_MAX_TOKENS, _require, mla_attention
 from .kv_int8 import decode_kv_int8, int8_kv_dim
 
-__all__ = ["mla_paged_attention", "mla_paged_attention_reference", "mla_paged_attention_int8"]
+__all__ = ["mla_paged_attention", "mla_paged_attention_reference", "mla_paged_attention_int8",
+           "mla_paged_attention_int8_reference"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -131,8 +132,18 @@ def mla_paged_attention_int8(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, kv_
     """mla_paged_attention over an int8 cache (C8): kv_cache int8 [N, bs, R + r * itemsize(rope_dtype)],
     kv_scale fp32 [R]. Each gathered entry is decoded (latent codes x kv_scale, rope bytes as
     rope_dtype) into the float entry the unquantised cache would hold, then attended exactly as
-    mla_paged_attention does; no CUDA kernel reads this layout yet, so every device runs this."""
+    mla_paged_attention does. CUDA: the Triton MLA decode kernel reads the codes in place
+    (backends/inductor/kernels/mla_decode.py)."""
     _check_int8(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv)
+    return mla_paged_attention_int8_reference(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions,
+                                              kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
+
+
+def mla_paged_attention_int8_reference(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, kv_scale: Tensor,
+                                       rope_dtype: torch.dtype, block_tables: Tensor, positions: Tensor,
+                                       kv_b_weight: Tensor, w_uk: Tensor, w_uv: Tensor, scale: float,
+                                       absorb_max_tokens: int = ABSORB_MAX_TOKENS) -> Tensor:
+    """mla_paged_attention_int8's meaning as plain torch (no dispatch, for kernels to fall back to)."""
     context = decode_kv_int8(kv_cache[block_tables].flatten(1, 2), kv_scale, rope_dtype).to(q_nope.dtype)
     return _attend_context(q_nope, q_pe, context, positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
 

@@ -7,9 +7,11 @@
     prefill    (module pass, only with QuantConfig.prefill_scheme) copy main as main_prefill, for the
                prefill graph's own weights
     quant      calibrate, then replace targeted linears by quantize -> int matmul -> dequantize ops
-    shard      (module passes, only with tp= / ep=) slice this rank's weights, insert the collectives
+    shard      (module passes, only with tp= / ep= or shard_one_rank) slice this rank's weights, insert the
+               collectives
     step       (module pass) fuse main + MTP drafts + acceptance + next-step inputs into ONE step graph
                (plus its greedy-only twin) and one prefill graph, added to the Program next to main
+    head       the prefill's LM heads (main and MTP) project only the position each row keeps
     decode     (only with moe_prune_threshold) drop low-weight routed experts in the decode steps
     memory     write the KV cache in place in every graph (after the fusion, which reads the
                captured graphs' functional cache writes)
@@ -41,6 +43,7 @@ from .dump import Dumper
 from .manager import PassManager, Phase, disabled_from_env
 from .program import CompileOptions, CompileState, Program
 from .fuse_spec_step import FuseSpecStepPass
+from .head_at_gathered_positions import HeadAtGatheredPositionsPass
 from .quant_calibrate import QuantCalibratePass
 from .quant_insert import QuantInsertPass
 from .reinplace_cache_writes import ReinplaceCacheWritesPass
@@ -100,6 +103,12 @@ def step_phase() -> Phase:
     ])
 
 
+def head_phase() -> Phase:
+    return Phase("head", "a prefill chunk keeps one position per row: project only that one", [
+        HeadAtGatheredPositionsPass(),  # gather(linear(norm(h))) -> linear(norm(gather(h)))
+    ])
+
+
 def decode_phase() -> Phase:
     return Phase("decode", "a decode step reads every expert it routes to: skip the ones that add little", [
         PruneRoutedExpertsPass(),  # moe_route(..., prune_threshold) in step / step_greedy
@@ -125,7 +134,7 @@ def build_pipeline(quant: bool, parallel: ParallelPlan | None = None, split_pref
     an int8 (C8) cache."""
     return ([normalise_phase(), spec_phase()] + ([prefill_phase()] if split_prefill else [])
             + ([quant_phase()] if quant else [])
-            + ([shard_phase(parallel)] if parallel is not None else []) + [step_phase()]
+            + ([shard_phase(parallel)] if parallel is not None else []) + [step_phase(), head_phase()]
             + ([decode_phase()] if prune else []) + [memory_phase()]
             + ([storage_phase()] if int8_cache else []))
 
@@ -153,11 +162,11 @@ def check_options(options: CompileOptions, state: CompileState,
         if wanted and off:
             raise ValueError(f"{what} needs the {off} pass(es); they were disabled")
     if split and parallel is not None:
-        raise ValueError("QuantConfig.prefill_scheme is not supported with tp= / ep= (the sharding passes split "
-                         "main only); compile without prefill_scheme or without sharding")
+        raise ValueError("QuantConfig.prefill_scheme is not supported with tp= / ep= / shard_one_rank (the sharding "
+                         "passes split main only); compile without prefill_scheme or without sharding")
     needed = {ShardTensorParallelPass.name, ShardExpertsPass.name, FuseMoeExpertsPass.name} & disabled
     if parallel is not None and needed:
-        raise ValueError(f"tp= / ep= need the {sorted(needed)} pass(es); they were disabled")
+        raise ValueError(f"tp= / ep= / shard_one_rank need the {sorted(needed)} pass(es); they were disabled")
     return phases, disabled
 
 

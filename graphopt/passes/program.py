@@ -48,6 +48,9 @@ class CompileOptions:
                                           # model, no CUDA on the machine), 0: none
     moe_prune_threshold: float = 0.0      # decode steps drop routed experts below this share of a token's
                                           # routing weight (passes/prune_routed_experts.py); 0: none
+    shard_one_rank: bool = False          # tp = ep = 1 over an initialised world of one rank: run the shard
+                                          # phase anyway (each weight its one piece, every collective a graph
+                                          # node) to measure what sharding costs (docs/distributed.md)
 
     @classmethod
     def from_kwargs(cls, options: dict[str, Any]) -> "CompileOptions":

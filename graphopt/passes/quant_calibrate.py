@@ -26,7 +26,9 @@ tuples for this graph; graphopt.compile passes a quant.calibration.GraphCalibrat
 what data it is) or a list of tuples. Without them: random valid steps (`ctx.make_inputs(seed)`, for
 calibration.num_samples seeds) only when the config names the "random" source alone, else an error
 saying what to pass. The pass record says which data calibrated the graph (its origin: sources,
-tokenizer or token ids; steps and tokens). Passes nothing if the config needs no data.
+tokenizer or token ids; steps and tokens). Passes nothing if the config needs no data. SmoothQuant
+scope="input" needs nothing more here: the matmuls reading one node each observe it (the same
+max|X_j|), and quant_insert shares max|W_j| between them.
 
 Before (layer 0, `capture_main(random_model())`):
     linear: "f32[s18, s5, 32]" = torch.ops.aten.linear.default(mul_46, model_model_layers_0_self_attn_q_a_proj_weight)

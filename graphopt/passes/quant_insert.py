@@ -10,7 +10,11 @@ Cases (sites: graphopt/quant/graph_sites.py; schemes and their op sequences: qua
 The quantised tensors come from the same algorithms as quantize_model (quant.algorithms.quantize_target,
 with ctx.state["quant_observers"] from quant_calibrate) and are registered on the GraphModule as
 buffers `_quant.<site name with __>.<field>`, read by new get_attr nodes; the float weight is dropped
-from the module when nothing else reads it. The prefill copy `main_prefill` is quantised with
+from the module when nothing else reads it. SmoothQuant scope="input": the quantised matmuls reading
+one node (views followed back: quant.graph_sites.readers_of_one_input; q_a_proj + kv_a_proj_with_mqa,
+gate_proj + up_proj, experts' gate_up + shared experts) get one max|W_j| over all their weights, as
+quantize_model computes it, hence equal smooth_inv buffers (one per matmul; save_msmodelslim folds
+the factor into the norm). The prefill copy `main_prefill` is quantised with
 QuantConfig.prefill_config() (prefill_scheme), every other graph with the config. Not matched
 (negative cases): linears the config skips
 (router gate, lm_head, kv_b_proj by default) and linears whose weight is computed (a cast) rather
@@ -24,6 +28,10 @@ After:
     getitem_41: "f32[s5, s18, 1]" = quantize_per_token_default[1]
     int8_matmul_default: "i32[s5, s18, 32]" = torch.ops.graphopt.int8_matmul.default(getitem_40, _quant_model__layers__0__self_attn__q_a_proj_weight)
     dequantize_int32_default: "f32[s5, s18, 32]" = torch.ops.graphopt.dequantize_int32.default(int8_matmul_default, getitem_41, _quant_model__layers__0__self_attn__q_a_proj_scale, None, torch.float32)
+With SmoothQuant scope="input" (`random_model(num_hidden_layers=2)`, after the normalise phase), the
+two readers of one rms_norm get buffers of equal values:
+    quantize_per_token_default = torch.ops.graphopt.quantize_per_token.default(rms_norm_default, _quant_model__layers__0__self_attn__q_a_proj_smooth_inv, 127)
+    quantize_per_token_default_2 = torch.ops.graphopt.quantize_per_token.default(rms_norm_default, _quant_model__layers__0__self_attn__kv_a_proj_with_mqa_smooth_inv, 127)
 """
 
 from __future__ import annotations
@@ -33,8 +41,9 @@ from torch import fx
 
 from ..ops import quant as _quant_ops  # noqa: F401  registers torch.ops.graphopt.* quant ops
 from ..quant.algorithms import Target, quantize_target
+from ..quant.algorithms.smoothquant import shared_column_amax, shares_input_factor
 from ..quant.config import resolve
-from ..quant.graph_sites import Site, attr_tensor, find_sites
+from ..quant.graph_sites import Site, attr_tensor, find_sites, readers_of_one_input
 from ..quant.qlinear import QuantizedLinear, emit_linear, moe_op_args
 from .base import GraphPass, PassContext, PassResult
 from .split_prefill_weights import quant_config_for
@@ -58,6 +67,7 @@ class QuantInsertPass(GraphPass):
             return PassResult(gm, modified=False)
         sites = find_sites(gm, config)
         observers = ctx.state.quant_observers
+        column_amax = _shared_column_amax(gm, sites, config) if shares_input_factor(config) else {}
         fake = fake_mode_of(gm)
         old_weights = set()
         for site in sites:
@@ -65,13 +75,13 @@ class QuantInsertPass(GraphPass):
                 _insert_kv(gm, site, observers, fake)
                 continue
             if site.kind == "moe":
-                _insert_moe(gm, site, config, observers, fake)
+                _insert_moe(gm, site, config, observers, column_amax, fake)
                 old_weights |= {site.weight, site.down}
                 continue
             weight = attr_tensor(gm, site.weight.target).detach().float()
             bias = attr_tensor(gm, site.bias.target).detach().float() if site.bias is not None else None
             q = quantize_target(Target(site.name, weight, bias, config.scheme_for(site.name), config,
-                                       observers.get(site.name)))
+                                       observers.get(site.name), column_amax.get(site.name)))
             out_dtype = site.node.meta["val"].dtype
             with gm.graph.inserting_before(site.node):
                 tensors = {k: _buffer(gm, site.name, k, t, fake) for k, t in q.tensors.items()}
@@ -85,7 +95,17 @@ class QuantInsertPass(GraphPass):
         return PassResult(gm, modified=bool(sites), matches=len(sites))
 
 
-def _insert_moe(gm: fx.GraphModule, site: Site, config, observers: dict, fake) -> None:
+def _shared_column_amax(gm: fx.GraphModule, sites: list[Site], config) -> dict[str, torch.Tensor]:
+    """{matmul name: max|W_j| [K] over every quantised matmul reading its input}, for the groups of two
+    or more (SmoothQuant scope="input"); the float32 weights, as quantize_model takes them."""
+    out = {}
+    for group in readers_of_one_input(sites, config):
+        amax = shared_column_amax([attr_tensor(gm, w.target).detach().float() for _, w in group])
+        out.update((name, amax) for name, _ in group)
+    return out
+
+
+def _insert_moe(gm: fx.GraphModule, site: Site, config, observers: dict, column_amax: dict, fake) -> None:
     """graphopt.moe_experts -> graphopt.quantized_moe_experts with the stacked matmuls quantised."""
     parts, tensors = [], []
     for part, node in (("gate_up_proj", site.weight), ("down_proj", site.down)):
@@ -96,7 +116,8 @@ def _insert_moe(gm: fx.GraphModule, site: Site, config, observers: dict, fake) -
                 parts.append(QuantizedLinear("bf16", {"weight": w}))
                 tensors.append({"weight": node})
                 continue
-            q = quantize_target(Target(name, w.detach().float(), None, scheme, config, observers.get(name)))
+            q = quantize_target(Target(name, w.detach().float(), None, scheme, config, observers.get(name),
+                                       column_amax.get(name)))
             parts.append(q)
             tensors.append({k: _buffer(gm, name, k, t, fake) for k, t in q.tensors.items()})
     x, weights, ids = site.node.args[:3]

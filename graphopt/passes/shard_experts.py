@@ -29,8 +29,11 @@ After (ep = 2, rank 1: experts 8..15):
     all_reduce: "f32[s18*s5, 256]" = torch.ops._c10d_functional.all_reduce.default(moe_experts_default, 'sum', '0')
     wait_tensor: "f32[s18*s5, 256]" = torch.ops._c10d_functional.wait_tensor.default(all_reduce)
 
-Negative case: a dense expert dispatch (fuse_moe_experts switched off) is a ShardError: it has no
-expert ids to dispatch on.
+At world size 1 (the compile option `shard_one_rank`) the same nodes go in: rank 0 holds every
+expert (the offset is 0, every pair is its own) and the combine is an all_reduce over one rank.
+
+Negative cases: ep = 1 over more than one rank (tp only) leaves the program alone; a dense expert
+dispatch (fuse_moe_experts switched off) is a ShardError: it has no expert ids to dispatch on.
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ class ShardExpertsPass(ModulePass):
 
     def run(self, program: Program, ctx: PassContext) -> ModuleResult:
         plan = self.plan
-        if plan is None or plan.ep == 1:
+        if plan is None or not plan.splits_experts:
             if plan is not None:
                 check_loaded(program, plan)     # always last in the shard phase
             return ModuleResult(program, modified=False)

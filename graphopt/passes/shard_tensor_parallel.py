@@ -34,11 +34,14 @@ After (tp = 2, rank 0):
     linear_5: "f32[s5, s18, 256]" = torch.ops.aten.linear.default(_unsafe_view, model_model_layers_0_self_attn_o_proj_weight)
     all_reduce: "f32[s5, s18, 256]" = torch.ops._c10d_functional.all_reduce.default(linear_5, 'sum', '0')
     wait_tensor: "f32[s5, s18, 256]" = torch.ops._c10d_functional.wait_tensor.default(all_reduce)
-(the get_attr nodes keep their names and read `_tp_<target>`, the rank's slice).
+(the get_attr nodes keep their names and read `_tp_<target>`, the rank's slice). A world of one rank
+(the compile option `shard_one_rank`) gets the same nodes: each weight is its own one piece, the
+views keep their sizes, and every collective runs over the one-rank group.
 
 Negative cases (left alone): the router gate, kv_a_proj_with_mqa, eh_proj and embeddings (replicated);
-routed experts (ShardExpertsPass). A row-parallel linear with a bias, or a quantised site whose op
-sequence is not w8a8's, is a ShardError naming the site.
+routed experts (ShardExpertsPass); the whole program when tp = 1 over more than one rank (ep only).
+A row-parallel linear with a bias, or a quantised site whose op sequence is not w8a8's, is a
+ShardError naming the site.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class ShardTensorParallelPass(ModulePass):
 
     def run(self, program: Program, ctx: PassContext) -> ModuleResult:
         plan = self.plan
-        if plan is None or plan.tp == 1:
+        if plan is None or not plan.splits_heads:
             return ModuleResult(program, modified=False)
         if program.has_step_graphs:
             raise ShardError("shard_tensor_parallel must run before fuse_spec_step (it shards main and the MTP graphs)")

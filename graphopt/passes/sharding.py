@@ -4,6 +4,12 @@ insert, and the one shape re-propagation that makes a graph consistent again aft
     plan = ParallelPlan.resolve(tp=2, ep=2, config=model.config)   # checks the process group and the sizes
     ShardTensorParallelPass(plan), ShardExpertsPass(plan)          # passes/pipeline.py: the shard phase
 
+A plan splits heads when tp spans the world (`splits_heads`) and experts when ep does
+(`splits_experts`). A world of one rank with the compile option `shard_one_rank` gets the plan
+tp = ep = world = 1, which splits both: every weight into its one piece (the whole tensor, shared,
+not copied) and every collective a real graph node over the one-rank group, the sharded step whose
+cost `benchmarks/shard_one_rank.py` measures against the unsharded one.
+
 A rank's Program is its own: the sharding passes slice each weight to this rank's part and register the
 slice on the graph (`_tp_<site>_<field>`, `_ep_<site>_<field>`), so the graphs of two ranks differ in
 their tensors and in the rank-dependent constants (an expert-id offset), not in their ops. Collectives
@@ -64,6 +70,16 @@ class ParallelPlan:
     # placeholders were never filled, so the passes must take the slice instead of cutting one
     preloaded: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def splits_heads(self) -> bool:
+        """ShardTensorParallelPass runs: tp spans the world (at world size 1: one piece, real collectives)."""
+        return self.tp == self.world_size
+
+    @property
+    def splits_experts(self) -> bool:
+        """ShardExpertsPass runs: ep spans the world."""
+        return self.ep == self.world_size
+
     def with_shards(self, shards) -> "ParallelPlan":
         """This plan reading the slices `shards` (a models.shard_load.RankShards) loaded; a ShardError
         when they were loaded for another tp, ep or rank."""
@@ -73,12 +89,16 @@ class ParallelPlan:
         return replace(self, preloaded={id(full): (dim, part) for full, dim, part in shards.parts()})
 
     @classmethod
-    def resolve(cls, tp: int, ep: int, config, group=None) -> "ParallelPlan | None":
+    def resolve(cls, tp: int, ep: int, config, group=None, one_rank: bool = False) -> "ParallelPlan | None":
         """The plan for this process, or None for tp = ep = 1; a ShardError before any capture for a
-        process group that is missing or of another size, or for sizes the model does not divide by."""
+        process group that is missing or of another size, or for sizes the model does not divide by.
+        one_rank (the compile option shard_one_rank): the plan tp = ep = 1 over a world of one rank,
+        which still shards (see the module doc)."""
         for name, n in (("tp", tp), ("ep", ep)):
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise ShardError(f"{name} must be a positive int, got {n!r}")
+        if one_rank:
+            return cls._one_rank(tp, ep, group)
         if tp == 1 and ep == 1:
             return None
         import torch.distributed as dist
@@ -93,6 +113,23 @@ class ParallelPlan:
                                  f"{name} must be 1 or {world} (one group of ranks shards heads and experts)")
         _check_divisible(config, tp, ep)
         return cls(tp, ep, dist.get_rank(group), world, group.group_name)
+
+    @classmethod
+    def _one_rank(cls, tp: int, ep: int, group) -> "ParallelPlan":
+        if (tp, ep) != (1, 1):
+            raise ShardError(f"shard_one_rank=True shards over a world of one rank and takes tp=1, ep=1; got tp={tp}, "
+                             f"ep={ep} (over more ranks, pass tp= / ep= without shard_one_rank)")
+        import torch.distributed as dist
+        if not dist.is_available() or not dist.is_initialized():
+            raise ShardError("shard_one_rank=True needs torch.distributed initialised over a world of one rank first, "
+                             "e.g. torch.distributed.init_process_group('gloo' or 'nccl', rank=0, world_size=1) "
+                             "(see docs/distributed.md)")
+        group = group or dist.group.WORLD
+        world = dist.get_world_size(group)
+        if world != 1:
+            raise ShardError(f"shard_one_rank=True needs a world of one rank; the process group has {world} ranks "
+                             f"(to shard over them, pass tp={world} and / or ep={world} without shard_one_rank)")
+        return cls(1, 1, dist.get_rank(group), 1, group.group_name)
 
 
 def _check_divisible(config, tp: int, ep: int) -> None:
@@ -128,9 +165,10 @@ def weight_site(target: str) -> tuple[str, str] | None:
 def shard_tensor(gm: fx.GraphModule, node: fx.Node, dim: int, parts: int, index: int, prefix: str,
                  cache: dict, preloaded: dict | None = None) -> fx.Node:
     """Point get_attr `node` at part `index` of `parts` of its tensor along `dim` (a copy of its own, so
-    the full tensor can go once nothing holds it), registered on gm as `_<prefix>_<target>`. `cache`
-    (one per pass run) makes a tensor that several graphs read (lm_head in main and MTP) one slice;
-    `preloaded` (ParallelPlan.preloaded) gives the slice the shard-only loader read instead."""
+    the full tensor can go once nothing holds it; a single part is the tensor itself, shared, not
+    copied), registered on gm as `_<prefix>_<target>`. `cache` (one per pass run) makes a tensor that
+    several graphs read (lm_head in main and MTP) one slice; `preloaded` (ParallelPlan.preloaded)
+    gives the slice the shard-only loader read instead."""
     full = _attr(gm, node.target)
     size = full.shape[dim]
     if size % parts:
@@ -145,6 +183,8 @@ def shard_tensor(gm: fx.GraphModule, node: fx.Node, dim: int, parts: int, index:
                 raise ShardError(f"{node.target}: the loaded shard is dim {loaded[0]} {tuple(loaded[1].shape)}; "
                                  f"this pass splits dim {dim} into {tuple(want)}")
             part = loaded[1]
+        elif parts == 1:
+            part = full.detach()     # a world of one rank: the whole tensor is this rank's piece
         else:
             part = full.detach().narrow(dim, index * step, step).clone()
         cache[key] = (full, part)   # full: keeps id(full) from being reused while the pass runs

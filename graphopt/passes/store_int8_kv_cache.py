@@ -19,11 +19,13 @@ written with anything but the C8 latent (quant_insert's C8 not applied, e.g. to 
 read by anything but mla_paged_attention (use_paged_attention switched off), or a graph without
 in-place writes (reinplace_cache_writes switched off). Each graph's
 `make_inputs` is wrapped to hand int8 caches (the float ones encoded with that layer's scales).
-No CUDA kernel reads this layout yet: the Triton MLA decode kernel serves mla_paged_attention only.
-So on CUDA the pass leaves the Program as it is (C8 emulated over the model-dtype cache, which that
-kernel reads) and says so in its note; elsewhere an int8 cache runs the reference gather + decode +
-attention. (The one GPU run of int8 caches, inductor against eager in bf16, failed without a message
-left to read: not diagnosed, so CUDA stays on the verified layout.)
+On CUDA the Triton MLA decode kernel also serves mla_paged_attention_int8 (it decodes each latent tile
+as it loads it: the values the float cache held, 1 byte a value read), but that path has run in
+Triton's interpreter only, not yet on a GPU. So on CUDA the pass leaves the Program as it is (C8
+emulated over the model-dtype cache, the verified layout) unless GRAPHOPT_INT8_KV_CACHE_ON_CUDA=1
+asks for int8 storage, and says which in its note; elsewhere an int8 cache runs the reference gather
++ decode + attention. (The one earlier GPU run of int8 caches, before that kernel, inductor against
+eager in bf16 with exact tokens, failed without a message left to read.)
 
 Before (main graph of the random test model, layer 0, after the memory phase):
     dequantize_kv_default = torch.ops.graphopt.dequantize_kv.default(quantize_kv_default, _quant_model__layers__0__self_attn__kv_a_layernorm_kv_scale, torch.float32)
@@ -41,6 +43,7 @@ After (view_1 / view_4, the cache's views, now [-1, 64] / [N, 4, 64] instead of 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +57,18 @@ from .base import ModulePass, ModuleResult, PassContext
 from .patterns import call_op, fake_mode_of
 from .program import Program
 
-__all__ = ["StoreInt8KVCachePass", "C8StorageError"]
+__all__ = ["StoreInt8KVCachePass", "C8StorageError", "CUDA_OPT_IN", "int8_storage_on_cuda"]
 
 aten, OPS = torch.ops.aten, torch.ops.graphopt
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
+
+
+CUDA_OPT_IN = "GRAPHOPT_INT8_KV_CACHE_ON_CUDA"
+
+
+def int8_storage_on_cuda() -> bool:
+    """Whether CUDA Programs store int8 caches (opt-in until the int8 kernel path has run on a GPU)."""
+    return os.environ.get(CUDA_OPT_IN, "") not in ("", "0", "false", "False")
 
 
 class C8StorageError(ValueError):
@@ -85,10 +96,10 @@ class StoreInt8KVCachePass(ModulePass):
         if quant is None or quant.kv_cache != "int8" or program.cache.cache_dtype is not None:
             return ModuleResult(program, modified=False)
         layout = program.cache
-        if layout.device.type == "cuda":
+        if layout.device.type == "cuda" and not int8_storage_on_cuda():
             return ModuleResult(program, modified=False, notes=[
-                "C8 on CUDA keeps its emulated layout (the int8 round trip stored in the model-dtype cache): "
-                "the Triton MLA decode kernel reads that cache, and no CUDA kernel reads the int8 layout yet"])
+                "C8 on CUDA keeps its emulated layout (the int8 round trip stored in the model-dtype cache) "
+                f"until the Triton kernel that reads int8 caches has run on a GPU; {CUDA_OPT_IN}=1 stores int8"])
         R = program.model_config.kv_lora_rank
         r = program.model_config.qk_rope_head_dim
         rope_dtype, old_dim = layout.dtype, layout.kv_cache_dim

@@ -33,6 +33,7 @@ __all__ = [
     "QuantConfig", "CalibrationConfig", "MixedPrecisionConfig", "RTNConfig", "SmoothQuantConfig",
     "FlexSmoothConfig", "ClippingConfig", "LearnableClippingConfig", "HQQConfig", "HadamardConfig",
     "PRESETS", "resolve", "resolve_quant_config", "parse_algorithm", "DEFAULT_SKIP", "KV_CACHE_TYPES",
+    "SMOOTH_SCOPES",
 ]
 
 DEFAULT_SKIP = ("*.mlp.gate", "lm_head", "*kv_b_proj", "*shared_head.head")
@@ -48,12 +49,29 @@ class RTNConfig:
 
 @dataclass(frozen=True)
 class SmoothQuantConfig:
-    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X / s and W * s. alpha moves difficulty to W."""
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha); X / s and W * s. alpha moves difficulty to W.
+
+    scope: what one factor s covers.
+      "linear"  each linear its own s, max|W_j| over its own weight (the default; the accuracy tables);
+      "input"   one s per input tensor, max|W_j| over every smoothed linear reading it (q_a_proj and
+                kv_a_proj_with_mqa read input_layernorm's output; gate / up / experts' gate_up /
+                shared experts read post_attention_layernorm's). msModelSlim's anti-outlier step
+                computes it so, and folds it into the norm: save_msmodelslim needs this scope.
+                quantize_model and graphopt.compile (quant_insert groups the graph's readers of one
+                node) give the same factors.
+    """
     kind = "transform"
     alpha: float = 0.5
+    scope: str = "linear"
 
     def __post_init__(self):
         _in_range("SmoothQuantConfig.alpha", self.alpha, 0.0, 1.0)
+        if self.scope not in SMOOTH_SCOPES:
+            raise QuantError(f"SmoothQuantConfig.scope {self.scope!r} is not supported; accepted: "
+                             f"{', '.join(map(repr, SMOOTH_SCOPES))}")
+
+
+SMOOTH_SCOPES = ("linear", "input")
 
 
 @dataclass(frozen=True)
@@ -326,7 +344,8 @@ class QuantConfig:
 
 
 def parse_algorithm(spec: Any):
-    """{"type": "SmoothQuantConfig", "alpha": 0.5}, or a short string "smoothquant" / "smoothquant:alpha=0.6"."""
+    """{"type": "SmoothQuantConfig", "alpha": 0.5}, or a short string "smoothquant" / "smoothquant:alpha=0.6" /
+    "smoothquant:alpha=0.5,scope=input"."""
     if isinstance(spec, str):
         name, _, args = spec.partition(":")
         cls = ALGORITHM_ALIASES.get(name)
@@ -346,10 +365,13 @@ def parse_algorithm(spec: Any):
 
 
 def _number(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+    """A value of the short form: an int, a float, or else the text itself (scope=input)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _check_keys(where: str, data: dict, cls) -> None:
@@ -368,6 +390,8 @@ def _in_range(name: str, v: float, lo: float, hi: float) -> None:
 PRESETS: dict[str, QuantConfig] = {
     "w8a8": QuantConfig("w8a8"),
     "w8a8_static": QuantConfig("w8a8_static", algorithms=(SmoothQuantConfig(0.5),)),
+    # one SmoothQuant factor per norm output, which save_msmodelslim folds into the norm weights
+    "w8a8_static_folded": QuantConfig("w8a8_static", algorithms=(SmoothQuantConfig(0.5, scope="input"),)),
     "w8a8_smooth": QuantConfig("w8a8", algorithms=(SmoothQuantConfig(0.5),)),
     "w8a8_c8": QuantConfig("w8a8", kv_cache="int8"),
     "w4a8": QuantConfig("w4a8", algorithms=(ClippingConfig(),)),

@@ -11,6 +11,19 @@ quantize_model use, so one config drives both paths):
     latent   the output of self_attn.kv_a_layernorm: aten.mul(get_attr norm weight, ...) or
              graphopt.rms_norm(x, weight, eps): the normalised latent a C8 cache stores
 
+Readers of one input (`readers_of_one_input`, for SmoothQuant scope="input"): the quantised matmuls
+whose input is the same node once views are followed back. After the normalise phase (layer 1 of
+`random_model(num_hidden_layers=2)`; the routed experts read the norm output through a flattening view):
+
+    rms_norm_default_7: "f32[s5, s18, 64]" = torch.ops.graphopt.rms_norm.default(add_423, model_model_layers_1_post_attention_layernorm_weight, 1e-06)
+    view_15: "f32[s18*s5, 64]" = torch.ops.aten.view.default(rms_norm_default_7, [-1, 64])
+    moe_experts_default: "f32[s18*s5, 64]" = torch.ops.graphopt.moe_experts.default(view_15, getitem_23, getitem_24, model_model_layers_1_mlp_experts_gate_up_proj, model_model_layers_1_mlp_experts_down_proj)
+    linear_15: "f32[s5, s18, 32]" = torch.ops.aten.linear.default(rms_norm_default_7, model_model_layers_1_mlp_shared_experts_gate_proj_weight)
+    linear_16: "f32[s5, s18, 32]" = torch.ops.aten.linear.default(rms_norm_default_7, model_model_layers_1_mlp_shared_experts_up_proj_weight)
+
+-> one group: experts.gate_up_proj, shared_experts.gate_proj, shared_experts.up_proj (and q_a_proj +
+kv_a_proj_with_mqa on input_layernorm's output): the groups quant.model_quant.norm_readers names.
+
 Names come from get_attr targets, whatever wrapper the capture put around the model:
 `model.model.layers.0.self_attn.q_a_proj.weight` -> `model.layers.0.self_attn.q_a_proj`,
 `model.mtp.0.eh_proj.weight` -> `mtp.0.eh_proj`. Linears whose weight is not a plain get_attr (the
@@ -27,11 +40,12 @@ from torch import fx
 
 from .config import QuantConfig
 
-__all__ = ["Site", "find_sites", "module_name", "attr_tensor"]
+__all__ = ["Site", "find_sites", "module_name", "attr_tensor", "readers_of_one_input"]
 
 aten = torch.ops.aten
 _NAME = re.compile(r"(model\.layers\.\d+\..*|mtp\.\d+\..*|lm_head)$")
 _TRANSPOSES = (aten.transpose.int, aten.permute.default)
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)   # same values, other shape
 
 
 @dataclass
@@ -89,6 +103,30 @@ def find_sites(gm: fx.GraphModule, config: QuantConfig) -> list[Site]:
         elif config.kv_cache == "int8" and (latent := _latent_norm(node)) is not None:
             sites.append(Site(latent, "latent", node, None, None))
     return sites
+
+
+def readers_of_one_input(sites: list[Site], config: QuantConfig) -> list[list[tuple[str, fx.Node]]]:
+    """The quantised matmuls grouped by the tensor they read, as (name, get_attr of the weight): only
+    groups of two or more. A matmul's input is followed back through views; a fused moe site reads
+    it with its gate_up (`<experts>.gate_up_proj`, when that is quantised). A per-expert input (the
+    experts' down_proj, [E, N, I]) is a different tensor per expert and is never shared."""
+    groups: dict[fx.Node, list[tuple[str, fx.Node]]] = {}
+    for site in sites:
+        if site.kind in ("linear", "experts") and not site.per_expert:
+            name = site.name
+        elif site.kind == "moe" and config.scheme_for(f"{site.name}.gate_up_proj") is not None:
+            name = f"{site.name}.gate_up_proj"
+        else:
+            continue
+        groups.setdefault(_viewed(site.x), []).append((name, site.weight))
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _viewed(x: fx.Node) -> fx.Node:
+    """The node whose values `x` holds, before any reshaping view."""
+    while isinstance(x, fx.Node) and x.op == "call_function" and x.target in _VIEWS:
+        x = x.args[0]
+    return x
 
 
 def _op(name: str):

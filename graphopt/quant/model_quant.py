@@ -12,7 +12,10 @@ of range, floats or the wrong shape are a QuantError saying what is accepted.
 Layer by layer (calibration.py): observe the layer's targeted matmuls on the calibration hidden
 states, quantise them (algorithms.quantize_target), swap the modules, then advance the hidden states
 through the quantised layer, so each layer is calibrated on what the quantised model before it
-produces. Swaps, all drop-in (same call signature), so the quantised model still exports:
+produces. With SmoothQuant scope="input", the targets that read one norm's output (`norm_readers`:
+q_a_proj and kv_a_proj_with_mqa; gate, up, the experts' gate_up, the shared experts) share one factor,
+max|W_j| taken over all their weights.
+Swaps, all drop-in (same call signature), so the quantised model still exports:
     nn.Linear                    -> QuantLinear                    (q_a_proj, o_proj, mlp.*_proj, eh_proj, ...)
     deepseek.Experts             -> QuantExperts                   (stacked [E, out, K] gate_up / down)
     self_attn.kv_a_layernorm     -> QuantLatentNorm, with kv_cache="int8" (C8)
@@ -30,13 +33,14 @@ from tqdm import tqdm
 from graphopt.models.deepseek import DeepseekV3ForCausalLM, Experts
 
 from .algorithms import Target, quantize_target
+from .algorithms.smoothquant import shared_column_amax, shares_input_factor
 from .calibration import LayerRunner, calibration_data, check_windows, model_tokenizer, observe_layer
 from .config import QuantConfig, resolve
 from .schemes import QuantError
 from .observers import Observer
 from .qlinear import QuantExperts, QuantLatentNorm, QuantLinear
 
-__all__ = ["quantize_model", "quantized_names"]
+__all__ = ["quantize_model", "quantized_names", "norm_readers"]
 
 
 def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict, data: Tensor | None = None,
@@ -136,22 +140,61 @@ def _quantize_layer(runner: LayerRunner, layer: nn.Module, prefix: str, config: 
                 report["dense_experts"][down.name] = down.dense_experts()
     else:  # calibration-free: no observers needed
         hooks = {p: (k, None if k != "experts" else (None, None)) for p, (k, _) in hooks.items()}
+    targets = {}                                      # path in layer (experts: by weight name) -> Target
     for path, (kind, obs) in hooks.items():
         full = f"{prefix}.{path}"
         if kind == "linear":
-            _replace(layer, path, QuantLinear(quantize_target(_target(layer.get_submodule(path), full, config, obs))))
+            targets[path] = _target(layer.get_submodule(path), full, config, obs)
         elif kind == "experts":
-            experts = layer.get_submodule(path)
-            parts = []
             for part, o in zip(("gate_up_proj", "down_proj"), obs):
                 scheme = config.scheme_for(f"{full}.{part}")
-                w = getattr(experts, part)
-                parts.append(quantize_target(Target(f"{full}.{part}", w.detach().float(), None, scheme, config, o))
-                             if scheme is not None else None)
-            _replace(layer, path, QuantExperts(experts, *parts))
+                if scheme is not None:
+                    w = getattr(layer.get_submodule(path), part).detach().float()
+                    targets[f"{path}.{part}"] = Target(f"{full}.{part}", w, None, scheme, config, o)
+    if shares_input_factor(config):
+        _share_column_amax(layer, targets)
+    for path, (kind, obs) in hooks.items():
+        if kind == "linear":
+            _replace(layer, path, QuantLinear(quantize_target(targets[path])))
+        elif kind == "experts":
+            parts = [quantize_target(targets[f"{path}.{p}"]) if f"{path}.{p}" in targets else None
+                     for p in ("gate_up_proj", "down_proj")]
+            _replace(layer, path, QuantExperts(layer.get_submodule(path), *parts))
         elif kind == "latent":
             scale = obs.channel_amax().clamp_min(1e-8) / 127
             _replace(layer, path, QuantLatentNorm(layer.get_submodule(path), scale))
+
+
+def norm_readers(layer: nn.Module) -> dict[str, tuple[str, ...]]:
+    """{norm: the matmuls reading its output} of a decoder (or MTP) layer, paths inside it; stacked experts
+    by their weight name (`mlp.experts.gate_up_proj`), the float router (`mlp.gate`) included.
+
+    The readers of one norm read one tensor: SmoothQuant scope="input" gives them one factor, and
+    save_msmodelslim folds it into the norm's weight."""
+    attn, mlp = layer.self_attn, layer.mlp
+    q = ("self_attn.q_proj",) if attn.config.q_lora_rank is None else ("self_attn.q_a_proj",)
+    out = {"input_layernorm": (*q, "self_attn.kv_a_proj_with_mqa")}
+    if attn.config.q_lora_rank is not None:
+        out["self_attn.q_a_layernorm"] = ("self_attn.q_b_proj",)
+    out["self_attn.kv_a_layernorm"] = ("self_attn.kv_b_proj",)
+    if hasattr(mlp, "experts"):
+        shared = (("mlp.shared_experts.gate_proj", "mlp.shared_experts.up_proj")
+                  if mlp.shared_experts is not None else ())
+        out["post_attention_layernorm"] = ("mlp.gate", "mlp.experts.gate_up_proj", *shared)
+    else:
+        out["post_attention_layernorm"] = ("mlp.gate_proj", "mlp.up_proj")
+    return out
+
+
+def _share_column_amax(layer: nn.Module, targets: dict[str, Target]) -> None:
+    """SmoothQuant scope="input": the targets reading one norm's output get one max|W_j| over all their
+    weights, hence one factor (their observers saw the same tensor, so the same max|X_j|)."""
+    for readers in norm_readers(layer).values():
+        group = [targets[r] for r in readers if r in targets]
+        if len(group) > 1:
+            amax = shared_column_amax([t.weight for t in group])                          # [K]
+            for t in group:
+                t.column_amax = amax
 
 
 def _target(linear: nn.Linear, name: str, config: QuantConfig, obs: Observer | None) -> Target:

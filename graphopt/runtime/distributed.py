@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .engine import Engine
 from .request import RequestEvent, SamplingParams
 
-__all__ = ["DEFAULT_TIMEOUT_S", "LockstepEngine", "RankLostError", "init_process_group", "run_local"]
+__all__ = ["DEFAULT_TIMEOUT_S", "LockstepEngine", "RankLostError", "free_port", "init_process_group", "run_local"]
 
 DEFAULT_TIMEOUT_S = 60.0   # a collective waiting longer than this for a peer fails instead of hanging
 
@@ -59,9 +59,7 @@ def run_local(fn: Callable, world_size: int, *args, timeout_s: float = 300.0,
     local port (what torchrun does, for tests and self-launching examples). An exception in a rank is
     raised here with its traceback; past `timeout_s` every rank is killed and TimeoutError raised."""
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.start_processes(_rank_main, args=(fn, world_size, port, backend, collective_timeout_s, args),
                              nprocs=world_size, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
@@ -71,6 +69,13 @@ def run_local(fn: Callable, world_size: int, *args, timeout_s: float = 300.0,
                 if p.is_alive():
                     p.kill()
             raise TimeoutError(f"run_local: {world_size} ranks still running after {timeout_s:.0f} s; killed")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for MASTER_PORT of a local process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, fn: Callable, world_size: int, port: int, backend: str, timeout_s: float, args) -> None:

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import graphopt.ops.paged_attention  # noqa: F401  defines the op (until ops/__init__ imports the module)
-from graphopt.ops.paged_attention import mla_paged_attention_reference
+from graphopt.ops.kv_int8 import decode_kv_int8, encode_kv_int8
+from graphopt.ops.paged_attention import mla_paged_attention_int8_reference, mla_paged_attention_reference
 from kernel_interpreter import checkout_env, run_interpreted
 
 ARGS = ("q_nope", "q_pe", "kv_cache", "block_tables", "positions", "kv_b_weight", "w_uk", "w_uv")
@@ -101,7 +102,58 @@ def _interpreter_main() -> None:
         got = mla_decode.mla_paged_attention_cuda(*args, 0.2, 8)
         ref = mla_paged_attention_reference(*args, 0.2, 8)
         results[f"op_T{T}"] = dict(max_error=(got - ref).abs().max().item(), equal=torch.equal(got, ref))
+    _interpret_int8(mla_decode, results)
     print(json.dumps(results))
+
+
+def int8_inputs(shape: dict, dtype: torch.dtype, seed: int):
+    """paged_inputs plus the cache in C8's int8 layout: (inputs, int8 cache, kv_scale, the float cache it decodes to)."""
+    a = paged_inputs(**shape, dtype=dtype, seed=seed)
+    R = shape["R"]
+    kv_scale = a["clean_cache"][..., :R].float().abs().amax(dim=(0, 1)).clamp_min(1e-8) / 127
+    stored = encode_kv_int8(a["clean_cache"], kv_scale, dtype)
+    return a, stored, kv_scale, decode_kv_int8(stored, kv_scale, dtype)
+
+
+def _as_the_interpreter_decodes(stored, kv_scale, decoded):
+    """The float cache with its latent decoded as the interpreter's kernel does: Triton's interpreter
+    casts float32 -> bfloat16 by truncation (a GPU rounds to nearest, as dequantize_kv does), so in
+    bfloat16 the interpreted kernel equals the kernel over a truncated decode."""
+    if decoded.dtype != torch.bfloat16:
+        return decoded
+    R = kv_scale.shape[0]
+    latent = (stored[..., :R].float() * kv_scale).view(torch.int32) & ~0xFFFF    # drop the low 16 bits
+    return torch.cat([latent.view(torch.float32).to(torch.bfloat16), decoded[..., R:]], dim=-1)
+
+
+INT8_CASES = ("embedded_t1_one_split", "embedded_t2_three_splits", "odd_h5_r8_R40_bs4")
+
+
+def _interpret_int8(mla_decode, results: dict) -> None:
+    """The kernel over an int8 cache against the kernel over the float cache it decodes to (equal), and
+    against the float64 reference; the op's CUDA implementation against its reference."""
+    for name in INT8_CASES:
+        shape, splits = INTERPRETER_CASES[name]
+        for dtype_name in ("float32", "bfloat16"):
+            dtype = DTYPES[dtype_name]
+            a, stored, kv_scale, decoded = int8_inputs(shape, dtype, seed=len(results))
+            scale = (shape["dn"] + shape["r"]) ** -0.5
+            q_lat = torch.einsum("bthd,hdr->bthr", a["q_nope"], a["w_uk"])
+            run = lambda cache, **kw: mla_decode.mla_paged_decode(q_lat, a["q_pe"], cache, a["block_tables"],
+                                                                  a["positions"], scale, num_splits=splits, **kw)
+            got = run(stored, kv_scale=kv_scale, rope_dtype=dtype)
+            ref = decode_reference64(q_lat, a["q_pe"], decoded, a["block_tables"], a["positions"], scale)
+            results[f"int8/{name}/{dtype_name}"] = dict(
+                equal_to_float_cache=torch.equal(got, run(_as_the_interpreter_decodes(stored, kv_scale, decoded))),
+                max_error=(got.double() - ref).abs().max().item(), dtype=str(got.dtype))
+    for T in (2, 12):
+        a, stored, kv_scale, _ = int8_inputs(INTERPRETER_CASES["embedded_t2_three_splits"][0] | {"T": T},
+                                             torch.float32, seed=T)
+        args = [a[k] for k in ARGS]
+        args[2:3] = [stored, kv_scale, torch.float32]
+        got = mla_decode.mla_paged_attention_int8_cuda(*args, 0.2, 8)
+        ref = mla_paged_attention_int8_reference(*args, 0.2, 8)
+        results[f"int8_op_T{T}"] = dict(max_error=(got - ref).abs().max().item(), equal=torch.equal(got, ref))
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +174,20 @@ def test_interpreted_kernel_matches_float64_reference(interpreted, case, dtype_n
 def test_interpreted_op_implementation(interpreted):
     assert interpreted["op_T2"]["max_error"] < 2e-6            # kernel + einsums, float32
     assert interpreted["op_T12"]["equal"]                      # prefill: the reference itself
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_interpreted_kernel_over_an_int8_cache_equals_it_over_the_decoded_float_cache(interpreted, case, dtype_name):
+    got = interpreted[f"int8/{case}/{dtype_name}"]
+    assert got["dtype"] == str(DTYPES[dtype_name])
+    assert got["equal_to_float_cache"], got               # the same values, decoded in the kernel as they load
+    assert got["max_error"] < MAX_ERROR[dtype_name], got
+
+
+def test_interpreted_int8_op_implementation(interpreted):
+    assert interpreted["int8_op_T2"]["max_error"] < 2e-6       # kernel + einsums over the int8 cache, float32
+    assert interpreted["int8_op_T12"]["equal"]                 # prefill: the reference itself
 
 
 def test_split_rule_fills_the_gpu_from_shapes():
@@ -208,6 +274,25 @@ def test_cuda_kernel_replays_in_a_cuda_graph_with_new_positions(cuda_kernel, mod
         graph.replay()
         ref = mla_paged_attention_reference(*(a[k] for k in ARGS), scale)
         _assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("B,T", [(1, 1), (8, 2), (64, 1)])
+@pytest.mark.parametrize("model", list(MODELS))
+def test_cuda_kernel_over_an_int8_cache_equals_it_over_the_decoded_cache(cuda_kernel, model, B, T, dtype):
+    shape = MODELS[model]
+    a, stored, kv_scale, decoded = int8_inputs(dict(B=B, T=T, **shape, M=CONTEXT // shape["bs"]), dtype, seed=B + T)
+    a = {k: v.cuda() for k, v in a.items()}
+    stored, kv_scale, decoded = stored.cuda(), kv_scale.cuda(), decoded.cuda()
+    scale = (shape["dn"] + shape["r"]) ** -0.5
+    args = [a[k] for k in ARGS]
+    got = torch.ops.graphopt.mla_paged_attention_int8(*args[:2], stored, kv_scale, dtype, *args[3:], scale)
+    over_floats = torch.ops.graphopt.mla_paged_attention(*args[:2], decoded, *args[3:], scale)
+    assert torch.equal(got, over_floats)             # the kernel decodes each tile to the float cache's values
+    ref = mla_paged_attention_int8_reference(*args[:2], stored, kv_scale, dtype, *args[3:], scale)
+    _assert_close(got, ref, dtype)
 
 
 if __name__ == "__main__":

@@ -140,3 +140,84 @@ def test_fused_rtn_experts_compute_what_the_eager_quantised_model_computes(main_
         want = eager(ids, pos, caches, slots, blocks, return_hidden=True)
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=1e-6)
+
+
+# -- SmoothQuant scope="input": one factor per tensor, shared by the quantised matmuls reading it ---------
+
+def _smoothing(scope: str, **kw) -> QuantConfig:
+    from graphopt.quant import SmoothQuantConfig
+    return QuantConfig("w8a8", algorithms=(SmoothQuantConfig(0.5, scope=scope),), **kw)
+
+
+def _eager_groups(model) -> set[tuple[str, ...]]:
+    """quantize_model's groups (norm_readers) of the main layers with more than one quantised matmul:
+    model-level names, without the float router."""
+    from graphopt.quant.model_quant import norm_readers
+    groups = {tuple(sorted(f"model.layers.{i}.{r}" for r in readers if not r.endswith("mlp.gate")))
+              for i, layer in enumerate(model.model.layers) for readers in norm_readers(layer).values()}
+    return {g for g in groups if len(g) > 1}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_scope_input_gives_the_readers_of_one_tensor_one_factor(main_fp32, run, fused):
+    from graphopt.passes.fuse_moe_experts import FuseMoeExpertsPass
+    from graphopt.quant.graph_sites import readers_of_one_input
+    first = [FuseMoeExpertsPass()] if fused else []
+    config = _smoothing("input")
+    gm = run(main_fp32, first, verify=False).graph_module if first else main_fp32.fresh()
+    groups = readers_of_one_input(find_sites(gm, config), config)
+    names = {tuple(sorted(n for n, _ in g)) for g in groups}
+    # q_a + kv_a in both layers; the dense gate + up; the experts' gate_up + the shared gate + up
+    assert names == _eager_groups(main_fp32.model) and len(names) == 4
+    # negative: a reader kept in 16 bit is in no group, so q_a_proj is left on its own
+    skip = _smoothing("input", skip=(*config.skip, "*kv_a_proj_with_mqa"))
+    kept = {tuple(sorted(n for n, _ in g)) for g in readers_of_one_input(find_sites(gm, skip), skip)}
+    assert kept == {g for g in names if not any("q_a_proj" in n for n in g)}
+
+    inputs = [main_fp32.step.make_inputs(s) for s in range(2)]
+    ran = {scope: run(main_fp32, [*first, QuantCalibratePass(), QuantInsertPass()], verify=False,
+                      options=_opts(_smoothing(scope), inputs)).graph_module for scope in ("input", "linear")}
+    assert count_ops(ran["input"]) == count_ops(ran["linear"])          # the same op sequence
+    inv = lambda scope, name: getattr(ran[scope], f"_quant_{name.replace('.', '__')}_smooth_inv")
+    for group in names:
+        assert all(torch.equal(inv("input", n), inv("input", group[0])) for n in group), group
+        assert not torch.equal(inv("linear", group[0]), inv("linear", group[1])), group   # per linear: its own
+    # negative: a matmul alone on its input keeps its own factor, and per-expert inputs one per expert
+    for alone in ("model.layers.0.self_attn.q_b_proj", "model.layers.1.mlp.experts.down_proj"):
+        assert torch.equal(inv("input", alone), inv("linear", alone))
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_scope_input_compiles_to_what_the_eager_quantised_model_computes(dense):
+    """One decoder layer (a MoE or a dense one), so both paths observe the same float activations
+    (quantize_model calibrates each later layer on the quantised layers before it, the graph path on
+    the float graph); verify mode on; the MoE model with its MTP graph."""
+    import graphopt
+    from graphopt.models.random import random_model
+    from graphopt.quant import CalibrationConfig
+    model = random_model(num_hidden_layers=1, first_k_dense_replace=int(dense))
+    ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    config = _smoothing("input", calibration=CalibrationConfig(tokens=ids))
+    compiled = graphopt.compile(model, quant=config, spec=None if dense else "mtp", verify=True, progress=False)
+    eager = quantize_model(model, config, ids, progress=False)
+    assert "next-token KL" in compiled.report.notes["main/quant_insert"]        # judged by verify mode
+    invs = {n: t for n, t in compiled.program["main"].state_dict().items() if n.endswith("_smooth_inv")}
+    for name, t in invs.items():   # the eager model's factors (past attention: float rounding apart, ~1 ulp)
+        path = name.removeprefix("_quant_").removesuffix("_smooth_inv").replace("__", ".")
+        parent, _, leaf = path.rpartition(".")
+        holder = (getattr(eager.get_submodule(parent), leaf.removesuffix("_proj")) if parent.endswith(".mlp.experts")
+                  else eager.get_submodule(path))
+        torch.testing.assert_close(t, holder.tensors()["smooth_inv"], msg=name)
+    mlp = "mlp" if dense else "mlp.shared_experts"
+    siblings = [("self_attn.q_a_proj", "self_attn.kv_a_proj_with_mqa"), (f"{mlp}.gate_proj", f"{mlp}.up_proj")]
+    siblings += [] if dense else [("mlp.experts.gate_up_proj", "mlp.shared_experts.up_proj")]
+    layers = [("main", "model.layers.0")] + ([] if dense else [("mtp0", "mtp.0")])
+    for graph, layer in layers:
+        tensors = compiled.program[graph].state_dict()
+        key = lambda n: f"_quant_{layer}.{n}_smooth_inv".replace(".", "__")
+        for a, b in siblings:
+            assert torch.equal(tensors[key(a)], tensors[key(b)]), (graph, a, b)
+    test = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got, want = compiled(test), eager(test)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -10,7 +10,7 @@ import graphopt
 from graphopt.models.random import random_model
 from graphopt.ops.kv_int8 import decode_kv_int8
 from graphopt.passes.base import count_ops
-from graphopt.passes.store_int8_kv_cache import C8StorageError
+from graphopt.passes.store_int8_kv_cache import CUDA_OPT_IN, C8StorageError, int8_storage_on_cuda
 from graphopt.quant import PRESETS, CalibrationConfig, QuantConfig
 
 CALIBRATION = CalibrationConfig(sources=(("random", 1.0),), num_samples=2, seq_len=8)
@@ -118,6 +118,31 @@ def test_on_cuda_c8_keeps_the_emulated_cache_the_mla_kernel_reads_and_says_so():
     assert any("C8 on CUDA keeps its emulated layout" in note for note in c8.program.state.notes.values())
     floats = graphopt.compile(model, backend="inductor", disable_passes=OFF, **kw)
     assert c8.generate(PROMPTS, 16, ignore_eos=True) == floats.generate(PROMPTS, 16, ignore_eos=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_cuda_int8_caches_read_by_the_triton_kernel_decode_the_emulated_caches_tokens(monkeypatch, dtype):
+    """Opted in: int8 caches on CUDA, read by the Triton kernel, CUDA graphs on; the tokens equal those of
+    the emulated float cache (the same values reach the same kernel arithmetic)."""
+    monkeypatch.setenv(CUDA_OPT_IN, "1")
+    model = random_model(vocab_size=8).to("cuda", dtype)
+    kw = dict(quant=PRESETS["w8a8_c8"].replace(calibration=CALIBRATION), block_size=4, progress=False, spec="mtp")
+    c8 = graphopt.compile(model, backend="inductor", **kw)
+    kv, _ = c8.executable.new_caches(2)
+    assert kv[0].dtype == torch.int8 and c8.program.cache.cache_dtype == torch.int8
+    assert "graphopt.mla_paged_attention_int8.default" in count_ops(c8.graphs["main"])
+    floats = graphopt.compile(model, backend="inductor", disable_passes=OFF, **kw)
+    assert c8.generate(PROMPTS, 16, ignore_eos=True) == floats.generate(PROMPTS, 16, ignore_eos=True)
+
+
+def test_int8_storage_on_cuda_is_opt_in_by_environment(monkeypatch):
+    monkeypatch.delenv(CUDA_OPT_IN, raising=False)
+    assert not int8_storage_on_cuda()
+    for value, on in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv(CUDA_OPT_IN, value)
+        assert int8_storage_on_cuda() is on
 
 
 def test_without_in_place_writes_there_is_nothing_to_store_and_it_says_so():

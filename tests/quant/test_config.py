@@ -60,3 +60,17 @@ def test_bad_values_are_refused_with_what_is_accepted():
         QuantConfig("w8a8", algorithms=(HQQConfig(),))
     with pytest.raises(QuantError, match="power of two"):
         HadamardConfig(max_block=96)
+
+
+def test_smoothquant_scope_is_validated_serialised_and_parsed():
+    shared = QuantConfig("w8a8_static", algorithms=(SmoothQuantConfig(0.5, scope="input"),))
+    assert shared.to_dict()["algorithms"] == [{"type": "SmoothQuantConfig", "alpha": 0.5, "scope": "input"}]
+    assert QuantConfig.from_dict(shared.to_dict()) == shared
+    assert SmoothQuantConfig().scope == "linear"                          # the default: the accuracy tables
+    old = {"algorithms": [{"type": "SmoothQuantConfig", "alpha": 0.5}]}    # saved before the field existed
+    assert QuantConfig.from_dict(old).transform == SmoothQuantConfig(0.5, scope="linear")
+    parsed = QuantConfig.from_dict({"algorithms": ["smoothquant:alpha=0.6,scope=input"]})
+    assert parsed.transform == SmoothQuantConfig(0.6, scope="input")
+    with pytest.raises(QuantError, match="SmoothQuantConfig.scope 'norm' is not supported; accepted: 'linear', "
+                                         "'input'"):
+        SmoothQuantConfig(scope="norm")

@@ -131,7 +131,7 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path, model_and_data):
     with pytest.raises(QuantError, match="quantise it first"):
         save_msmodelslim(model, tmp_path)
     for config, match in ((QuantConfig("w8a16"), "scheme 'w8a16' has no msModelSlim counterpart"),
-                          (PRESETS["w8a8_smooth"], "smoothing / rotation"),
+                          (PRESETS["w8a8_smooth"], "smoothed with different factors.*scope='input'"),
                           (PRESETS["c8"], "C8 latent KV cache")):
         with pytest.raises(QuantError, match=match):
             save_msmodelslim(quantize_model(model, config, data, progress=False), tmp_path)
@@ -304,3 +304,5 @@ def test_roundtrip_example_runs(tmp_path):
         assert re.search(rf"^{qtype}: \d+ quantised weights in .*; imported logits equal graphopt's: True$",
                          proc.stdout, re.M), proc.stdout
         assert (tmp_path / qtype.lower() / "quant_model_description.json").is_file()
+    assert re.search(r"^W8A8 \+ SmoothQuant: folded into the norms in .*; the export changes the logits by \S+ "
+                     r"\(relative\), quantisation by \S+; top-1 agreement \S+$", proc.stdout, re.M), proc.stdout

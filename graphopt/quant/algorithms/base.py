@@ -33,6 +33,9 @@ class Target:
     scheme: Scheme
     config: QuantConfig
     observer: Observer | None    # None: calibration-free (only HQQ / RTN weight-only work without it)
+    # [K]: max|W_j| over every smoothed linear reading this input (SmoothQuant scope="input", set by
+    # quantize_model); None: over this weight alone
+    column_amax: Tensor | None = None
 
     @property
     def k(self) -> int:

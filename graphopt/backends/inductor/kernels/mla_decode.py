@@ -8,9 +8,12 @@ For T <= absorb_max_tokens (decode, 1 + k speculative queries) the op runs in th
 
 and the middle line is the Triton kernel `mla_paged_decode`, which reads latent_j and kpe_j straight
 from the paged cache through the block table; longer queries (prefill) use the reference python
-implementation (expanded form). An int8 (C8) cache is read by a different op,
-graphopt::mla_paged_attention_int8 (passes/store_int8_kv_cache.py), which this kernel does not
-implement: int8 caches run that op's reference (gather, decode, attention) on CUDA too. The kernel design:
+implementation (expanded form). An int8 (C8) cache (ops/kv_int8.py: per token the latent's int8 codes,
+then the roped key's bytes) is read by graphopt::mla_paged_attention_int8, served by the same kernel
+with INT8 on: each latent tile is decoded as it is loaded, (codes x kv_scale) rounded to the query's
+dtype, which is the value the op's reference (dequantize_kv) decodes, and the roped key is read
+through a view of the cache in its own dtype. So over an int8 cache the kernel computes what it
+computes over the float cache that int8 cache decodes to, reading 1 byte a latent value. The design:
 
   * rows: the T * H (query, head) pairs of one batch row, flattened and cut into tiles of TILE_H >= 16
     rows (tl.dot wants >= 16 in each dimension; padding rows are masked). The T queries of a row
@@ -42,7 +45,8 @@ import torch
 from torch import Tensor
 
 from graphopt.ops.attention import ABSORB_MAX_TOKENS
-from graphopt.ops.paged_attention import _check, mla_paged_attention_reference
+from graphopt.ops.paged_attention import (_check, _check_int8, mla_paged_attention_int8_reference,
+                                          mla_paged_attention_reference)
 
 try:
     import triton
@@ -50,7 +54,8 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["available", "mla_paged_attention_cuda", "mla_paged_decode", "register"]
+__all__ = ["available", "int8_cache_supported", "mla_paged_attention_cuda", "mla_paged_attention_int8_cuda",
+           "mla_paged_decode", "register"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _LOG2E = 1.4426950408889634
@@ -81,17 +86,26 @@ if triton is not None:
     @triton.jit
     def _attend_key_tile(m_i, l_i, acc, q_lat, q_pe, pos, k0, end, cache_ptr, table_ptr, qk_scale,
                          stride_cache_n, stride_cache_s, stride_cache_c,
-                         R: tl.constexpr, RP: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
-                         TILE_R: tl.constexpr, TILE_RP: tl.constexpr, FP32_DOT: tl.constexpr):
-        """One online-softmax step over keys k0 .. k0 + TILE_N - 1 (those < end) of one batch row."""
+                         pe_ptr, stride_pe_n, stride_pe_s, stride_pe_c, kv_scale,
+                         R: tl.constexpr, RP: tl.constexpr, PE_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                         TILE_N: tl.constexpr, TILE_R: tl.constexpr, TILE_RP: tl.constexpr, FP32_DOT: tl.constexpr,
+                         INT8: tl.constexpr):
+        """One online-softmax step over keys k0 .. k0 + TILE_N - 1 (those < end) of one batch row.
+        The roped key is element PE_OFFSET on of pe_ptr's entry (the cache itself, or an int8 cache's
+        bytes viewed in the rope dtype); INT8: the latent is int8 codes, decoded with kv_scale [TILE_R]."""
         keys = k0 + tl.arange(0, TILE_N)
         key_ok = keys < end
         offs_r, offs_rp = tl.arange(0, TILE_R), tl.arange(0, TILE_RP)
         page = tl.load(table_ptr + keys // BLOCK_SIZE, mask=key_ok, other=0)
-        slot = page * stride_cache_n + (keys % BLOCK_SIZE) * stride_cache_s          # int64 offsets [TILE_N]
+        in_block = keys % BLOCK_SIZE
+        slot = page * stride_cache_n + in_block * stride_cache_s                     # int64 offsets [TILE_N]
         latent = tl.load(cache_ptr + slot[:, None] + offs_r[None, :] * stride_cache_c,
-                         mask=key_ok[:, None] & (offs_r < R)[None, :], other=0.0).to(q_lat.dtype)  # [TILE_N, TILE_R]
-        k_pe = tl.load(cache_ptr + slot[:, None] + (R + offs_rp[None, :]) * stride_cache_c,
+                         mask=key_ok[:, None] & (offs_r < R)[None, :], other=0)      # [TILE_N, TILE_R]
+        if INT8:
+            latent = latent.to(tl.float32) * kv_scale[None, :]                      # dequantize_kv, then the cast
+        latent = latent.to(q_lat.dtype)
+        pe_slot = page * stride_pe_n + in_block * stride_pe_s
+        k_pe = tl.load(pe_ptr + pe_slot[:, None] + (PE_OFFSET + offs_rp[None, :]) * stride_pe_c,
                        mask=key_ok[:, None] & (offs_rp < RP)[None, :], other=0.0).to(q_lat.dtype)  # [TILE_N, TILE_RP]
 
         scores = _dot(q_lat, tl.trans(latent), tl.zeros([q_lat.shape[0], TILE_N], dtype=tl.float32), FP32_DOT)
@@ -108,15 +122,17 @@ if triton is not None:
     @triton.jit
     def _paged_decode_split_kernel(
         q_lat_ptr, q_pe_ptr,                 # [B, ROWS, R], [B, ROWS, RP] contiguous (ROWS = T * H)
-        cache_ptr,                           # [N, BLOCK_SIZE, R + RP], any strides
+        cache_ptr,                           # [N, BLOCK_SIZE, R + RP], any strides (INT8: int8 codes first)
+        pe_ptr, kv_scale_ptr,                # the roped keys' tensor (the cache, or its rope-dtype view); INT8: [R] fp32
         block_tables_ptr, positions_ptr,     # [B, M], [B, T] int64
         m_ptr, l_ptr, acc_ptr,               # partials [B, ROWS, SPLITS], same, [B, ROWS, SPLITS, R] float32
         qk_scale,                            # softmax scale * log2(e)
-        stride_cache_n, stride_cache_s, stride_cache_c, stride_table_b, stride_pos_b, stride_pos_t,
+        stride_cache_n, stride_cache_s, stride_cache_c, stride_pe_n, stride_pe_s, stride_pe_c,
+        stride_table_b, stride_pos_b, stride_pos_t,
         ROWS, KEYS, SPLITS,                  # runtime: T * H, M * BLOCK_SIZE, number of splits
-        H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, PE_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_H: tl.constexpr, TILE_N: tl.constexpr, TILE_R: tl.constexpr, TILE_RP: tl.constexpr,
-        FP32_DOT: tl.constexpr, WHILE_LOOP: tl.constexpr,
+        FP32_DOT: tl.constexpr, WHILE_LOOP: tl.constexpr, INT8: tl.constexpr,
     ):
         tile, split, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = tile * TILE_H + tl.arange(0, TILE_H)                       # flattened (t, h) = t * H + h
@@ -136,6 +152,10 @@ if triton is not None:
         q_pe = tl.load(q_pe_ptr + q_rows[:, None] * RP + offs_rp[None, :],
                        mask=row_ok[:, None] & (offs_rp < RP)[None, :], other=0.0)    # [TILE_H, TILE_RP]
 
+        if INT8:
+            kv_scale = tl.load(kv_scale_ptr + offs_r, mask=offs_r < R, other=0.0)    # [TILE_R] fp32
+        else:
+            kv_scale = tl.zeros([TILE_R], dtype=tl.float32)                            # unused
         # finite start for the running max: an all-masked tile then gives p = 0 and a rescale of 1, not NaN
         m_i = tl.full([TILE_H], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([TILE_H], dtype=tl.float32)
@@ -147,13 +167,17 @@ if triton is not None:
             while k0 < end:
                 m_i, l_i, acc = _attend_key_tile(m_i, l_i, acc, q_lat, q_pe, pos, k0, end, cache_ptr, table_ptr,
                                                  qk_scale, stride_cache_n, stride_cache_s, stride_cache_c,
-                                                 R, RP, BLOCK_SIZE, TILE_N, TILE_R, TILE_RP, FP32_DOT)
+                                                 pe_ptr, stride_pe_n, stride_pe_s, stride_pe_c, kv_scale,
+                                                 R, RP, PE_OFFSET, BLOCK_SIZE, TILE_N, TILE_R, TILE_RP, FP32_DOT,
+                                                 INT8)
                 k0 += TILE_N
         else:
             for k0 in range(start, end, TILE_N):       # a for loop, so that Triton pipelines the page loads
                 m_i, l_i, acc = _attend_key_tile(m_i, l_i, acc, q_lat, q_pe, pos, k0, end, cache_ptr, table_ptr,
                                                  qk_scale, stride_cache_n, stride_cache_s, stride_cache_c,
-                                                 R, RP, BLOCK_SIZE, TILE_N, TILE_R, TILE_RP, FP32_DOT)
+                                                 pe_ptr, stride_pe_n, stride_pe_s, stride_pe_c, kv_scale,
+                                                 R, RP, PE_OFFSET, BLOCK_SIZE, TILE_N, TILE_R, TILE_RP, FP32_DOT,
+                                                 INT8)
 
         part = q_rows * SPLITS + split                                     # [TILE_H] index into the partials
         tl.store(m_ptr + part, m_i, mask=row_ok)
@@ -216,15 +240,34 @@ def _num_splits(keys: int, base_programs: int, device: torch.device) -> int:
     return max(1, min(wanted, keys // _MIN_KEYS_PER_SPLIT, _MAX_SPLITS))
 
 
+def int8_cache_supported(kv_cache: Tensor, R: int, rope_dtype: torch.dtype) -> bool:
+    """Whether the kernel reads this int8 cache: its rope bytes start on a rope-dtype boundary (R a
+    multiple of the rope itemsize) and an entry's bytes are contiguous, so they can be viewed as that dtype."""
+    return (R % rope_dtype.itemsize == 0 and kv_cache.stride(2) == 1
+            and kv_cache.stride(0) % rope_dtype.itemsize == 0 and kv_cache.stride(1) % rope_dtype.itemsize == 0)
+
+
 def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor, positions: Tensor,
-                     scale: float, num_splits: int | None = None) -> Tensor:
+                     scale: float, num_splits: int | None = None, kv_scale: Tensor | None = None,
+                     rope_dtype: torch.dtype | None = None) -> Tensor:
     """The kernel alone: attention of latent queries over the paged cache.
 
     q_lat [B, T, H, R], q_pe [B, T, H, r], kv_cache [N, bs, R + r], block_tables [B, M], positions [B, T]
     -> out_lat [B, T, H, R] in q_lat's dtype. num_splits overrides the split rule (tests).
+    An int8 cache (C8, ops/kv_int8.py): kv_cache int8 [N, bs, R + r * itemsize(rope_dtype)] with
+    kv_scale fp32 [R] and rope_dtype given (int8_cache_supported must hold).
     """
     B, T, H, R = q_lat.shape
     r = q_pe.shape[3]
+    int8 = kv_cache.dtype == torch.int8
+    if int8:
+        if kv_scale is None or rope_dtype is None or not int8_cache_supported(kv_cache, R, rope_dtype):
+            raise ValueError("mla_paged_decode: an int8 cache needs kv_scale and rope_dtype, R a multiple of the "
+                             "rope itemsize and contiguous entries")
+        pe = kv_cache.view(rope_dtype)                                         # [N, bs, R / itemsize + r]
+        pe_offset, kv_scale = R // rope_dtype.itemsize, kv_scale.float().contiguous()
+    else:
+        pe, pe_offset, kv_scale = kv_cache, R, q_lat.new_empty(0, dtype=torch.float32)   # scale unused
     bs, rows, keys = kv_cache.shape[1], T * H, block_tables.shape[1] * kv_cache.shape[1]
     config = _config(q_lat.dtype, rows, R)
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -237,15 +280,15 @@ def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables
     l = torch.empty_like(m)                                                    # sum of exponentials,
     acc = q_lat.new_empty((B, rows, splits, R), dtype=torch.float32)           # unnormalised output
     _paged_decode_split_kernel[(tiles, splits, B)](
-        q_lat, q_pe, kv_cache, block_tables, positions, m, l, acc, scale * _LOG2E,
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_tables.stride(0),
-        positions.stride(0), positions.stride(1), rows, keys, splits,
-        H=H, R=R, RP=r, BLOCK_SIZE=bs, TILE_H=config.tile_h, TILE_N=config.tile_n,
+        q_lat, q_pe, kv_cache, pe, kv_scale, block_tables, positions, m, l, acc, scale * _LOG2E,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), pe.stride(0), pe.stride(1), pe.stride(2),
+        block_tables.stride(0), positions.stride(0), positions.stride(1), rows, keys, splits,
+        H=H, R=R, RP=r, PE_OFFSET=pe_offset, BLOCK_SIZE=bs, TILE_H=config.tile_h, TILE_N=config.tile_n,
         TILE_R=max(16, triton.next_power_of_2(R)), TILE_RP=max(16, triton.next_power_of_2(r)),
         # Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits: there, upcast
         # them (bf16 x bf16 products are exact in float32, so this is the tensor cores' arithmetic)
         FP32_DOT=q_lat.dtype == torch.float32 or (interpreted and q_lat.dtype == torch.bfloat16),
-        WHILE_LOOP=interpreted, num_warps=config.num_warps, num_stages=config.num_stages,
+        WHILE_LOOP=interpreted, INT8=int8, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out_lat = torch.empty_like(q_lat)                                          # [B, ROWS, R]
     tile_r = min(_COMBINE_TILE_R, triton.next_power_of_2(R))
@@ -268,6 +311,23 @@ def mla_paged_attention_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, blo
     return torch.einsum("bthr,hvr->bthv", out_lat, w_uv).to(q_nope.dtype).contiguous()   # [B, T, H, dv]
 
 
+def mla_paged_attention_int8_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, kv_scale: Tensor,
+                                  rope_dtype: torch.dtype, block_tables: Tensor, positions: Tensor,
+                                  kv_b_weight: Tensor, w_uk: Tensor, w_uv: Tensor, scale: float,
+                                  absorb_max_tokens: int = ABSORB_MAX_TOKENS) -> Tensor:
+    """graphopt::mla_paged_attention_int8 on CUDA: the kernel over the int8 cache for decode-sized T;
+    the op's reference (gather, decode, attention) for prefill and the layouts the kernel does not read."""
+    _check_int8(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables, positions, kv_b_weight, w_uk, w_uv)
+    if (q_nope.shape[1] > absorb_max_tokens or q_nope.dtype not in _KERNEL_DTYPES
+            or not int8_cache_supported(kv_cache, w_uk.shape[2], rope_dtype)):
+        return mla_paged_attention_int8_reference(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables,
+                                                  positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
+    q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+    out_lat = mla_paged_decode(q_lat, q_pe, kv_cache, block_tables, positions, scale, kv_scale=kv_scale,
+                               rope_dtype=rope_dtype)
+    return torch.einsum("bthr,hvr->bthv", out_lat, w_uv).to(q_nope.dtype).contiguous()
+
+
 _registered = False
 
 
@@ -279,5 +339,6 @@ def register() -> bool:
     global _registered
     if not _registered and available():
         torch.library.register_kernel("graphopt::mla_paged_attention", "cuda", mla_paged_attention_cuda)
+        torch.library.register_kernel("graphopt::mla_paged_attention_int8", "cuda", mla_paged_attention_int8_cuda)
         _registered = True
     return _registered

@@ -1,0 +1,127 @@
+"""CUDA implementation of graphopt::w4a8_matmul: the packed int4 weight read as it is stored (Triton).
+
+The op (graphopt/ops/quant.py) multiplies int8 activations x [..., M, K] by an int4 weight packed two
+a byte (uint8 [out, K/2], low nibble = even k, graphopt/ops/packing.py) with int8 group scales
+[out, K/G], QServe's progressive form: w8 = clamp(w4 * s_g, +-127) is an int8 weight, and the
+product is exact int32. Its reference unpacks and widens the whole weight to an int8 copy per call
+(1.5 bytes read and 1 written per weight, then 1 read again by the int8 GEMM). Here one program owns
+BLOCK_N output columns for BLOCK_M rows and, per tile of packed bytes,
+
+    p = W[n, j]            (uint8: weights 2j and 2j+1, the only large read: half a byte a weight)
+    lo, hi = p & 15 - 8, p >> 4 - 8                              int4 -> int32 in registers
+    w_lo, w_hi = clamp(lo * S[n, 2j // G]), clamp(hi * S[n, (2j+1) // G])   int8, as widen_int4
+    acc += x[:, 2j] @ w_lo^T + x[:, 2j+1] @ w_hi^T               int8 x int8 -> int32 tensor cores
+
+so the even and odd columns of x meet the low and high nibbles without interleaving them. Integer
+maths throughout: bit-identical to the reference in any order. Rows are padded to BLOCK_M >= 16
+(tl.dot's minimum) by masking, K's tail by masked loads (x = 0 there). Batched (per-expert) weights
+and non-CUDA tensors run the reference. Tiles are a first choice, NOT measured on a GPU yet: 16 rows
+x 32 columns for decode sizes (more programs for the few output tiles a small layer has), 64 x 64
+above; 64 packed bytes (128 weights) of K per step.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from ....ops import quant as _quant
+from ....ops.packing import check_packed
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:            # the module still imports; available() says False
+    triton = None
+
+__all__ = ["available", "register", "w4a8_gemm", "w4a8_matmul_cuda"]
+
+
+def available() -> bool:
+    """Triton importable, and a CUDA device or the Triton interpreter (TRITON_INTERPRET=1) to run on."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _widen(nibbles, scale):
+        # int4 nibble codes (0..15, value + 8) times the int8 group scale, saturated as widen_int4 does
+        return tl.minimum(tl.maximum((nibbles - 8) * scale, -127), 127).to(tl.int8)
+
+    @triton.jit
+    def _w4a8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_x, stride_w, stride_s, stride_out,
+                     KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_KP: tl.constexpr):
+        # KP (packed bytes of K) and GROUP are compile-time: one build per layer shape, a static loop
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_ok, n_ok = offs_m < M, offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for j0 in range(0, KP, BLOCK_KP):
+            offs_j = j0 + tl.arange(0, BLOCK_KP)                                     # packed byte index
+            j_ok = offs_j < KP
+            w_mask = n_ok[:, None] & j_ok[None, :]
+            packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_j[None, :],
+                             mask=w_mask, other=0).to(tl.int32)                       # [BLOCK_N, BLOCK_KP]
+            s_lo = tl.load(s_ptr + offs_n[:, None] * stride_s + (2 * offs_j // GROUP)[None, :],
+                           mask=w_mask, other=0).to(tl.int32)
+            s_hi = tl.load(s_ptr + offs_n[:, None] * stride_s + ((2 * offs_j + 1) // GROUP)[None, :],
+                           mask=w_mask, other=0).to(tl.int32)
+            w_lo = _widen(packed & 15, s_lo)
+            w_hi = _widen(packed >> 4, s_hi)
+            x_mask = m_ok[:, None] & j_ok[None, :]
+            x_row = x_ptr + offs_m[:, None].to(tl.int64) * stride_x + 2 * offs_j[None, :]
+            x_even = tl.load(x_row, mask=x_mask, other=0)                             # [BLOCK_M, BLOCK_KP] int8
+            x_odd = tl.load(x_row + 1, mask=x_mask, other=0)
+            acc = tl.dot(x_even, tl.trans(w_lo), acc, out_dtype=tl.int32)
+            acc = tl.dot(x_odd, tl.trans(w_hi), acc, out_dtype=tl.int32)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :], acc,
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _tiles(m: int) -> tuple[int, int]:
+    return (16, 32) if m <= 16 else (64, 64)
+
+
+def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
+    """The kernel alone: x_q int8 [..., M, K], w_packed uint8 [out, K/2], w_group_scale int8 [out, K/G]
+    -> int32 [..., M, out], equal to graphopt::w4a8_matmul's reference."""
+    k = x_q.shape[-1]
+    check_packed("w4a8_matmul", w_packed, 2, k)
+    out, groups = w_packed.shape[0], w_group_scale.shape[-1]
+    if w_packed.dim() != 2 or w_group_scale.shape != (out, groups) or k % groups:
+        raise ValueError(f"w4a8_gemm: expected w_packed [out, K/2] and group scales [out, K/G] with G dividing "
+                         f"K = {k}; got {tuple(w_packed.shape)} and {tuple(w_group_scale.shape)}")
+    lead = x_q.shape[:-1]
+    x2 = x_q.reshape(-1, k).contiguous()
+    w, s = w_packed.contiguous(), w_group_scale.contiguous()
+    m = x2.shape[0]
+    y = torch.empty((m, out), dtype=torch.int32, device=x_q.device)
+    block_m, block_n = _tiles(m)
+    grid = (triton.cdiv(out, block_n), triton.cdiv(m, block_m))
+    _w4a8_kernel[grid](x2, w, s, y, m, out, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
+                       KP=k // 2, GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=64, num_warps=4)
+    return y.reshape(*lead, out)
+
+
+def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
+    """graphopt::w4a8_matmul on CUDA: the kernel for one [out, K/2] weight; batched weights: the reference."""
+    if w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8:
+        return _quant.w4a8_matmul._init_fn(x_q, w_packed, w_group_scale)
+    return w4a8_gemm(x_q, w_packed, w_group_scale)
+
+
+_registered = False
+
+
+def register() -> bool:
+    """Make w4a8_matmul_cuda the op's CUDA kernel, once; False (nothing done) when not available()."""
+    global _registered
+    if not _registered and available():
+        _quant.w4a8_matmul.register_kernel("cuda")(w4a8_matmul_cuda)
+        _registered = True
+    return _registered

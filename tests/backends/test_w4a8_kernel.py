@@ -1,0 +1,108 @@
+"""The Triton W4A8 GEMM (backends/inductor/kernels/w4a8_gemm.py) against graphopt::w4a8_matmul's reference:
+int8 activations x packed int4 weights with int8 group scales -> int32, equal bit for bit.
+
+CPU: Triton's interpreter runs the kernel in a subprocess (this file run as a script, TRITON_INTERPRET=1
+set before triton.jit builds it) that prints one JSON line; the tests read it. GPU (marked gpu, skipped
+without CUDA): the registered CUDA kernel through torch.ops.graphopt.w4a8_matmul.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from graphopt.ops import quant as _quant  # noqa: F401  registers graphopt::w4a8_matmul
+from graphopt.ops.packing import pack_int4
+from kernel_interpreter import checkout_env, run_interpreted
+
+# name: (rows M, K, out, group size G). Tails on every axis; G = 21 is odd, so the two nibbles of a byte
+# can sit in different groups; G = K is one group per row.
+CASES = {
+    "decode_1_row": (1, 256, 96, 32),
+    "ragged_5_rows_tails": (5, 200, 40, 40),
+    "odd_group": (3, 42, 24, 21),
+    "one_group": (17, 128, 64, 128),
+    "many_rows": (70, 128, 72, 64),
+}
+
+
+def inputs(m, k, out, g, seed=0, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8)
+    w4 = torch.randint(-8, 8, (out, k), generator=gen, dtype=torch.int8)
+    # scales up to 20: |w4 * s| reaches 160, so the saturation at +-127 is exercised too
+    s = torch.randint(1, 21, (out, k // g), generator=gen, dtype=torch.int8)
+    return x.to(device), pack_int4(w4).to(device), s.to(device)
+
+
+def _interpreter_main() -> None:
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+
+    results = {"available": w4a8_gemm.available()}
+    for name, shape in CASES.items():
+        x, w, s = inputs(*shape, seed=len(results))
+        got = w4a8_gemm.w4a8_gemm(x, w, s)
+        ref = torch.ops.graphopt.w4a8_matmul(x, w, s)             # CPU: the reference
+        results[name] = dict(equal=torch.equal(got, ref), dtype=str(got.dtype), shape=list(got.shape))
+    x, w, s = inputs(2, 64, 16, 32)
+    lead = w4a8_gemm.w4a8_gemm(x.view(1, 2, 64), w, s)            # leading dims kept
+    results["lead_dims"] = dict(shape=list(lead.shape), equal=torch.equal(lead[0], torch.ops.graphopt.w4a8_matmul(x, w, s)))
+    print(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreted():
+    return run_interpreted(__file__)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernel_equals_the_reference_bit_for_bit(interpreted, case):
+    assert interpreted["available"]
+    got = interpreted[case]
+    m, _, out, _ = CASES[case]
+    assert got["dtype"] == "torch.int32" and got["shape"] == [m, out]
+    assert got["equal"], got
+
+
+def test_interpreted_kernel_keeps_leading_dims(interpreted):
+    assert interpreted["lead_dims"] == dict(shape=[1, 2, 16], equal=True)
+
+
+def test_a_bad_weight_is_a_clear_error():
+    pytest.importorskip("triton")
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+    x, w, s = inputs(1, 64, 16, 32)
+    with pytest.raises(ValueError, match="packed two per byte"):
+        w4a8_gemm.w4a8_gemm(x, w.to(torch.int8), s)
+    with pytest.raises(ValueError, match="group scales"):
+        w4a8_gemm.w4a8_gemm(x, w, s[:, :1].expand(16, 3))
+
+
+@pytest.mark.parametrize("enable, registered", [("", False), ("w4a8_matmul", True)])
+def test_the_kernel_is_registered_only_when_asked_for_until_it_has_run_on_a_gpu(enable, registered):
+    pytest.importorskip("triton")
+    code = ("from graphopt.backends.inductor import kernels\n"
+            "names = kernels.register_all()\n"
+            "print('w4a8_matmul' in names)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=checkout_env(TRITON_INTERPRET="1", GRAPHOPT_ENABLE_KERNELS=enable))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(registered)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES) + ["v2lite_q_proj"])
+def test_cuda_kernel_equals_the_cpu_reference(case):
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+    assert w4a8_gemm.register() and w4a8_gemm.register()
+    shape = CASES.get(case, (8, 1536, 3072, 128))
+    x, w, s = inputs(*shape)
+    got = torch.ops.graphopt.w4a8_matmul(x.cuda(), w.cuda(), s.cuda())
+    assert torch.equal(got.cpu(), torch.ops.graphopt.w4a8_matmul(x, w, s))
+
+
+if __name__ == "__main__":
+    _interpreter_main()
