@@ -8,8 +8,12 @@
 
 Data specs are those of CalibrationConfig ("default", "heldout", "text:PATH", "tokens:PATH"), with an
 optional "@RATIO" for mixing. Evaluation reads the held-out slice (quant.calibration.heldout_tokens).
-`calibrate` writes the tokenizer (the source directory's tokenizer.json, else the embedded one) beside
-the quantised weights, so the output directory is complete on its own.
+Text (the "default", "heldout" and "text:" sources, and the held-out evaluation text) is tokenised with
+the model's own tokenizer: --tokenizer PATH, else the checkpoint's tokenizer.json, else the embedded
+tokenizer only when --model's config is the embedded model's (graphopt.models.tokenizer.tokenizer_for).
+A model with none and text to tokenise is an error before its weights are loaded; token ids
+("tokens:PATH") need no tokenizer. `calibrate` writes that tokenizer beside the quantised weights, so
+the output directory is complete on its own.
 
 The arguments are declared in graphopt/cli.py with every other verb's (so `--help` needs no torch);
 this module does the work.
@@ -24,28 +28,62 @@ from pathlib import Path
 
 import torch
 
-from .calibration import check_vocab, heldout_tokens, source_tokens
+from .calibration import TEXT_KINDS, check_vocab, heldout_tokens, source_tokens
 from .config import QuantConfig, parse_algorithm, resolve
 from .eval import compare, windows_from
 from .formats import load_quantized, save_quantized
 from .model_quant import quantize_model, quantized_names
+from .schemes import QuantError
 
 __all__ = ["calibrate", "evaluate", "quant_config"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
-def _tokenizer_file(model_path: str | None) -> Path | None:
-    candidate = Path(model_path) / "tokenizer.json" if model_path else None
+def _tokenizer_file(args: argparse.Namespace) -> Path | None:
+    """The tokenizer.json to use as given: --tokenizer, else the one in the --model directory, if any."""
+    if getattr(args, "tokenizer", None):
+        return Path(args.tokenizer)
+    candidate = Path(args.model) / "tokenizer.json" if args.model else None
     return candidate if candidate is not None and candidate.is_file() else None
+
+
+def _model_tokenizer(args: argparse.Namespace, text: list[tuple[str, str]]):
+    """--model's tokenizer (see the module docstring), or None when it has none and there is no `text`:
+    (what would be tokenised, the option that takes token ids instead). Reads only config.json, so a
+    missing tokenizer is reported before the weights are loaded."""
+    from graphopt.models.config import DeepseekV3Config
+    from graphopt.models.tokenizer import load_tokenizer, tokenizer_for
+
+    given = _tokenizer_file(args)
+    if args.model is None:                       # the embedded model: its own tokenizer unless one is given
+        return load_tokenizer(given)
+    config = DeepseekV3Config.from_json(Path(args.model) / "config.json")
+    tokenizer = tokenizer_for(config, given)
+    if tokenizer is None and text:
+        ids = " or ".join(dict.fromkeys(f"{option} tokens:PATH" for _, option in text))
+        raise QuantError(
+            f"--model {args.model}: no tokenizer for {' and '.join(what for what, _ in text)}: the directory has "
+            f"no tokenizer.json and its config (vocab_size {config.vocab_size}) is not the embedded model's, so "
+            f"the embedded tokenizer does not apply; accepted: --tokenizer PATH (a tokenizer.json), a "
+            f"tokenizer.json in {args.model}, or token ids ({ids})")
+    return tokenizer
+
+
+def _text_sources(config: QuantConfig | None) -> list[tuple[str, str]]:
+    """The calibration sources that quantize_model would tokenise: none when it reads no data (its own
+    condition, quant.model_quant) or is given token ids."""
+    cal = config.calibration if config else None
+    if cal is None or cal.tokens is not None or not (config.needs_calibration or config.mixed_precision is not None):
+        return []
+    return [(f"calibration source {spec!r}", "--data") for spec, _ in cal.sources
+            if spec.partition(":")[0] in TEXT_KINDS]
 
 
 def _load(model_path: str | None, dtype: torch.dtype):
     from graphopt.models import checkpoint
-    from graphopt.models.tokenizer import load_tokenizer
 
-    model = checkpoint.load(model_path, dtype=dtype)
-    return model, load_tokenizer(_tokenizer_file(model_path))
+    return checkpoint.load(model_path, dtype=dtype)
 
 
 def quant_config(args: argparse.Namespace) -> QuantConfig:
@@ -86,9 +124,10 @@ def _source(spec: str) -> tuple[str, float]:
 def calibrate(args: argparse.Namespace) -> int:
     """`graphopt calibrate`: quantise --model and write it (with its tokenizer) to --out."""
     config = getattr(args, "quant_config", None) or quant_config(args)
-    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    tokenizer = _model_tokenizer(args, _text_sources(config))
+    model = _load(args.model, _DTYPES[args.dtype])
     qmodel = quantize_model(model, config, tokenizer=tokenizer, progress=not args.quiet)
-    save_quantized(qmodel, args.out, tokenizer=_tokenizer_file(args.model) or tokenizer)
+    save_quantized(qmodel, args.out, tokenizer=_tokenizer_file(args) or tokenizer)   # the file as given
     schemes = quantized_names(qmodel)
     print(f"quantised {len(schemes)} matmuls ({', '.join(sorted(set(schemes.values())))}) -> {args.out}")
     return 0
@@ -97,7 +136,13 @@ def calibrate(args: argparse.Namespace) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     """`graphopt eval`: the quantised model (--quantized, or quantised now) against its 16-bit original."""
     config = None if args.quantized else (getattr(args, "quant_config", None) or quant_config(args))
-    model, tokenizer = _load(args.model, _DTYPES[args.dtype])
+    text = []                                    # what would be tokenised, and the option taking ids instead
+    if args.eval_data is None:
+        text.append(("the held-out evaluation text", "--eval-data"))
+    elif args.eval_data.partition(":")[0] in TEXT_KINDS:
+        text.append((f"--eval-data {args.eval_data!r}", "--eval-data"))
+    tokenizer = _model_tokenizer(args, text + _text_sources(config))   # the same one tokenises both
+    model = _load(args.model, _DTYPES[args.dtype])
     if args.quantized:
         qmodel = load_quantized(args.quantized)  # tensors keep their saved dtypes (fp8, fp32 scales)
         label = args.quantized

@@ -221,6 +221,14 @@ def test_empty_or_malformed_calibration_data_is_a_clear_error(tmp_path, other_to
     refused(r"token file .*e\.pt is empty", src(f"tokens:{empty_pt}"))
     refused(r"must hold integer token ids, got dtype torch.float32", src(f"tokens:{floats}"))
     refused(r"'text:.*e\.txt' is empty \(0 tokens after tokenization\)", src(f"text:{empty_txt}"), other_tokenizer)
+    no_tensor, odd_suffix, not_a_tensor = (tmp_path / n for n in ("n.safetensors", "ids.npy", "d.pt"))
+    from safetensors.torch import save_file
+    save_file({}, str(no_tensor))
+    odd_suffix.write_bytes(b"\x00\x01")
+    torch.save({"ids": [1, 2, 3]}, not_a_tensor)
+    refused(r"n\.safetensors holds no tensor; accepted: one integer tensor", src(f"tokens:{no_tensor}"))
+    refused(r"ids\.npy: accepted suffixes are \.bin \(uint16\), \.pt, \.safetensors", src(f"tokens:{odd_suffix}"))
+    refused(r"d\.pt must hold one integer tensor of token ids, got dict", src(f"tokens:{not_a_tensor}"))
     refused(r"has 20 tokens, fewer than seq_len \+ 1 = 33", CalibrationConfig(tokens=torch.arange(20), seq_len=32))
     refused(r"token id 97 >= the model's vocab_size 97", CalibrationConfig(tokens=torch.arange(98).view(2, 49)))
     with pytest.raises(QuantError, match=r"token id -1 < 0"):
