@@ -541,10 +541,8 @@ def _write_checkpoint(target: Path, config_json: str, entries: list[_Entry], max
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer is not None:
-            if isinstance(tokenizer, (str, os.PathLike)):
-                shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-            else:
-                tokenizer.save(str(tmp / "tokenizer.json"))
+            from .tokenizer import save_tokenizer_into   # on use: `tokenizers` is not needed for the weights
+            save_tokenizer_into(tokenizer, tmp)
 
     replace_dir_atomically(target, write, is_ours=lambda d: (d / "config.json").is_file(),
                            what="checkpoint (no config.json)", carry_over=_carry_over)

@@ -137,6 +137,10 @@ def build_corpus(
     meta dict that is written to meta.json.
     """
     out_dir = Path(out_dir)
+    if isinstance(tokenizer, Tokenizer) and not tokenizer.is_graphopt_layout:
+        raise ValueError(f"{tokenizer!r} is an external tokenizer: graphopt corpus files start every document "
+                         f"with {FILE_TOKEN!r} at id 1, so they need a tokenizer in graphopt's layout (leave "
+                         "--tokenizer out to train one)")
     root = Path(root) if root is not None else stdlib_root()
     train_files, heldout_files = split_files(stdlib_files(root), root)
     if not train_files or not heldout_files:

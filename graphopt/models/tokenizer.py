@@ -15,6 +15,12 @@ Special tokens, with fixed ids that the model and the corpus files rely on:
 If any of these strings appears literally in the text it is encoded as the special id and
 decoded back to the same string, so round trips stay exact.
 
+Any other tokenizer.json (a real checkpoint's: DeepSeek-V3's has 129280 ids and its own special
+tokens) loads too, as an *external* tokenizer: its eos and pad tokens come from the
+`tokenizer_config.json` beside it (transformers' layout: a string or {"content": ...}), else they
+are unknown (None); it has no `<|file|>` document marker, so it cannot write graphopt corpus files.
+Text is encoded without the tokenizer's added special tokens (no BOS) in both layouts.
+
 The shipped tokenizer lives at `graphopt/models/tiny/tokenizer.json`; build it with
 `python -m graphopt.models.corpus`.
 """
@@ -22,7 +28,9 @@ The shipped tokenizer lives at `graphopt/models/tiny/tokenizer.json`; build it w
 from __future__ import annotations
 
 import importlib.resources
+import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -38,6 +46,7 @@ __all__ = [
     "SPECIAL_TOKENS",
     "Tokenizer",
     "load_tokenizer",
+    "save_tokenizer_into",
     "train_tokenizer",
     "tokenizer_for",
 ]
@@ -83,11 +92,29 @@ def train_tokenizer(texts_iterator: Iterable[str], vocab_size: int = 8192) -> to
 
 
 class Tokenizer:
-    """Thin wrapper over `tokenizers.Tokenizer` with the few calls the model code needs."""
+    """Thin wrapper over `tokenizers.Tokenizer` with the few calls the model code needs.
 
-    def __init__(self, backend: tokenizers.Tokenizer):
-        _check_special_ids(backend, source="tokenizer")
+    `special`: None for graphopt's own layout (checked: ids 0-2 as above, ByteLevel decoder), or the
+    token strings of an external tokenizer, {"eos": ..., "pad": ...} (either may be missing), each of
+    which must be in its vocabulary."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, special: dict[str, str] | None = None):
+        if special is None:
+            _check_special_ids(backend, source="tokenizer")
+        else:
+            unknown = {role: tok for role, tok in special.items() if role not in ("eos", "pad")}
+            if unknown:
+                raise ValueError(f"tokenizer: unknown special roles {sorted(unknown)}; accepted: eos, pad")
+            for role, token in special.items():
+                if backend.token_to_id(token) is None:
+                    raise ValueError(f"tokenizer: {role} token {token!r} is not in its vocabulary")
         self.backend = backend
+        self.special = None if special is None else dict(special)
+
+    @property
+    def is_graphopt_layout(self) -> bool:
+        """True for graphopt's own special ids (the embedded model's and the corpus tools')."""
+        return self.special is None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
@@ -100,13 +127,20 @@ class Tokenizer:
         except Exception as exc:  # the library raises a bare Exception on bad JSON
             raise ValueError(f"corrupt tokenizer file {path}: {exc}") from exc
         try:
-            return cls(backend)
+            if _has_graphopt_layout(backend):
+                return cls(backend)
+            return cls(backend, _special_tokens_beside(path))
         except ValueError as exc:
             raise ValueError(f"bad tokenizer file {path}: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write tokenizer.json atomically (compact JSON: this file is shipped)."""
+        """Write tokenizer.json atomically (compact JSON: this file is shipped); an external tokenizer's
+        eos / pad tokens go to the tokenizer_config.json beside it, where from_file reads them."""
         write_file_atomically(path, self.backend.to_str(pretty=False).encode("utf-8"))
+        if self.special:
+            config = {f"{role}_token": token for role, token in self.special.items()}
+            write_file_atomically(Path(path).with_name("tokenizer_config.json"),
+                                  (json.dumps(config, indent=1) + "\n").encode("utf-8"))
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -125,19 +159,27 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @property
-    def eos_token_id(self) -> int:
-        return SPECIAL_TOKENS.index(EOS_TOKEN)
+    def eos_token_id(self) -> int | None:
+        return SPECIAL_TOKENS.index(EOS_TOKEN) if self.special is None else self._external_id("eos")
 
     @property
     def file_token_id(self) -> int:
+        if self.special is not None:
+            raise ValueError("an external tokenizer has no <|file|> document marker: graphopt corpus files need "
+                             "a tokenizer in graphopt's layout (train one with `python -m graphopt.models.corpus`)")
         return SPECIAL_TOKENS.index(FILE_TOKEN)
 
     @property
-    def pad_token_id(self) -> int:
-        return SPECIAL_TOKENS.index(PAD_TOKEN)
+    def pad_token_id(self) -> int | None:
+        return SPECIAL_TOKENS.index(PAD_TOKEN) if self.special is None else self._external_id("pad")
+
+    def _external_id(self, role: str) -> int | None:
+        token = self.special.get(role)
+        return None if token is None else self.backend.token_to_id(token)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size})"
+        kind = "" if self.special is None else ", external"
+        return f"Tokenizer(vocab_size={self.vocab_size}{kind})"
 
 
 def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
@@ -153,6 +195,20 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
                 "(.cache/corpus/tokenizer.json), or ship it with --tokenizer-out " + str(packaged)
             )
         return Tokenizer.from_file(packaged)
+
+
+def save_tokenizer_into(tokenizer, directory: str | os.PathLike) -> None:
+    """Put `tokenizer` (a tokenizer.json path, or an object with .save(path)) into a checkpoint directory
+    as tokenizer.json; a path's sibling tokenizer_config.json (where an external tokenizer keeps its eos
+    and pad tokens) goes with it."""
+    directory = Path(directory)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        shutil.copyfile(tokenizer, directory / "tokenizer.json")
+        config = Path(tokenizer).with_name("tokenizer_config.json")
+        if config.is_file():
+            shutil.copyfile(config, directory / "tokenizer_config.json")
+    else:
+        tokenizer.save(str(directory / "tokenizer.json"))
 
 
 def tokenizer_for(config, tokenizer=None):
@@ -180,6 +236,36 @@ def _as_iterator(texts: Iterable[str]) -> Iterator[str]:
     if isinstance(texts, str):
         raise TypeError("texts_iterator must yield strings, not be a single string")
     return iter(texts)
+
+
+def _has_graphopt_layout(tok: tokenizers.Tokenizer) -> bool:
+    """True when any of graphopt's special tokens is present: then the whole layout must hold (a file with
+    them at other ids is refused, not read as an external tokenizer)."""
+    return any(tok.token_to_id(token) is not None for token in SPECIAL_TOKENS[1:])
+
+
+def _special_tokens_beside(path: Path) -> dict[str, str]:
+    """eos / pad token strings from the tokenizer_config.json next to `path`, as transformers writes it."""
+    config_path = path.with_name("tokenizer_config.json")
+    if not config_path.is_file():
+        return {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"corrupt {config_path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
+    special = {}
+    for role in ("eos", "pad"):
+        entry = config.get(f"{role}_token")
+        if isinstance(entry, dict):
+            entry = entry.get("content")
+        if entry is None:
+            continue
+        if not isinstance(entry, str):
+            raise ValueError(f"{config_path}: {role}_token must be a string or {{\"content\": ...}}, got {entry!r}")
+        special[role] = entry
+    return special
 
 
 def _check_special_ids(tok: tokenizers.Tokenizer, source: str) -> None:

@@ -9,7 +9,7 @@
 Data specs are those of CalibrationConfig ("default", "heldout", "text:PATH", "tokens:PATH"), with an
 optional "@RATIO" for mixing. Evaluation reads the held-out slice (quant.calibration.heldout_tokens).
 Text (the "default", "heldout" and "text:" sources, and the held-out evaluation text) is tokenised with
-the model's own tokenizer: --tokenizer PATH, else the checkpoint's tokenizer.json, else the embedded
+the model's own tokenizer: --tokenizer PATH, else the checkpoint's tokenizer.json (eval: else the --quantized directory's), else the embedded
 tokenizer only when --model's config is the embedded model's (graphopt.models.tokenizer.tokenizer_for).
 A model with none and text to tokenise is an error before its weights are loaded; token ids
 ("tokens:PATH") need no tokenizer. `calibrate` writes that tokenizer beside the quantised weights, so
@@ -41,11 +41,15 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torc
 
 
 def _tokenizer_file(args: argparse.Namespace) -> Path | None:
-    """The tokenizer.json to use as given: --tokenizer, else the one in the --model directory, if any."""
+    """The tokenizer.json to use as given: --tokenizer, else the one in the --model directory, else (eval)
+    the one `graphopt calibrate` saved in the --quantized directory, if any."""
     if getattr(args, "tokenizer", None):
         return Path(args.tokenizer)
-    candidate = Path(args.model) / "tokenizer.json" if args.model else None
-    return candidate if candidate is not None and candidate.is_file() else None
+    for directory in (args.model, getattr(args, "quantized", None)):
+        candidate = Path(directory) / "tokenizer.json" if directory else None
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
 
 
 def _model_tokenizer(args: argparse.Namespace, text: list[tuple[str, str]]):

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -84,10 +83,9 @@ def save_quantized(model: DeepseekV3ForCausalLM, path: str | os.PathLike, tokeni
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(model.config.to_json_string())
         safetensors.torch.save_file(tensors, str(tmp / WEIGHTS_FILE))
-        if isinstance(tokenizer, (str, os.PathLike)):
-            shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-        elif tokenizer is not None:
-            tokenizer.save(tmp / "tokenizer.json")
+        if tokenizer is not None:
+            from graphopt.models.tokenizer import save_tokenizer_into   # on use: `tokenizers` is not needed for the weights
+            save_tokenizer_into(tokenizer, tmp)
         (tmp / DESCRIPTION_FILE).write_text(json.dumps(description, indent=1) + "\n")  # last: vouches for the rest
 
     replace_dir_atomically(path, write, is_ours=lambda d: (d / DESCRIPTION_FILE).is_file(),

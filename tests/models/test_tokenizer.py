@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import write_external_tokenizer
 from graphopt.models import tokenizer as tokmod
 from graphopt.models.tokenizer import (
     EOS_TOKEN,
@@ -149,3 +150,43 @@ def test_missing_packaged_tokenizer_says_how_to_build_it(monkeypatch):
     monkeypatch.setattr(tokmod, "_PACKAGED_PATH", ("tiny", "not_built_yet.json"))
     with pytest.raises(FileNotFoundError, match="python -m graphopt.models.corpus"):
         load_tokenizer()
+
+
+def test_an_external_checkpoint_tokenizer_loads_with_its_own_special_ids(tmp_path):
+    tok = Tokenizer.from_file(write_external_tokenizer(tmp_path))
+    assert not tok.is_graphopt_layout and "external" in repr(tok)
+    assert tok.eos_token_id == 1 and tok.pad_token_id is None
+    ids = tok.encode(SNIPPET)
+    assert ids[0] != 0 and tok.decode(ids) == SNIPPET          # no BOS added; exact round trip
+    assert load_tokenizer(tmp_path / "tokenizer.json").encode(SNIPPET) == ids
+    (tmp_path / "copy").mkdir()
+    tok.save(tmp_path / "copy" / "tokenizer.json")
+    again = Tokenizer.from_file(tmp_path / "copy" / "tokenizer.json")   # eos kept in its tokenizer_config.json
+    assert again.eos_token_id == 1 and again.encode(SNIPPET) == ids
+    with pytest.raises(ValueError, match="no <|file|> document marker"):
+        tok.file_token_id
+
+
+def test_an_external_tokenizer_without_a_config_has_no_eos(tmp_path):
+    tok = Tokenizer.from_file(write_external_tokenizer(tmp_path, with_config=False))
+    assert tok.eos_token_id is None and tok.pad_token_id is None
+
+
+@pytest.mark.parametrize("config, match", [
+    ("{not json", "corrupt .*tokenizer_config.json"),
+    ('["eos"]', "expected a JSON object"),
+    ('{"eos_token": 5}', "eos_token must be a string"),
+    ('{"eos_token": "<none-such>"}', "eos token '<none-such>' is not in its vocabulary"),
+])
+def test_a_bad_tokenizer_config_is_refused_naming_the_file(tmp_path, config, match):
+    path = write_external_tokenizer(tmp_path, with_config=False)
+    (tmp_path / "tokenizer_config.json").write_text(config)
+    with pytest.raises(ValueError, match=match):
+        Tokenizer.from_file(path)
+
+
+def test_an_external_tokenizer_cannot_write_corpus_files(tmp_path):
+    from graphopt.models.corpus import build_corpus
+    tok = Tokenizer.from_file(write_external_tokenizer(tmp_path))
+    with pytest.raises(ValueError, match="external tokenizer.*graphopt's layout"):
+        build_corpus(tmp_path / "corpus", tok, root=tmp_path / "no-such-stdlib")

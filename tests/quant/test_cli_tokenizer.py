@@ -15,6 +15,7 @@ from graphopt.cli import main
 from graphopt.models import checkpoint
 from graphopt.models.checkpoint import DEFAULT_MODEL_DIR
 from graphopt.models.random import random_model
+from conftest import EXTERNAL_EOS, write_external_tokenizer
 from graphopt.models.tokenizer import load_tokenizer
 
 EMBEDDED_TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.json"
@@ -131,3 +132,23 @@ def test_the_embedded_model_needs_no_tokenizer_file(tmp_path, monkeypatch, capsy
         assert json.loads(capsys.readouterr().out)["tokens"] == 2 * 15
     embedded = load_tokenizer().backend.to_str()
     assert [t.backend.to_str() for t in seen] == [embedded] * 2
+
+
+def test_a_real_checkpoints_tokenizer_calibrates_and_eval_finds_it_in_the_quantized_dir(tmp_path, monkeypatch,
+                                                                                         capsys):
+    # a checkpoint with a DeepSeek-style tokenizer.json (its own special ids, tokenizer_config.json beside)
+    ckpt = tmp_path / "ckpt"
+    given = write_external_tokenizer(tmp_path / "tok")
+    checkpoint.save(random_model(vocab_size=400), ckpt)
+    seen = []
+    real = qcli.heldout_tokens
+    monkeypatch.setattr(qcli, "heldout_tokens", lambda tokenizer: seen.append(tokenizer) or real(tokenizer))
+    out = tmp_path / "q"          # calibration text in its 400 ids (the embedded 8192 would fail the vocab check)
+    assert main(["calibrate", "--model", str(ckpt), "--tokenizer", str(given), "--quant", "w8a8_smooth",
+                 "--data", "heldout", "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"]["content"] == EXTERNAL_EOS
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ckpt), "--quantized", str(out), *FAST_EVAL]) == 0   # no --tokenizer
+    assert json.loads(capsys.readouterr().out)["tokens"] == 2 * 15
+    [tokenizer] = seen                                            # the held-out text's tokenizer
+    assert not tokenizer.is_graphopt_layout and tokenizer.eos_token_id == 1 and tokenizer.vocab_size == 400
