@@ -14,6 +14,15 @@ model's training split .cache/corpus/train.bin; the held-out text minus the eval
 absent); the header says which, and checks that no calibration window shares a 32-token run with
 the evaluation slice (the run stops otherwise). Writes the table to
 benchmarks/results/quant_accuracy.md (docs/quantization.md quotes it).
+
+With the w8a8 RTN and w4a8 clipping rows selected, a second table scores separate prefill and decode
+weights (`QuantConfig("w4a8", prefill_scheme="w8a8")`) as a compiled split model runs them
+(quant.eval.PrefillDecode): every window's first half prefilled by one weight set into the paged KV
+cache, the second half decoded over it by the other, only the decoded positions scored, beside each
+scheme used throughout on the same positions:
+
+    python benchmarks/quant_accuracy.py --threads 1 --only "w8a8 RTN" --only "w4a8 clipping (grid)" \
+        --out benchmarks/results/quant_accuracy_prefill_decode.md
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ from graphopt.models.tokenizer import load_tokenizer
 from graphopt.quant import (ClippingConfig, FlexSmoothConfig, HadamardConfig, HQQConfig, LearnableClippingConfig,
                             MixedPrecisionConfig, QuantConfig, SmoothQuantConfig, quantize_model)
 from graphopt.quant.calibration import EVAL_FRACTION, calibration_data, heldout_tokens
-from graphopt.quant.eval import bootstrap_interval, compare, shared_span_windows, windows_from
+from graphopt.quant.eval import PrefillDecode, bootstrap_interval, compare, shared_span_windows, windows_from
 
 RESULTS = Path(__file__).parent / "results" / "quant_accuracy.md"
 RESAMPLES, SPAN = 1000, 32        # bootstrap resamples; token run length of the calibration / evaluation check
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             f"of the windows with replacement, seed 0, percentile interval; paired with the bf16 reference on the same "
             f"windows). Rows whose intervals overlap may still differ: the paired table below compares two rows on the "
             f"same resampled windows, and a difference whose interval contains 0 is within noise.\n\n{table}\n\n"
-            f"{_pairs_table(stats, labels)}\n")
+            f"{_pairs_table(stats, labels)}\n{_prefill_decode_section(model, models, labels, windows)}")
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
@@ -187,12 +196,40 @@ PAIRED = {  # measures of row a against row b, from both rows' window sums (a_*,
 }
 
 
-def _pairs_table(stats, labels) -> str:
+SPLIT = (("w8a8", "RTN"), ("w4a8", "clipping (grid)"))      # (prefill row, decode row)
+SPLIT_PAIRS = [(("prefill w8a8, decode w4a8", "RTN / clipping"), ("w4a8 throughout", "clipping (grid)")),
+               (("prefill w8a8, decode w4a8", "RTN / clipping"), ("w8a8 throughout", "RTN"))]
+
+
+def _prefill_decode_section(base, models, labels, windows) -> str:
+    """Separate prefill / decode weights against each scheme alone, on the decoded half of every window."""
+    key = {labels[k][:2]: k for k in models}
+    if not all(row in key for row in SPLIT):
+        return ""
+    prefix = windows.shape[1] // 2
+    prefill, decode = (models[key[row]] for row in SPLIT)
+    split = {"w8a8": prefill, "w4a8": decode, "split": PrefillDecode(prefill, decode, prefix)}
+    split_labels = {"w8a8": ("w8a8 throughout", "RTN", labels[key[SPLIT[0]]][2]),
+                    "w4a8": ("w4a8 throughout", "clipping (grid)", labels[key[SPLIT[1]]][2]),
+                    "split": ("prefill w8a8, decode w4a8", "RTN / clipping",
+                              labels[key[SPLIT[0]]][2] + labels[key[SPLIT[1]]][2])}
+    stats = compare(base, split, windows, progress=True, resamples=RESAMPLES, seed=0, score_from=prefix)
+    tokens = next(iter(stats.values())).tokens
+    return (f"\n## Separate prefill and decode weights\n\n"
+            f"Each window's first {prefix} tokens prefilled into the paged KV cache by the prefill weights, the other "
+            f"{windows.shape[1] - prefix} decoded over it by the decode weights (one chunk: per-token activation "
+            f"scales make it equal to one token at a time); only the decoded positions are scored ({tokens} "
+            f"predictions), for every row and the bf16 reference alike, so these figures are not the main table's. "
+            f"The split row's quantise time is its two rows' sum.\n\n{_table(stats, split_labels)}\n\n"
+            f"{_pairs_table(stats, split_labels, SPLIT_PAIRS)}\n")
+
+
+def _pairs_table(stats, labels, pairs=PAIRS) -> str:
     key = {labels[k][:2]: k for k in stats}
     lines = ["Paired: row a against row b on the same windows (95% bootstrap interval of the difference, "
              f"{RESAMPLES} resamples).", "",
              "| a | b | " + " | ".join(f"{m} [95% CI]" for m in PAIRED) + " |", "| --- | --- |" + " --- |" * len(PAIRED)]
-    for a, b in PAIRS:
+    for a, b in pairs:
         if a not in key or b not in key:
             continue
         sa, sb = stats[key[a]], stats[key[b]]

@@ -14,6 +14,12 @@
               the same model's main argmax for token t+2 (its logits at position t+1). That is the
               test speculative decoding applies, on text instead of the model's own continuation.
 
+Prefill / decode weights (`PrefillDecode`): a compiled model with `QuantConfig(prefill_scheme=...)`
+prefills with one weight set and decodes with another. `PrefillDecode(prefill, decode, prefix)` runs a
+window that way: the prefill model writes the paged KV cache of the first `prefix` tokens, the decode
+model runs the rest over that cache; `compare(..., score_from=prefix)` then scores only the decoded
+positions (every model, the base included, on the same positions).
+
 Intervals (`bootstrap_interval`): every measure is a function of sums over windows (`MEASURES`), and
 the per-window sums are kept (`EvalStats.per_window`), so the bootstrap resamples whole windows
 exactly: each resample draws n of the n windows with replacement (seeded), the measure is computed on
@@ -32,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-__all__ = ["EvalStats", "MEASURES", "compare", "windows_from", "kl_divergence", "bootstrap_interval",
+__all__ = ["EvalStats", "MEASURES", "PrefillDecode", "compare", "windows_from", "kl_divergence", "bootstrap_interval",
            "shared_span_windows"]
 
 RESAMPLES, LEVEL = 1000, 0.95
@@ -114,18 +120,54 @@ def shared_span_windows(windows: Tensor, ids: Tensor, span: int = 32) -> int:
     return sum(bool(runs(w) & seen) for w in windows)
 
 
-def _forward(model: nn.Module, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Next-token log-probs [b, T-1, V] and per-window sums [b]: nll, tokens, MTP hits and drafts."""
+class PrefillDecode(nn.Module):
+    """A window as a compiled split model runs it: `prefill` (one quantised copy) writes the paged KV cache
+    of positions [0, prefix), `decode` (another) runs positions [prefix, T) over that cache in one chunk.
+    Under per-token activation scales (every scheme here) a chunk equals decoding its tokens one at a
+    time, up to float summation order. Logits and hidden states of both parts, concatenated; the MTP
+    module is the decode model's (drafts are made while decoding)."""
+
+    def __init__(self, prefill: nn.Module, decode: nn.Module, prefix: int, block_size: int = 16):
+        super().__init__()
+        if prefix < 1:
+            raise ValueError(f"PrefillDecode: prefix must be >= 1 token, got {prefix}")
+        self.prefill, self.decode, self.prefix, self.block_size = prefill, decode, prefix, block_size
+        self.mtp = getattr(decode, "mtp", ())
+        self.lm_head = decode.lm_head
+
+    def forward(self, ids: Tensor, return_hidden: bool = False):
+        b, T = ids.shape
+        if T <= self.prefix:
+            raise ValueError(f"PrefillDecode: windows of {T} tokens leave nothing to decode after {self.prefix}")
+        bs = self.block_size
+        n = -(-T // bs)
+        caches = self.decode.new_kv_caches(b * n + 1, bs)                        # block 0: padding sink
+        tables = 1 + torch.arange(b * n, device=ids.device).view(b, n)
+        pos = torch.arange(T, device=ids.device).expand(b, T)
+        slots = tables.gather(1, pos // bs) * bs + pos % bs
+        parts = [model(ids[:, span], pos[:, span], caches, slots[:, span], tables, return_hidden=True)
+                 for model, span in ((self.prefill, slice(None, self.prefix)), (self.decode, slice(self.prefix, None)))]
+        logits, hidden = (torch.cat(x, dim=1) for x in zip(*parts))
+        return (logits, hidden) if return_hidden else logits
+
+    def mtp_forward(self, *args, **kwargs):
+        return self.decode.mtp_forward(*args, **kwargs)
+
+
+def _forward(model: nn.Module, ids: Tensor, score_from: int = 0) -> tuple[Tensor, dict[str, Tensor]]:
+    """Next-token log-probs [b, T-1-score_from, V] and per-window sums [b] (nll, tokens, MTP hits and
+    drafts) of the predictions made at positions score_from .. T-2."""
     logits, hidden = model(ids, return_hidden=True)                               # [b, T, V], [b, T, H]
-    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)                          # predicts ids[:, 1:]
+    s = score_from
+    logp = F.log_softmax(logits[:, s:-1].float(), dim=-1)                         # predicts ids[:, s+1:]
     b = ids.shape[0]
-    sums = {"nll": -logp.gather(-1, ids[:, 1:, None]).sum((1, 2)).double(),
-            "tokens": torch.full((b,), ids.shape[1] - 1, dtype=torch.float64),
+    sums = {"nll": -logp.gather(-1, ids[:, s + 1:, None]).sum((1, 2)).double(),
+            "tokens": torch.full((b,), ids.shape[1] - 1 - s, dtype=torch.float64),
             "hits": torch.zeros(b, dtype=torch.float64), "drafts": torch.zeros(b, dtype=torch.float64)}
-    if len(getattr(model, "mtp", ())) and ids.shape[1] > 2:
+    if len(getattr(model, "mtp", ())) and ids.shape[1] > 2 + s:
         draft_logits, _ = model.mtp_forward(0, ids[:, 1:], hidden[:, :-1])       # position t -> token t+2
-        draft = draft_logits[:, :-1].argmax(-1)                                   # t = 0 .. T-3
-        target = logits[:, 1:-1].argmax(-1)                                       # main at t+1 -> token t+2
+        draft = draft_logits[:, s:-1].argmax(-1)                                  # t = s .. T-3
+        target = logits[:, s + 1:-1].argmax(-1)                                   # main at t+1 -> token t+2
         sums["hits"] = (draft == target).sum(1).double()
         sums["drafts"] = torch.full((b,), draft.shape[1], dtype=torch.float64)
     return logp, {k: v.cpu() for k, v in sums.items()}
@@ -134,10 +176,14 @@ def _forward(model: nn.Module, ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
 @torch.no_grad()
 def compare(base: nn.Module, models: dict[str, nn.Module], windows: Tensor, batch: int = 4,
             progress: bool = False, resamples: int = RESAMPLES, seed: int = 0,
-            level: float = LEVEL) -> dict[str, EvalStats]:
+            level: float = LEVEL, score_from: int = 0) -> dict[str, EvalStats]:
     """Evaluate every model in `models` against `base` on `windows` [n, T], one batch at a time for
     all of them (memory: one batch of log-probs per model, whatever the number of windows), with a
-    `level` bootstrap interval over windows for every measure (`bootstrap_interval`; resamples=0: none)."""
+    `level` bootstrap interval over windows for every measure (`bootstrap_interval`; resamples=0: none).
+    score_from: score only the predictions made at positions >= score_from (PrefillDecode's prefix)."""
+    if not 0 <= score_from < windows.shape[1] - 1:
+        raise ValueError(f"compare: score_from must be in [0, {windows.shape[1] - 2}] for windows of "
+                         f"{windows.shape[1]} tokens, got {score_from}")
     dev = base.lm_head.weight.device
     cols: dict[str, dict[str, list[Tensor]]] = {name: {} for name in models}
     # counts window forwards (base + each model), so a single batch still moves the bar
@@ -145,10 +191,10 @@ def compare(base: nn.Module, models: dict[str, nn.Module], windows: Tensor, batc
                delay=2.0, disable=not progress)
     for i in range(0, len(windows), batch):
         ids = windows[i: i + batch].to(dev)
-        p, ref = _forward(base, ids)
+        p, ref = _forward(base, ids, score_from)
         bar.update(len(ids))
         for name, model in models.items():
-            q, sums = _forward(model, ids)
+            q, sums = _forward(model, ids, score_from)
             sums["kl"] = (p.exp() * (p - q)).sum((1, 2)).double().cpu()
             sums["agree"] = (p.argmax(-1) == q.argmax(-1)).sum(1).double().cpu()
             sums["base_nll"], sums["base_hits"] = ref["nll"], ref["hits"]

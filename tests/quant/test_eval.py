@@ -7,7 +7,7 @@ import torch
 
 from graphopt.models.random import random_model
 from graphopt.quant import quantize_model
-from graphopt.quant.eval import MEASURES, bootstrap_interval, compare, shared_span_windows, windows_from
+from graphopt.quant.eval import MEASURES, PrefillDecode, bootstrap_interval, compare, shared_span_windows, windows_from
 
 mean = lambda s: s["x"] / s["n"]   # noqa: E731
 
@@ -113,3 +113,40 @@ def test_shared_span_windows_finds_windows_cut_from_the_stream_only():
     assert shared_span_windows(other, stream, span=32) == 0
     half = torch.cat([stream[200:220], other[0, :20]])[None]                 # 20 shared tokens < span
     assert shared_span_windows(half, stream, span=32) == 0 and shared_span_windows(half, stream, span=16) == 1
+
+
+def test_prefill_decode_over_one_model_equals_its_full_forward():
+    # the cache path (prefill the prefix, decode the rest over its cache) computes what one causal forward does
+    model = random_model().double()
+    ids = torch.randint(0, 97, (3, 37), generator=torch.Generator().manual_seed(0))
+    split = PrefillDecode(model, model, prefix=20, block_size=4)
+    logits, hidden = split(ids, return_hidden=True)
+    full, full_hidden = model(ids, return_hidden=True)
+    torch.testing.assert_close(logits, full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(hidden, full_hidden, rtol=1e-9, atol=1e-9)
+    same = compare(model, {"split": split}, ids, score_from=20, resamples=0)["split"]
+    assert same.tokens == 3 * 16 and same.top1 == 1.0 and abs(same.kl) < 1e-12
+
+
+def test_prefill_decode_prefills_with_one_weight_set_and_decodes_with_the_other():
+    model = random_model()
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(1))
+    w8a8, w4a8 = (quantize_model(model, s, ids, progress=False) for s in ("w8a8", "w4a8"))
+    logits = PrefillDecode(w8a8, w4a8, prefix=18)(ids)
+    torch.testing.assert_close(logits[:, :18], w8a8(ids)[:, :18])            # the prefix: the prefill weights
+    decoded = logits[:, 18:]
+    assert not torch.allclose(decoded, w8a8(ids)[:, 18:], atol=1e-4)        # the rest: neither model alone,
+    assert not torch.allclose(decoded, w4a8(ids)[:, 18:], atol=1e-4)        # w4a8 over a cache w8a8 wrote
+    decode_only = PrefillDecode(w4a8, w4a8, prefix=18)(ids)[:, 18:]
+    torch.testing.assert_close(decode_only, w4a8(ids)[:, 18:], rtol=1e-4, atol=1e-4)
+
+
+def test_prefill_decode_and_score_from_check_their_arguments():
+    model = random_model()
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match="prefix must be >= 1"):
+        PrefillDecode(model, model, prefix=0)
+    with pytest.raises(ValueError, match="nothing to decode after 8"):
+        PrefillDecode(model, model, prefix=8)(ids)
+    with pytest.raises(ValueError, match=r"score_from must be in \[0, 6\]"):
+        compare(model, {"same": model}, ids, score_from=7)
