@@ -8,9 +8,11 @@ against the unsharded step of the same model, in one process.
     python benchmarks/shard_one_rank.py --device cpu --steps 3                # CPU smoke run: gloo, eager
 
 The process initialises a process group of one rank (nccl on CUDA, gloo on CPU; MASTER_ADDR 127.0.0.1
-and a free port), compiles the model twice with the same options (plain, then shard_one_rank=True),
-checks that both decode the same greedy tokens, then times one decode step of each at every batch,
-the two alternating `--repeats` times; a row shows the medians and is printed (and the table
+and a free port), compiles the model three times with the same options (plain; shard_one_rank=True;
+shard_one_rank=True with GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES=1, which keeps in the Inductor backend's
+graph the collectives it otherwise drops over one rank, so their cost shows), checks that all decode
+the same greedy tokens, then times one decode step of each at every batch, alternating `--repeats`
+times (the eager backend runs every collective, so there the last two are the same graph); a row shows the medians and is printed (and the table
 written) as soon as it is measured, so a run cut short keeps what it measured.
 
 ms/step: on CUDA with CUDA graphs, the CUDA-event time of one replay of the step's graph (what
@@ -43,7 +45,8 @@ import torch.distributed as dist
 from decode import PROMPT_LEN, ROOT, _replayed_graph, build_model, events_ms, prompts   # benchmarks/: the script dir
 
 BATCHES = {"embedded": [1, 8], "v2lite": [1, 8, 64]}
-SYSTEMS = ("unsharded", "one-rank sharded")
+# system: (shard_one_rank, keep the one-rank collectives in the lowered graph: GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES)
+SYSTEMS = {"unsharded": (False, False), "one-rank sharded": (True, False), "collectives kept": (True, True)}
 
 
 # -- the one-rank world -----------------------------------------------------------------------------
@@ -145,14 +148,14 @@ def render(run: dict) -> str:
              f"{run['device']}; backend {run['backend']}, {run['dtype']}, process group {run['pg']} of one rank, "
              f"torch {run['torch']}; spec {run['spec']}; medians of {run['repeats']} alternating repeats of "
              f"{run['steps']} timed steps each.", "",
-             f"Greedy tokens equal (unsharded vs one-rank sharded, {run['check']}): "
+             f"Greedy tokens equal (all three, {run['check']}): "
              f"**{run.get('tokens_equal', '-')}**", "",
-             "| model | spec | batch | unsharded ms/step | one-rank sharded ms/step | ratio | collectives per step "
-             "| timed |", "|---|---|---|---|---|---|---|---|"]
+             "| model | spec | batch | unsharded ms/step | one-rank sharded ms/step | ratio | collectives kept "
+             "ms/step | ratio | collectives per step (graph) | timed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in run["rows"]:
         lines.append(f"| {run['model']} | {run['spec']} | {r['batch']} | {f(r.get('unsharded'))} | "
-                     f"{f(r.get('one-rank sharded'))} | {f(r.get('ratio'))} | {run.get('collectives', '-')} | "
-                     f"{r.get('timed', '-')} |")
+                     f"{f(r.get('one-rank sharded'))} | {f(r.get('ratio'))} | {f(r.get('collectives kept'))} | "
+                     f"{f(r.get('ratio kept'))} | {run.get('collectives', '-')} | {r.get('timed', '-')} |")
     seconds = run.get("seconds", {})
     if seconds:
         lines += ["", "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())]
@@ -169,16 +172,31 @@ def write(run: dict, out: Path, stem: str) -> None:
 
 # -- the run ----------------------------------------------------------------------------------------
 
-def compile_both(model, spec, batches: list[int], args, device, run: dict) -> dict[str, System]:
-    """The plain and the one-rank sharded compile of `model`, with the same options."""
+@contextmanager
+def environment(name: str, value: str | None):
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def compile_all(model, spec, batches: list[int], args, device, run: dict) -> dict[str, System]:
+    """The plain and the one-rank sharded compiles of `model` (SYSTEMS), with the same options."""
     import graphopt
+    from graphopt.backends.inductor.backend import KEEP_ONE_RANK_COLLECTIVES
     from graphopt.passes.sharding import count_collectives
     options = json.loads(os.environ.get("GRAPHOPT_COMPILE_OPTIONS", "{}"))   # as benchmarks/decode.py
     systems = {}
-    for system, one_rank in zip(SYSTEMS, (False, True)):
+    for system, (one_rank, keep) in SYSTEMS.items():
         t0 = time.perf_counter()
         try:
-            with deadline(args.timeout, f"compile {system}"):
+            with deadline(args.timeout, f"compile {system}"), environment(KEEP_ONE_RANK_COLLECTIVES, "1" if keep else None):
                 compiled = graphopt.compile(model, spec=spec, backend=args.backend, progress=False,
                                             max_batch_size=max(batches), shard_one_rank=one_rank, **options)
         except Exception as e:     # a failing piece is a line under the table, not the end of it
@@ -196,7 +214,7 @@ def compile_both(model, spec, batches: list[int], args, device, run: dict) -> di
 
 
 def check_tokens(systems: dict[str, System], check: list[list[int]], args, run: dict) -> None:
-    """Both decode `check` greedily (the first generation also compiles and captures the step graphs)."""
+    """All decode `check` greedily (the first generation also compiles and captures the step graphs)."""
     run["check"] = f"{len(check)} prompts x 32 tokens"
     tokens = {}
     for system, s in systems.items():
@@ -208,10 +226,10 @@ def check_tokens(systems: dict[str, System], check: list[list[int]], args, run: 
             run["failures"][f"first generation {system}"] = f"{type(e).__name__}: {e}"
             continue
         run["seconds"][f"first generation {system}"] = time.perf_counter() - t0
-    if len(tokens) == 2:
-        a, b = tokens.values()
-        differ = sum(x != y for x, y in zip(a, b))
-        run["tokens_equal"] = "yes" if a == b else f"NO ({differ} of {len(a)} prompts differ)"
+    if len(tokens) == len(SYSTEMS):
+        a, *others = tokens.values()
+        differ = max(sum(x != y for x, y in zip(a, b)) for b in others)
+        run["tokens_equal"] = "yes" if all(b == a for b in others) else f"NO ({differ} of {len(a)} prompts differ)"
     print(f"greedy tokens equal: {run.get('tokens_equal', '-')}", flush=True)
 
 
@@ -232,6 +250,8 @@ def measure(systems: dict[str, System], batch_prompts: list[list[int]], args, ru
         row[f"{system} repeats"] = ms
     if row.get("unsharded") and row.get("one-rank sharded"):
         row["ratio"] = row["one-rank sharded"] / row["unsharded"]
+    if row.get("unsharded") and row.get("collectives kept"):
+        row["ratio kept"] = row["collectives kept"] / row["unsharded"]
     return row
 
 
@@ -267,7 +287,7 @@ def main() -> None:
                command="python benchmarks/shard_one_rank.py " + " ".join(sys.argv[1:]))
     model = build_model(args.model, str(device), getattr(torch, args.dtype))
     vocab = model.config.vocab_size
-    systems = compile_both(model, "mtp" if args.spec == "mtp" else None, batches, args, device, run)
+    systems = compile_all(model, "mtp" if args.spec == "mtp" else None, batches, args, device, run)
     check_tokens(systems, prompts(vocab, 4), args, run)
     write(run, out, stem)
     for batch in batches:

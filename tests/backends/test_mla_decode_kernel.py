@@ -290,8 +290,12 @@ def test_cuda_kernel_over_an_int8_cache_equals_it_over_the_decoded_cache(cuda_ke
     args = [a[k] for k in ARGS]
     got = torch.ops.graphopt.mla_paged_attention_int8(*args[:2], stored, kv_scale, dtype, *args[3:], scale)
     over_floats = torch.ops.graphopt.mla_paged_attention(*args[:2], decoded, *args[3:], scale)
-    assert torch.equal(got, over_floats)             # the kernel decodes each tile to the float cache's values
     ref = mla_paged_attention_int8_reference(*args[:2], stored, kv_scale, dtype, *args[3:], scale)
+    diff = lambda x, y: float((x.float() - y.float()).abs().max())   # noqa: E731
+    # the kernel decodes each tile to the float cache's values
+    assert torch.equal(got, over_floats), (f"int8 vs decoded-cache kernel: max |diff| {diff(got, over_floats):.3g}, "
+                                           f"int8 kernel vs reference {diff(got, ref):.3g}, decoded-cache kernel vs "
+                                           f"reference {diff(over_floats, ref):.3g}")
     _assert_close(got, ref, dtype)
 
 

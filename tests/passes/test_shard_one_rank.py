@@ -108,6 +108,7 @@ def _compare(tmp_path, spec, quant=None) -> None:
     assert text.count("torch.ops._c10d_functional.all_gather_into_tensor.default(") == expected["all_gather"]
     assert list((dump / "main").glob("*.shard_tensor_parallel.after.py"))
     assert list((dump / "main").glob("*.shard_experts.after.py"))
+    _inductor_elides_the_collectives(sharded.graphs["step"], expected)
     if spec is None and quant is None:   # against the reference model (which the unsharded compile equals)
         from graphopt.models.generate import greedy_generate
         assert tokens == [greedy_generate(model, p, NEW_TOKENS) for p in PROMPTS]
@@ -122,6 +123,23 @@ def _compare(tmp_path, spec, quant=None) -> None:
         reloaded = graphopt.load_compiled(tmp_path / "artefact")
         assert reloaded.parallel == sharded.parallel and reloaded.options.shard_one_rank
         assert reloaded.generate(PROMPTS, max_new_tokens=NEW_TOKENS, ignore_eos=True) == tokens
+
+
+def _inductor_elides_the_collectives(step, expected) -> None:
+    """The Inductor backend's graph drops every collective over the one rank and its wait (NCCL would launch
+    a kernel for each); GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES=1 keeps them (the benchmark's comparison)."""
+    import os
+    from unittest import mock
+
+    from graphopt.backends.inductor.backend import KEEP_ONE_RANK_COLLECTIVES, for_inductor
+    waits = lambda gm: sum(n.target is torch.ops._c10d_functional.wait_tensor.default   # noqa: E731
+                           for n in gm.graph.nodes)
+    lowered = for_inductor(step, one_row=False)
+    assert count_collectives(lowered) == {"all_reduce": 0, "all_gather": 0} and waits(lowered) == 0
+    with mock.patch.dict(os.environ, {KEEP_ONE_RANK_COLLECTIVES: "1"}):
+        kept = for_inductor(step, one_row=False)
+    assert count_collectives(kept) == expected and waits(kept) == sum(expected.values())
+    assert len(kept.graph.nodes) - len(lowered.graph.nodes) == 2 * sum(expected.values())   # nothing else dropped
 
 
 def test_one_rank_spec_on_equals_the_unsharded_compile(tmp_path, one_rank_world):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
 
 import torch
+import torch.distributed as dist
 from torch import fx
 from torch.fx.experimental import _config as _fx_config
 
@@ -13,6 +15,7 @@ from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the grap
 from ...ops import core as _core
 from ...ops import quant as _quant
 from ...passes.program import CompileOptions, Program
+from ...passes.sharding import COLLECTIVES
 from ...step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from ...step.provider import SpecStats
 from ...step.paged import blocks_for
@@ -48,20 +51,40 @@ _INLINE = {
 }
 
 
+KEEP_ONE_RANK_COLLECTIVES = "GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES"
+
+
+def one_rank_collectives_elided() -> bool:
+    """True when torch.distributed runs over a world of one rank (the compile option shard_one_rank) and
+    the environment does not ask to keep its collectives (GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES=1: the benchmark's
+    comparison). A collective over one rank is the identity; NCCL would still launch a kernel for it."""
+    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
+            and os.environ.get(KEEP_ONE_RANK_COLLECTIVES, "") in ("", "0"))
+
+
 def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, one_row: bool = True) -> fx.GraphModule:
     """A copy of `gm` as Inductor should see it: the elementwise graphopt ops inlined as their torch
     maths, export's unused guard module call dropped, stored-weight linears as graphopt::linear when
     its GEMV kernel is registered and the graph can run one row (`one_row`: the decode steps; a prefill
-    chunk never does, and the op's per-call dispatch would only add host time there). Weights are
-    shared with `gm`, not copied. With `fused_weights` (a dict shared by the graphs of one executable),
-    projections of one input are fused (`fuse_projections`)."""
+    chunk never does, and the op's per-call dispatch would only add host time there), and over a world
+    of one rank every collective and its wait dropped (`one_rank_collectives_elided`: the result is its
+    input; an all_gather of one rank has its input's shape). Weights are shared with `gm`, not copied.
+    With `fused_weights` (a dict shared by the graphs of one executable), projections of one input are
+    fused (`fuse_projections`)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    collectives = set(COLLECTIVES.values()) if one_rank_collectives_elided() else set()
+    elided: set[fx.Node] = set()
     # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
     kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
     gemv = one_row and "linear" in kernels.registered()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
+            continue
+        if node.op == "call_function" and (node.target in collectives or (
+                node.target is torch.ops._c10d_functional.wait_tensor.default and node.args[0] in elided)):
+            env[node] = env[node.args[0]]
+            elided.add(node)
             continue
         new = graph.node_copy(node, lambda n: env[n])
         if node.op == "call_function" and node.target in _INLINE and node.target not in kept:
