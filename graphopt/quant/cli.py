@@ -75,10 +75,10 @@ def _model_tokenizer(args: argparse.Namespace, text: list[tuple[str, str]]):
 
 
 def _text_sources(config: QuantConfig | None) -> list[tuple[str, str]]:
-    """The calibration sources that quantize_model would tokenise: none when it reads no data (its own
-    condition, quant.model_quant) or is given token ids."""
+    """The calibration sources that quantize_model would tokenise: none when it reads no data
+    (QuantConfig.reads_data, the condition quantize_model uses) or is given token ids."""
     cal = config.calibration if config else None
-    if cal is None or cal.tokens is not None or not (config.needs_calibration or config.mixed_precision is not None):
+    if cal is None or cal.tokens is not None or not config.reads_data:
         return []
     return [(f"calibration source {spec!r}", "--data") for spec, _ in cal.sources
             if spec.partition(":")[0] in TEXT_KINDS]

@@ -279,6 +279,12 @@ class QuantConfig:
                 or any(s.activation == "int8_static" for s in self.used_schemes()))
 
     @property
+    def reads_data(self) -> bool:
+        """True when quantize_model reads calibration data: to observe (needs_calibration), or to choose
+        mixed precision (which scores the candidates on it)."""
+        return self.needs_calibration or self.mixed_precision is not None
+
+    @property
     def separate_prefill(self) -> bool:
         """True when the prefill graph gets other weights than the decode steps."""
         return self.prefill_scheme is not None and self.prefill_scheme != self.scheme

@@ -57,7 +57,7 @@ def quantize_model(model: DeepseekV3ForCausalLM, quant: str | QuantConfig | dict
     if data is not None:
         data = check_windows(data, model, "quantize_model(data=...)")
         report["data"] = f"{data.shape[0]} windows x {data.shape[1]} tokens given as data= (token ids)"
-    elif config.needs_calibration or config.mixed_precision is not None:
+    elif config.reads_data:
         cal = calibration_data(config.calibration, model.config.vocab_size, model_tokenizer(model.config, tokenizer))
         data, report["data"] = check_windows(cal.tokens, model, "calibration data"), cal.origin
     if config.mixed_precision is not None:
