@@ -43,6 +43,12 @@ __all__ = ["HeadAtGatheredPositionsPass"]
 _ROW_WISE = {aten.linear.default: 0, OPS.rms_norm.default: 0}
 
 
+def _rank(node) -> int | None:
+    """The number of dims of `node`'s value (None: not a tensor node)."""
+    shape = getattr(val(node), "shape", None) if isinstance(node, fx.Node) else None
+    return None if shape is None else len(shape)
+
+
 def _one_position_index(index: fx.Node) -> fx.Node | None:
     """The [B, 1, 1] tensor `index` expands along its last dim, if that is what it is."""
     if index.op != "call_function" or index.target != aten.expand.default:
@@ -70,10 +76,10 @@ class HeadAtGatheredPositionsPass(GraphPass):
             chain = []                                   # row-wise nodes from the gathered value down to x
             node = source
             while (node.op == "call_function" and node.target in _ROW_WISE and len(node.users) == 1
-                   and getattr(val(node), "dim", lambda: 0)() == 3):
+                   and _rank(node) == 3):
                 chain.append(node)
                 node = node.args[_ROW_WISE[node.target]]
-            if not chain or not isinstance(node, fx.Node) or getattr(val(node), "dim", lambda: 0)() != 3:
+            if not chain or _rank(node) != 3:
                 continue
             with graph.inserting_before(gather):
                 width = val(node).shape[-1]
