@@ -76,7 +76,7 @@ class QuantCalibratePass(GraphPass):
             name, cal.max_rows, cal.bins, per_expert=per_expert, seed=cal.seed, min_routed=cal.min_expert_tokens))
         for site in sites:
             if site.kind == "moe":  # fused experts: every expert's input computed densely, counted where routed
-                gate_up, down = new(f"{site.name}.gate_up_proj"), new(f"{site.name}.down_proj", True)
+                gate_up, down = new(f"{site.name}.gate_up_proj").track_routed_rows(), new(f"{site.name}.down_proj", True)
                 hook, args = _moe_observer(gate_up, down), (site.x, site.weight, site.node.args[2])
                 routed.append(down)
             elif site.per_expert and (ids := _routing_ids(site.node)) is not None:

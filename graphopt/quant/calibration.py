@@ -27,7 +27,8 @@ dense dispatch computes every expert on every token, and the router's ids say wh
 which expert's down_proj input; an expert routed fewer than min_expert_tokens tokens falls back to
 all of them (observers.py). gate_up's input is the token itself, shared by the experts (one
 smoothing vector and one static scale in the quantised op), and every token is routed to some
-expert, so it is observed on every token.
+expert, so its statistics come from every token; its observer also keeps each expert's routed rows
+(`Observer.track_routed_rows`), which the weight clipping of expert e's gate_up is searched on.
 """
 
 from __future__ import annotations
@@ -336,11 +337,16 @@ def routed_mask(ids: Tensor, num_experts: int) -> Tensor:
 @torch.no_grad()
 def observe_expert_inputs(x: Tensor, gate_up_weight: Tensor, gate_up: Observer | None, down: Observer | None,
                           ids: Tensor | None = None) -> None:
-    """gate_up sees x [N, H] (shared by the experts; every token is routed somewhere); down sees each
-    expert's input silu(gate) * up [E, N, I], computed densely from the float stacked weight [E, 2I, H],
-    counted for expert e only on the tokens whose router ids [N, k] chose e (ids None: every token)."""
+    """gate_up sees x [N, H] (shared by the experts; every token is routed somewhere), and its
+    `routed_rows` (when tracked) each expert's routed rows of it; down sees each expert's input
+    silu(gate) * up [E, N, I], computed densely from the float stacked weight [E, 2I, H], counted for
+    expert e only on the tokens whose router ids [N, k] chose e (ids None: every token)."""
     if gate_up is not None:
         gate_up.observe(x)
+        if gate_up.routed_rows is not None:
+            E = gate_up_weight.shape[0]
+            routed = routed_mask(ids, E) if ids is not None else torch.ones(E, x.shape[0], dtype=torch.bool)
+            gate_up.routed_rows.observe_routed_rows(x, routed)
     if down is not None:
         gate, up = torch.matmul(x, gate_up_weight.transpose(1, 2)).chunk(2, dim=-1)      # [E, N, I]
         h = F.silu(gate) * up

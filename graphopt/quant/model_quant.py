@@ -120,7 +120,7 @@ def _targets(layer: nn.Module, prefix: str, config: QuantConfig, seed: int) -> d
         elif isinstance(mod, Experts):
             gu, dn = (config.scheme_for(f"{full}.{p}") for p in ("gate_up_proj", "down_proj"))
             if gu is not None or dn is not None:
-                hooks[path] = ("experts", (new(f"{full}.gate_up_proj") if gu else None,
+                hooks[path] = ("experts", (new(f"{full}.gate_up_proj").track_routed_rows() if gu else None,
                                            new(f"{full}.down_proj", per_expert=True) if dn else None))
         elif path.endswith("self_attn.kv_a_layernorm") and config.kv_cache == "int8":
             hooks[path] = ("latent", new(f"{full}"))

@@ -26,6 +26,13 @@ alongside at small cost:
   * expert_tokens  routed rows per expert, [E]; `dense_experts()` lists the fallback experts.
 `observe(x)` on a per-expert observer counts every token as routed to every expert.
 
+A shared input that per-expert weights read (the experts' gate_up: every expert reads the token
+itself) keeps one set of statistics for the one smoothing vector and static scale of the fused op,
+plus, after `track_routed_rows()`, a per-expert `routed_rows` observer fed by
+`observe_routed_rows(x [N, K], routed [E, N])`: each expert's routed token rows (same reservoir and
+fallback rule as above, no histogram), for the weight searches that judge expert e's weight on the
+inputs it actually gets (clipping: `Target.search_rows`).
+
 Statistics live on the device of the observed activations (the model's device), so the algorithms
 that read them (smoothing, clipping, static scales, C8) compute beside the weights they combine with;
 only the sampling keys come from a CPU generator (reproducible on every device) and are moved once.
@@ -45,7 +52,8 @@ class Observer:
         if per_expert and not 1 <= min_routed <= max_rows:
             raise ValueError(f"observer {name!r}: min_routed must be in [1, max_rows={max_rows}], got {min_routed}")
         self.name, self.max_rows, self.bins, self.per_expert = name, max_rows, bins, per_expert
-        self.min_routed = min_routed
+        self.min_routed, self.seed = min_routed, seed
+        self.routed_rows: Observer | None = None      # track_routed_rows(): per-expert rows of a shared input
         self.amax: Tensor | None = None
         self.amax_dense: Tensor | None = None         # per expert: over every token, for the fallback
         self.expert_tokens: Tensor | None = None      # per expert: routed rows seen, [E]
@@ -89,6 +97,38 @@ class Observer:
         if bool(routed.any()):
             self._add_histogram(a[routed])
         self._add_samples(x, routed)
+
+    def track_routed_rows(self) -> "Observer":
+        """Also keep each expert's routed rows of this shared input (`routed_rows`); returns self."""
+        if self.per_expert:
+            raise ValueError(f"observer {self.name!r} is per expert already: routed rows are for a shared input")
+        if self.routed_rows is None:
+            self.routed_rows = Observer(f"{self.name} (routed rows)", self.max_rows, self.bins, per_expert=True,
+                                        seed=self.seed + 1, min_routed=self.min_routed)
+        return self
+
+    @torch.no_grad()
+    def observe_routed_rows(self, x: Tensor, routed: Tensor) -> None:
+        """x [N, K] the input every expert reads; routed [E, N] bool. Per expert: routed abs-max (dense
+        alongside), routed counts, a reservoir of routed rows; no [E, N, K] tensor is formed (the batch's
+        top max_rows keys per expert are picked first, then their rows gathered)."""
+        if not self.per_expert:
+            raise ValueError(f"observer {self.name!r} is not per expert: routed rows need a per-expert observer")
+        x = x.detach().float().reshape(-1, x.shape[-1])
+        routed = routed.to(device=x.device, dtype=torch.bool)
+        a = x.abs()
+        dense = a.amax(dim=0).expand(routed.shape[0], -1)                         # [E, K]
+        amax = torch.stack([a[r].amax(dim=0) if bool(r.any()) else torch.zeros_like(a[0]) for r in routed])
+        counts = routed.sum(dim=1)
+        if self.amax is None:
+            self.amax, self.amax_dense, self.expert_tokens = amax, dense.clone(), counts
+        else:
+            self.amax, self.amax_dense = torch.maximum(self.amax, amax), torch.maximum(self.amax_dense, dense)
+            self.expert_tokens = self.expert_tokens + counts
+        self.tokens += x.shape[0]
+        keys = torch.rand(x.shape[0], generator=self._gen, device="cpu").to(x.device) + routed   # [E, N]
+        keys, pick = keys.topk(min(self.max_rows, x.shape[0]), dim=1)              # [E, R'] per expert
+        self._add_expert_samples(x[pick], keys)                                    # rows [E, R', K]
 
     def _add_histogram(self, a: Tensor) -> None:
         top = float(a.max())

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import write_external_tokenizer
+from external_tokenizer import write_external_tokenizer
 from graphopt.models import tokenizer as tokmod
 from graphopt.models.tokenizer import (
     EOS_TOKEN,

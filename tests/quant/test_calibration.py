@@ -254,3 +254,64 @@ def test_step_inputs_are_contiguous(model):
         for args in steps:
             flat = [t for a in args for t in (a if isinstance(a, list) else [a])]
             assert all(t.is_contiguous() for t in flat), name
+
+
+def test_experts_gate_up_keeps_each_experts_routed_rows_for_the_weight_searches():
+    # the shared statistics stay every token's (one smoothing vector / static scale for the fused op);
+    # routed_rows holds expert e's own rows, which clipping judges e's gate_up weight on
+    model = random_model()
+    tokens = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
+    gate_up, _, x, _, routed = _moe_layer_run_tracked(model, tokens)
+    rr = gate_up.routed_rows
+    assert rr.expert_tokens.tolist() == routed.sum(1).tolist() and rr.tokens == gate_up.tokens == 30
+    torch.testing.assert_close(gate_up.channel_amax(), x.abs().amax(0))          # shared: unchanged
+    rows = rr.rows()
+    assert rows.shape[:2] == (routed.shape[0], 30) and rows.shape[-1] == x.shape[-1]
+    for e in range(routed.shape[0]):
+        own = x[routed[e]]
+        assert all(bool((own == r).all(-1).any()) for r in rows[e])              # only e's routed tokens
+        torch.testing.assert_close(rr.channel_amax()[e], own.abs().amax(0))
+    from graphopt.quant.algorithms.base import Target
+    from graphopt.quant.config import QuantConfig
+    from graphopt.quant.schemes import SCHEMES
+    w = model.model.layers[1].mlp.experts.gate_up_proj.detach().float()
+    target = Target("gate_up", w, None, SCHEMES["w4a8"], QuantConfig("w4a8"), gate_up)
+    assert target.search_rows().shape == (routed.shape[0], 30, x.shape[-1])      # per expert
+    assert target.rows().shape == (30, x.shape[-1])                                # shared
+
+
+def test_routed_rows_match_the_dense_routed_observer_when_the_reservoir_overflows():
+    # observe_routed_rows forms no [E, N, K] tensor, yet keeps what observe_routed would over the expanded input
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(100, 4, generator=g)
+    routed = torch.rand(3, 100, generator=g) < torch.tensor([[0.5], [0.2], [0.03]])
+    lean = Observer("gu", max_rows=16).track_routed_rows().routed_rows
+    dense = Observer("gu (routed rows)", max_rows=16, per_expert=True, seed=1, min_routed=lean.min_routed)
+    for sl in (slice(0, 30), slice(30, 100)):
+        lean.observe_routed_rows(x[sl], routed[:, sl])
+        dense.observe_routed(x[sl].expand(3, -1, -1), routed[:, sl])
+    assert lean.dense_experts() == dense.dense_experts() == [2]
+    torch.testing.assert_close(lean.rows(), dense.rows())
+    torch.testing.assert_close(lean.channel_amax(), dense.channel_amax())
+    with pytest.raises(ValueError, match="per expert already"):
+        dense.track_routed_rows()
+    with pytest.raises(ValueError, match="not per expert"):
+        Observer("shared").observe_routed_rows(x, routed)
+
+
+def _moe_layer_run_tracked(model, tokens):
+    layer = model.model.layers[1]
+    runner = LayerRunner(model, tokens, batch=2, progress=False)
+    runner.run(model.model.layers[0], update=True)
+    gate_up, down = Observer("gu", max_rows=64).track_routed_rows(), Observer("down", per_expert=True, min_routed=1)
+    gate_up.routed_rows.min_routed = 1
+    seen = []
+    handles = attach_observers(layer, {"mlp.experts": ("experts", (gate_up, down))})
+    handles.append(layer.mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
+    runner.run(layer, update=False)
+    for h in handles:
+        h.remove()
+    x = torch.cat(seen)
+    _, ids = layer.mlp.gate(x)
+    routed = torch.zeros(x.shape[0], model.config.n_routed_experts, dtype=torch.bool).scatter_(1, ids, True).T
+    return gate_up, down, x, None, routed

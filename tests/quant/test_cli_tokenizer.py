@@ -15,7 +15,7 @@ from graphopt.cli import main
 from graphopt.models import checkpoint
 from graphopt.models.checkpoint import DEFAULT_MODEL_DIR
 from graphopt.models.random import random_model
-from conftest import EXTERNAL_EOS, write_external_tokenizer
+from external_tokenizer import EXTERNAL_EOS, write_external_tokenizer
 from graphopt.models.tokenizer import load_tokenizer
 
 EMBEDDED_TOKENIZER = DEFAULT_MODEL_DIR / "tokenizer.json"

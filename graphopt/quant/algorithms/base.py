@@ -47,6 +47,14 @@ class Target:
         x = self.observer.rows()
         return x[..., :SEARCH_ROWS, :].float()
 
+    def search_rows(self) -> Tensor:
+        """The rows a weight search judges this weight on: per expert its routed rows [E, R, K] where the
+        observer keeps them (the experts' gate_up, a shared input), else rows()."""
+        routed = getattr(self.observer, "routed_rows", None)
+        if routed is None or routed.amax is None:
+            return self.rows()
+        return routed.rows()[..., :SEARCH_ROWS, :].float()
+
 
 @dataclass
 class Transformed:

@@ -33,7 +33,7 @@ def _errors(target: Target, t: Transformed, x, ratio: torch.Tensor) -> torch.Ten
 
 def _grid(target: Target, t: Transformed, grid) -> tuple[torch.Tensor, torch.Tensor]:
     """Best ratio per entry and its error, both [..., out, groups]."""
-    x = rows_in_basis(target.rows(), t)
+    x = rows_in_basis(target.search_rows(), t)
     shape = (*t.weight.shape[:-1], group_count(target))
     dev = t.weight.device
     best_r = torch.ones(shape, device=dev)
@@ -56,7 +56,7 @@ def grid_clipping(cfg: ClippingConfig, target: Target, t: Transformed) -> dict:
 
 def learnable_clipping(cfg: LearnableClippingConfig, target: Target, t: Transformed) -> dict:
     grid_r, grid_e = _grid(target, t, cfg.grid)
-    x = rows_in_basis(target.rows(), t)
+    x = rows_in_basis(target.search_rows(), t)
     groups = group_count(target)
     qmax = 127 if target.scheme.weight == "int8" else 7
     w = t.weight.unflatten(-1, (groups, -1))                                    # [..., out, G, k]
