@@ -81,7 +81,7 @@ def test_a_bad_weight_is_a_clear_error():
 
 
 @pytest.mark.parametrize("enable, registered", [("", False), ("w4a8_matmul", True)])
-def test_the_kernel_is_registered_only_when_asked_for_until_it_has_run_on_a_gpu(enable, registered):
+def test_the_kernel_is_registered_only_when_asked_for_until_its_speed_is_measured(enable, registered):
     pytest.importorskip("triton")
     code = ("from graphopt.backends.inductor import kernels\n"
             "names = kernels.register_all()\n"

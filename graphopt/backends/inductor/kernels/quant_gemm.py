@@ -18,7 +18,7 @@ quantised step read more bytes than a bf16 one. Here the weight is read once, in
 w4a8_matmul takes its int4 weight packed two per byte (uint8 [out, K/2], graphopt/ops/packing.py),
 unpacks and widens it to int8 in its reference and calls int8_matmul, so it reaches the int8 kernel
 too (the unpacked int8 copy is made per call; w4a8_gemm.py reads the packed bytes instead, opt-in
-until it has run on a GPU: kernels/__init__.py);
+until its speed is measured: kernels/__init__.py);
 dequantize_int4 (w4a16) has no CUDA kernel and runs its reference.
 
     quantized_moe_experts  the reference runs each expert on its routed tokens, which needs the
