@@ -38,6 +38,7 @@ import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -172,20 +173,6 @@ def write(run: dict, out: Path, stem: str) -> None:
 
 # -- the run ----------------------------------------------------------------------------------------
 
-@contextmanager
-def environment(name: str, value: str | None):
-    old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
-
-
 def compile_all(model, spec, batches: list[int], args, device, run: dict) -> dict[str, System]:
     """The plain and the one-rank sharded compiles of `model` (SYSTEMS), with the same options."""
     import graphopt
@@ -196,7 +183,7 @@ def compile_all(model, spec, batches: list[int], args, device, run: dict) -> dic
     for system, (one_rank, keep) in SYSTEMS.items():
         t0 = time.perf_counter()
         try:
-            with deadline(args.timeout, f"compile {system}"), environment(KEEP_ONE_RANK_COLLECTIVES, "1" if keep else None):
+            with deadline(args.timeout, f"compile {system}"), mock.patch.dict(os.environ, {KEEP_ONE_RANK_COLLECTIVES: "1"} if keep else {}):
                 compiled = graphopt.compile(model, spec=spec, backend=args.backend, progress=False,
                                             max_batch_size=max(batches), shard_one_rank=one_rank, **options)
         except Exception as e:     # a failing piece is a line under the table, not the end of it

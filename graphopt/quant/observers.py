@@ -86,13 +86,7 @@ class Observer:
         routed = routed.to(device=x.device, dtype=torch.bool)
         a = x.abs()                                                             # [E, N, K]
         amax = (a * routed.unsqueeze(-1)).amax(dim=1)                           # [E, K], 0 where unrouted
-        dense = a.amax(dim=1)
-        counts = routed.sum(dim=1)
-        if self.amax is None:
-            self.amax, self.amax_dense, self.expert_tokens = amax, dense, counts
-        else:
-            self.amax, self.amax_dense = torch.maximum(self.amax, amax), torch.maximum(self.amax_dense, dense)
-            self.expert_tokens = self.expert_tokens + counts
+        self._add_expert_stats(amax, a.amax(dim=1), routed.sum(dim=1))
         self.tokens += x.shape[1]
         if bool(routed.any()):
             self._add_histogram(a[routed])
@@ -117,18 +111,21 @@ class Observer:
         x = x.detach().float().reshape(-1, x.shape[-1])
         routed = routed.to(device=x.device, dtype=torch.bool)
         a = x.abs()
-        dense = a.amax(dim=0).expand(routed.shape[0], -1)                         # [E, K]
+        dense = a.amax(dim=0).expand(routed.shape[0], -1).clone()                 # [E, K]
         amax = torch.stack([a[r].amax(dim=0) if bool(r.any()) else torch.zeros_like(a[0]) for r in routed])
-        counts = routed.sum(dim=1)
-        if self.amax is None:
-            self.amax, self.amax_dense, self.expert_tokens = amax, dense.clone(), counts
-        else:
-            self.amax, self.amax_dense = torch.maximum(self.amax, amax), torch.maximum(self.amax_dense, dense)
-            self.expert_tokens = self.expert_tokens + counts
+        self._add_expert_stats(amax, dense, routed.sum(dim=1))
         self.tokens += x.shape[0]
         keys = torch.rand(x.shape[0], generator=self._gen, device="cpu").to(x.device) + routed   # [E, N]
         keys, pick = keys.topk(min(self.max_rows, x.shape[0]), dim=1)              # [E, R'] per expert
         self._add_expert_samples(x[pick], keys)                                    # rows [E, R', K]
+
+    def _add_expert_stats(self, amax: Tensor, dense: Tensor, counts: Tensor) -> None:
+        """Fold one batch's per-expert routed / dense abs-max [E, K] and routed counts [E] in."""
+        if self.amax is None:
+            self.amax, self.amax_dense, self.expert_tokens = amax, dense, counts
+        else:
+            self.amax, self.amax_dense = torch.maximum(self.amax, amax), torch.maximum(self.amax_dense, dense)
+            self.expert_tokens = self.expert_tokens + counts
 
     def _add_histogram(self, a: Tensor) -> None:
         top = float(a.max())

@@ -16,14 +16,14 @@ from graphopt.quant.observers import Observer, mse_threshold
 from graphopt.quant.schemes import QuantError
 
 
-def _moe_layer_run(model, tokens, min_routed):
+def _moe_layer_run(model, tokens, min_routed, gate_up=None):
     """Observe layer 1's experts on `tokens` and recompute, from the model itself, what each expert's
-    down_proj input is and which tokens the router sent to it."""
+    down_proj input is and which tokens the router sent to it. gate_up: its observer (default a plain one)."""
     layer = model.model.layers[1]                            # an MoE layer (first_k_dense_replace = 1)
     runner = LayerRunner(model, tokens, batch=2, progress=False)
     runner.run(model.model.layers[0], update=True)
     plain = runner.run(layer, update=False)
-    gate_up, down = Observer("gu"), Observer("down", per_expert=True, min_routed=min_routed)
+    gate_up, down = gate_up or Observer("gu"), Observer("down", per_expert=True, min_routed=min_routed)
     seen = []
     handles = attach_observers(layer, {"mlp.experts": ("experts", (gate_up, down))})
     handles.append(layer.mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
@@ -261,7 +261,9 @@ def test_experts_gate_up_keeps_each_experts_routed_rows_for_the_weight_searches(
     # routed_rows holds expert e's own rows, which clipping judges e's gate_up weight on
     model = random_model()
     tokens = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(0))
-    gate_up, _, x, _, routed = _moe_layer_run_tracked(model, tokens)
+    tracked = Observer("gu", max_rows=64).track_routed_rows()
+    tracked.routed_rows.min_routed = 1
+    gate_up, _, x, _, routed = _moe_layer_run(model, tokens, min_routed=1, gate_up=tracked)
     rr = gate_up.routed_rows
     assert rr.expert_tokens.tolist() == routed.sum(1).tolist() and rr.tokens == gate_up.tokens == 30
     torch.testing.assert_close(gate_up.channel_amax(), x.abs().amax(0))          # shared: unchanged
@@ -298,20 +300,3 @@ def test_routed_rows_match_the_dense_routed_observer_when_the_reservoir_overflow
     with pytest.raises(ValueError, match="not per expert"):
         Observer("shared").observe_routed_rows(x, routed)
 
-
-def _moe_layer_run_tracked(model, tokens):
-    layer = model.model.layers[1]
-    runner = LayerRunner(model, tokens, batch=2, progress=False)
-    runner.run(model.model.layers[0], update=True)
-    gate_up, down = Observer("gu", max_rows=64).track_routed_rows(), Observer("down", per_expert=True, min_routed=1)
-    gate_up.routed_rows.min_routed = 1
-    seen = []
-    handles = attach_observers(layer, {"mlp.experts": ("experts", (gate_up, down))})
-    handles.append(layer.mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0].reshape(-1, args[0].shape[-1]))))
-    runner.run(layer, update=False)
-    for h in handles:
-        h.remove()
-    x = torch.cat(seen)
-    _, ids = layer.mlp.gate(x)
-    routed = torch.zeros(x.shape[0], model.config.n_routed_experts, dtype=torch.bool).scatter_(1, ids, True).T
-    return gate_up, down, x, None, routed
