@@ -140,6 +140,9 @@ def _inductor_elides_the_collectives(step, expected) -> None:
         kept = for_inductor(step, one_row=False)
     assert count_collectives(kept) == expected and waits(kept) == sum(expected.values())
     assert len(kept.graph.nodes) - len(lowered.graph.nodes) == 2 * sum(expected.values())   # nothing else dropped
+    with mock.patch.dict(os.environ, {KEEP_ONE_RANK_COLLECTIVES: "yes"}), \
+            pytest.raises(ValueError, match="accepted are 1 .* and 0 or unset"):
+        for_inductor(step, one_row=False)
 
 
 def test_one_rank_spec_on_equals_the_unsharded_compile(tmp_path, one_rank_world):

@@ -58,8 +58,11 @@ def one_rank_collectives_elided() -> bool:
     """True when torch.distributed runs over a world of one rank (the compile option shard_one_rank) and
     the environment does not ask to keep its collectives (GRAPHOPT_KEEP_ONE_RANK_COLLECTIVES=1: the benchmark's
     comparison). A collective over one rank is the identity; NCCL would still launch a kernel for it."""
-    return (dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1
-            and os.environ.get(KEEP_ONE_RANK_COLLECTIVES, "") in ("", "0"))
+    keep = os.environ.get(KEEP_ONE_RANK_COLLECTIVES, "")
+    if keep not in ("", "0", "1"):
+        raise ValueError(f"{KEEP_ONE_RANK_COLLECTIVES}={keep!r}: accepted are 1 (keep the collectives over one "
+                         "rank in the Inductor graph) and 0 or unset (drop them)")
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1 and keep != "1"
 
 
 def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, one_row: bool = True) -> fx.GraphModule:
