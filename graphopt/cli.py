@@ -198,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=common, help=helptext, description=helptext)
         _add_model(p)
         p.add_argument("--tokenizer", type=_existing_file, metavar="PATH",
-                       help="tokenizer.json for --model's text (default: the checkpoint's tokenizer.json; the "
-                            "embedded tokenizer only for the embedded model; token ids need none)")
+                       help="tokenizer.json for --model's text (default: the checkpoint's tokenizer.json, for "
+                            "eval then the --quantized directory's; the embedded tokenizer only for the embedded "
+                            "model; token ids need none)")
         _add_quant_options(p)
         _add_quiet(p)
         if name == "calibrate":
