@@ -3,7 +3,7 @@
 # torch/transformers (2.11 / 5.17), so the code is checked on both versions.
 #   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
 #   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
-#   STAGE=owed1|owed2|owed3|owed4: what the last sessions wrote without a GPU to run it on (not in all), one call each
+#   STAGE=owed1..owed6: what the last sessions wrote without a GPU to run it on (not in all), one call each
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -65,4 +65,22 @@ if [ "$STAGE" = owed4 ]; then
         tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -12 | tee "$OUT/int8_kernel_diag.log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
         2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
+fi
+if [ "$STAGE" = owed5 ]; then
+    # owed4's first two parts, then the W4A8 packed-int4 kernel's speed per GEMM and per tile choice
+    timeout 250 python3 benchmarks/shard_one_rank.py --model embedded --timeout 90 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
+        | grep -v "^ROW"
+    timeout 70 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals and dtype0" \
+        tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -12 | tee "$OUT/int8_kernel_diag.log"
+    timeout 110 python3 benchmarks/quant_gemm.py --out "$OUT/quant_gemm.md" 2>&1 | tail -40
+    timeout 140 python3 benchmarks/quant_gemm.py --w4a8-sweep --out "$OUT/w4a8_tiles.md" 2>&1 | tail -100
+fi
+if [ "$STAGE" = owed6 ]; then
+    # C8 int8 storage opted in end to end, then owed3's float32 CUDA-graph token identity at k = 1, 2
+    timeout 190 python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
+        2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
+    for k in 1 2; do
+        timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
+            2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
+    done
 fi

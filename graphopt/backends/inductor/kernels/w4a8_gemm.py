@@ -88,9 +88,11 @@ def _tiles(m: int) -> tuple[int, int]:
     return (16, 32) if m <= 16 else (64, 64)
 
 
-def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
+def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
+              tiles: tuple[int, int, int, int] | None = None) -> Tensor:
     """The kernel alone: x_q int8 [..., M, K], w_packed uint8 [out, K/2], w_group_scale int8 [out, K/G]
-    -> int32 [..., M, out], equal to graphopt::w4a8_matmul's reference."""
+    -> int32 [..., M, out], equal to graphopt::w4a8_matmul's reference. `tiles` = (BLOCK_M, BLOCK_N,
+    BLOCK_KP, num_warps) overrides the choice by row count (benchmarks/quant_gemm.py --w4a8-sweep)."""
     k = x_q.shape[-1]
     check_packed("w4a8_matmul", w_packed, 2, k)
     out, groups = w_packed.shape[0], w_group_scale.shape[-1]
@@ -102,10 +104,11 @@ def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
     w, s = w_packed.contiguous(), w_group_scale.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, out), dtype=torch.int32, device=x_q.device)
-    block_m, block_n = _tiles(m)
+    block_m, block_n, block_kp, warps = tiles or (*_tiles(m), 64, 4)
     grid = (triton.cdiv(out, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](x2, w, s, y, m, out, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
-                       KP=k // 2, GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=64, num_warps=4)
+                       KP=k // 2, GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
+                       num_warps=warps)
     return y.reshape(*lead, out)
 
 
