@@ -3,7 +3,7 @@
 # torch/transformers (2.11 / 5.17), so the code is checked on both versions.
 #   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
 #   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
-#   STAGE=owed1..owed6: what the last sessions wrote without a GPU to run it on (not in all), one call each
+#   STAGE=owed1..owed8: what the last sessions wrote without a GPU to run it on (not in all), one call each
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -83,4 +83,21 @@ if [ "$STAGE" = owed6 ]; then
         timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
             2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
     done
+fi
+if [ "$STAGE" = owed7 ]; then
+    # the embedded model's decode table re-measured side by side (it predates the fused projections, the
+    # Triton router and the prefill graphs): graphopt plain and MTP k=1 against plain torch.compile and
+    # transformers eager, batch 1 / 8 / 64
+    timeout 570 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 --timeout 135 \
+        --systems graphopt graphopt-k1 torch.compile hf-eager --out "$OUT" | grep -v "^ROW"
+fi
+if [ "$STAGE" = owed8 ]; then
+    # the one-rank sharded step with nothing of the sharding left (no dispatch masks, no logits join);
+    # the int8-cache MLA kernel held to a bf16 bound; the embedded decode at batch 1 / 8 beside its peers
+    timeout 240 python3 benchmarks/shard_one_rank.py --model embedded --timeout 80 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
+        | grep -v "^ROW"
+    timeout 50 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals" \
+        tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -4
+    timeout 270 python3 benchmarks/decode.py --model embedded --batches 1 8 --new-tokens 32 --timeout 85 \
+        --systems graphopt torch.compile hf-eager --out "$OUT" | grep -v "^ROW"
 fi

@@ -236,9 +236,12 @@ def all_reduce(graph: fx.Graph, x: fx.Node, plan: ParallelPlan) -> fx.Node:
 
 def all_gather_last(graph: fx.Graph, x: fx.Node, plan: ParallelPlan) -> fx.Node:
     """x [..., n] on each rank -> [..., world * n], rank r's part at [r * n, (r + 1) * n): the collective
-    gathers along dim 0, so the parts are split off it again and joined on the last dim."""
+    gathers along dim 0, so the parts are split off it again and joined on the last dim (over one rank
+    the gathered tensor is x's own layout: no split and join, which would copy the logits)."""
     gathered = graph.call_function(COLLECTIVES["all_gather"], (x, plan.world_size, plan.group_name))
     waited = graph.call_function(c10d.wait_tensor.default, (gathered,))
+    if plan.world_size == 1:
+        return waited
     chunks = graph.call_function(aten.chunk.default, (waited, plan.world_size, 0))
     parts = [graph.call_function(operator.getitem, (chunks, i)) for i in range(plan.world_size)]
     return graph.call_function(aten.cat.default, (parts, -1))
