@@ -4,7 +4,7 @@
 
 For each weight (out x K) and row count M: bf16 `x @ w.T`, int8 `graphopt::int8_matmul`'s CUDA kernel
 (`torch._int_mm`, rows padded to 17 below that) and FP8 `graphopt::fp8_linear`'s (`torch._scaled_mm`,
-rowwise scales, bf16 out) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128)
+rowwise scales, bf16 out) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128, 64 for dense down)
 beside the op's reference path (unpack + widen to an int8 copy + int8 GEMM, what runs without the
 kernel); GPU time per call: 20 calls captured in one CUDA graph, the replay timed
 with CUDA events, median of 20 replays / 20 (host launch time left out, as in a replayed step). GB/s counts the weight bytes
@@ -105,14 +105,14 @@ def main() -> None:
             ref4 = quant.w4a8_matmul._init_fn(x8, w4, s4)
             assert torch.equal(w4a8_gemm.w4a8_gemm(x8, w4, s4), ref4), "w4a8 kernel differs from the reference"
             t16 = graph_ms(lambda: x @ w.t())
-            t4 = graph_ms(lambda: w4a8_gemm.w4a8_gemm(x8, w4, s4))
+            t4 = graph_ms(lambda: w4a8_gemm.w4a8_gemm(x8, w4, s4))   # the kernel at every M (the op: <= 16 rows)
             t4ref = graph_ms(lambda: quant.w4a8_matmul._init_fn(x8, w4, s4))
             t8 = graph_ms(lambda: quant_gemm.int8_matmul_cuda(x8, w8))
             tf8 = graph_ms(lambda: quant_gemm.fp8_linear_cuda(xq, xs, wf8, ws, None, torch.bfloat16))
             b16 = 2 * out * k + 2 * m * (k + out)
             b8 = out * k + m * k + 4 * m * out
             bf8 = out * k + m * k + 2 * m * out
-            b4 = out * k // 2 + out * (k // GROUP) + m * k + 4 * m * out
+            b4 = out * k // 2 + out * (k // group(k)) + m * k + 4 * m * out
             ops = 2 * m * out * k
             row = (f"| {name} ({out} x {k}) | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {tf8 * 1e3:.1f} | "
                    f"{t4 * 1e3:.1f} | {t4ref * 1e3:.1f} | {t16 / t8:.2f}x | {t16 / tf8:.2f}x | {t16 / t4:.2f}x | "
@@ -126,13 +126,15 @@ def main() -> None:
                                 f"{bw / 1e12:.2f} TB/s (read + write)\n\n" + "\n".join(lines) + "\n")
 
 
-GROUP = 128     # W4A8's int8 group scales: one per 128 weights of K
+def group(k: int) -> int:
+    """W4A8's int8 group scales: one per 128 weights of K, per 64 where 128 does not divide K (dense down)."""
+    return 128 if k % 128 == 0 else 64
 
 
 def _int4_weight(out: int, k: int, g: torch.Generator, pack_int4) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random packed int4 weight uint8 [out, K/2] and its int8 group scales [out, K/128] (1..16)."""
+    """A random packed int4 weight uint8 [out, K/2] and its int8 group scales [out, K/G] (1..16)."""
     w4 = torch.randint(-8, 8, (out, k), device="cuda", generator=g, dtype=torch.int8)
-    s4 = torch.randint(1, 17, (out, k // GROUP), device="cuda", generator=g, dtype=torch.int8)
+    s4 = torch.randint(1, 17, (out, k // group(k)), device="cuda", generator=g, dtype=torch.int8)
     return pack_int4(w4), s4
 
 
@@ -161,7 +163,7 @@ def w4a8_sweep(args, quant, w4a8_gemm, pack_int4) -> None:
                             except Exception as exc:       # a tile too big for shared memory: say so, go on
                                 print(f"{name} M={m} tiles {tiles}: {type(exc).__name__}", flush=True)
                                 continue
-                            byt = out * k // 2 + out * (k // GROUP) + m * k + 4 * m * out
+                            byt = out * k // 2 + out * (k // group(k)) + m * k + 4 * m * out
                             row = (f"| {name} ({out} x {k}) | {m} | {bm} | {bn} | {bkp} | {warps} | {t * 1e3:.1f} | "
                                    f"{byt / (t * 1e-3) / bw:.2f} |")
                             print(row, flush=True)

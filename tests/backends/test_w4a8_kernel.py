@@ -80,16 +80,29 @@ def test_a_bad_weight_is_a_clear_error():
         w4a8_gemm.w4a8_gemm(x, w, s[:, :1].expand(16, 3))
 
 
-@pytest.mark.parametrize("enable, registered", [("", False), ("w4a8_matmul", True)])
-def test_the_kernel_is_registered_only_when_asked_for_until_its_speed_is_measured(enable, registered):
+@pytest.mark.parametrize("disable, registered", [("", True), ("w4a8_matmul", False)])
+def test_the_kernel_is_registered_by_default_and_can_be_left_out(disable, registered):
     pytest.importorskip("triton")
     code = ("from graphopt.backends.inductor import kernels\n"
             "names = kernels.register_all()\n"
             "print('w4a8_matmul' in names)\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env=checkout_env(TRITON_INTERPRET="1", GRAPHOPT_ENABLE_KERNELS=enable))
+                          env=checkout_env(TRITON_INTERPRET="1", GRAPHOPT_DISABLE_KERNELS=disable))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(registered)
+
+
+def test_the_op_runs_the_kernel_up_to_max_rows_and_the_reference_above(monkeypatch):
+    """Measured: above 16 rows the kernel is no faster than the reference path (w4a8_gemm.py's doc)."""
+    pytest.importorskip("triton")
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+    calls = []
+    monkeypatch.setattr(w4a8_gemm, "w4a8_gemm", lambda *a: calls.append(a[0].shape) or _quant.w4a8_matmul._init_fn(*a))
+    for rows in (1, w4a8_gemm.MAX_ROWS, w4a8_gemm.MAX_ROWS + 1):
+        x, w, s = inputs(rows, 64, 16, 32, seed=rows)
+        assert torch.equal(w4a8_gemm.w4a8_matmul_cuda(x.view(1, rows, 64), w, s),
+                           _quant.w4a8_matmul._init_fn(x.view(1, rows, 64), w, s))
+    assert calls == [(1, 1, 64), (1, w4a8_gemm.MAX_ROWS, 64)]     # 17 rows: the reference, not the kernel
 
 
 @pytest.mark.gpu

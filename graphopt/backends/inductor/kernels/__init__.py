@@ -6,11 +6,11 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     moe_route    graphopt::moe_route, the router (logits, scoring, group-limited top-k) in one program per token
     gemv         graphopt::linear, a GEMV for one row that streams the weight once (cuBLAS for more rows)
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
-    w4a8_gemm    graphopt::w4a8_matmul, the packed int4 weight widened to int8 in registers (opt-in, below)
+    w4a8_gemm    graphopt::w4a8_matmul, the packed int4 weight widened to int8 in registers (up to 16 rows)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
-"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear" (or "all") leaves kernels out, for A/B runs in a fresh process.
+"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul" (or "all") leaves kernels out, for A/B runs in a fresh process.
 A kernel joins the default set once its GPU tests have passed on the H200 and it has been measured
 there against what it replaces; until then it is in OPT_IN and registered only when
 GRAPHOPT_ENABLE_KERNELS names it (its interpreter tests run in CI).
@@ -25,7 +25,9 @@ from . import gemv, mla_decode, moe, moe_route, quant_gemm, w4a8_gemm
 __all__ = ["register_all", "registered", "OPT_IN"]
 
 _REGISTERED: list[str] = []
-OPT_IN = {"w4a8_matmul"}   # GPU equality tests passed on the H200 (2026-12-05); speed not yet measured
+# none now: w4a8_matmul joined the default set once timed (2026-12-07, H100: 2-13x its reference path at
+# decode sizes; w4a8_gemm.py says where it is used)
+OPT_IN: set[str] = set()
 
 
 def register_all() -> list[str]:

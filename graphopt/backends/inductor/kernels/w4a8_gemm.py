@@ -15,10 +15,17 @@ BLOCK_N output columns for BLOCK_M rows and, per tile of packed bytes,
 so the even and odd columns of x meet the low and high nibbles without interleaving them. Integer
 maths throughout: bit-identical to the reference in any order. Rows are padded to BLOCK_M >= 16
 (tl.dot's minimum) by masking, K's tail by masked loads (x = 0 there). Batched (per-expert) weights
-and non-CUDA tensors run the reference. Equal to the reference on the H200 (its GPU tests, 6 shapes); tiles are a first choice, their speed
-NOT measured yet: 16 rows
-x 32 columns for decode sizes (more programs for the few output tiles a small layer has), 64 x 64
-above; 64 packed bytes (128 weights) of K per step.
+and non-CUDA tensors run the reference. Equal to the reference on the H200 (its GPU tests, 6 shapes).
+
+Measured (`python benchmarks/quant_gemm.py`, one H100 call, benchmarks/results/quant_gemm_w4a8_h100.md):
+at 1 and 8 rows the kernel is 2-13x faster than the reference path it replaces (q_proj 3072 x 2048:
+22.4 against 150 us; dense gate_up: 83 against 1062 us) but still slower than a bf16 GEMM (5.3 us:
+~0.05 of copy bandwidth, too few programs and a serial K loop for a decode GEMV); from 32 rows it is
+no faster than the reference at small layers (kv_a_proj 64 rows: 158 against 52 us). So
+w4a8_matmul_cuda runs it up to MAX_ROWS = 16 rows and the reference above. Tiles from the sweep
+(`--w4a8-sweep`, benchmarks/results/w4a8_tiles_h100.md, q_proj): 16 rows x 32 columns, 128 packed
+bytes of K a step, 4 warps at decode sizes (18.0 us, the default's 22.4); 64 x 32, 256 bytes, 8 warps
+above (109.7 against 158.7 us at 64 rows).
 """
 
 from __future__ import annotations
@@ -84,8 +91,12 @@ if triton is not None:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _tiles(m: int) -> tuple[int, int]:
-    return (16, 32) if m <= 16 else (64, 64)
+MAX_ROWS = 16   # w4a8_matmul_cuda's kernel rows; more rows run the reference (measured above)
+
+
+def _tiles(m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_KP, num_warps) by row count: the sweep's best at 1 and at 64 rows."""
+    return (16, 32, 128, 4) if m <= 16 else (64, 32, 256, 8)
 
 
 def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
@@ -104,7 +115,7 @@ def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
     w, s = w_packed.contiguous(), w_group_scale.contiguous()
     m = x2.shape[0]
     y = torch.empty((m, out), dtype=torch.int32, device=x_q.device)
-    block_m, block_n, block_kp, warps = tiles or (*_tiles(m), 64, 4)
+    block_m, block_n, block_kp, warps = tiles or _tiles(m)
     grid = (triton.cdiv(out, block_n), triton.cdiv(m, block_m))
     _w4a8_kernel[grid](x2, w, s, y, m, out, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
                        KP=k // 2, GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
@@ -113,8 +124,10 @@ def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
 
 
 def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Tensor:
-    """graphopt::w4a8_matmul on CUDA: the kernel for one [out, K/2] weight; batched weights: the reference."""
-    if w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8:
+    """graphopt::w4a8_matmul on CUDA: the kernel for one [out, K/2] weight and up to MAX_ROWS rows;
+    batched weights and more rows: the reference (measured faster there, module doc)."""
+    if (w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8
+            or x_q.numel() > MAX_ROWS * x_q.shape[-1]):
         return _quant.w4a8_matmul._init_fn(x_q, w_packed, w_group_scale)
     return w4a8_gemm(x_q, w_packed, w_group_scale)
 
