@@ -93,8 +93,8 @@ def test_the_kernel_is_registered_by_default_and_can_be_left_out(disable, regist
 
 
 def test_the_op_runs_the_kernel_up_to_max_rows_and_the_reference_above(monkeypatch):
-    """Measured: above 16 rows the kernel is no faster than the reference path (w4a8_gemm.py's doc)."""
-    pytest.importorskip("triton")
+    """Measured: above 16 rows the kernel is no faster than the reference path (w4a8_gemm.py's doc). The
+    dispatch rule needs no triton: the kernel is replaced by a recording stand-in."""
     from graphopt.backends.inductor.kernels import w4a8_gemm
     calls = []
     monkeypatch.setattr(w4a8_gemm, "w4a8_gemm", lambda *a: calls.append(a[0].shape) or _quant.w4a8_matmul._init_fn(*a))
