@@ -93,12 +93,13 @@ if [ "$STAGE" = owed7 ]; then
 fi
 if [ "$STAGE" = owed8 ]; then
     # the one-rank sharded step with nothing of the sharding left (no dispatch masks, no logits join);
-    # the int8-cache MLA kernel held to a bf16 bound; the W4A8 kernel's new tiles; the embedded decode at
+    # the int8-cache MLA kernel held to a bf16 bound; the W4A8 kernel's new tiles and split-K, tested and timed; the embedded decode at
     # batch 1 / 8 beside its peers
     timeout 230 python3 benchmarks/shard_one_rank.py --model embedded --timeout 75 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
         | grep -v "^ROW"
     timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals or cuda_kernel_equals" \
         tests/backends/test_mla_decode_kernel.py tests/backends/test_w4a8_kernel.py 2>&1 | grep -v DEBUG | tail -4
+    timeout 100 python3 benchmarks/quant_gemm.py --out "$OUT/quant_gemm.md" 2>&1 | grep -v "^|" | tail -5
     timeout 200 python3 benchmarks/decode.py --model embedded --batches 1 8 --new-tokens 32 --timeout 65 \
         --systems graphopt hf-eager torch.compile --out "$OUT" | grep -v "^ROW"
 fi

@@ -27,6 +27,8 @@ CASES = {
     "many_rows": (70, 128, 72, 64),
 }
 
+SPLIT_CASE = (5, 1000, 40, 50)     # split_k_2 / split_k_3: the same shape with K split in 2 and 3
+
 
 def inputs(m, k, out, g, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
@@ -46,6 +48,11 @@ def _interpreter_main() -> None:
         got = w4a8_gemm.w4a8_gemm(x, w, s)
         ref = torch.ops.graphopt.w4a8_matmul(x, w, s)             # CPU: the reference
         results[name] = dict(equal=torch.equal(got, ref), dtype=str(got.dtype), shape=list(got.shape))
+    for split in (2, 3):   # split-K: int32 partial sums added atomically; 4 byte tiles over 3 splits is uneven
+        x, w, s = inputs(*SPLIT_CASE, seed=split)
+        got = w4a8_gemm.w4a8_gemm(x, w, s, split_k=split)
+        results[f"split_k_{split}"] = dict(equal=torch.equal(got, torch.ops.graphopt.w4a8_matmul(x, w, s)),
+                                           dtype=str(got.dtype), shape=list(got.shape))
     x, w, s = inputs(2, 64, 16, 32)
     lead = w4a8_gemm.w4a8_gemm(x.view(1, 2, 64), w, s)            # leading dims kept
     results["lead_dims"] = dict(shape=list(lead.shape), equal=torch.equal(lead[0], torch.ops.graphopt.w4a8_matmul(x, w, s)))
@@ -57,11 +64,11 @@ def interpreted():
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", list(CASES) + ["split_k_2", "split_k_3"])
 def test_interpreted_kernel_equals_the_reference_bit_for_bit(interpreted, case):
     assert interpreted["available"]
     got = interpreted[case]
-    m, _, out, _ = CASES[case]
+    m, _, out, _ = CASES.get(case, SPLIT_CASE)
     assert got["dtype"] == "torch.int32" and got["shape"] == [m, out]
     assert got["equal"], got
 

@@ -25,7 +25,10 @@ no faster than the reference at small layers (kv_a_proj 64 rows: 158 against 52 
 w4a8_matmul_cuda runs it up to MAX_ROWS = 16 rows and the reference above. Tiles from the sweep
 (`--w4a8-sweep`, benchmarks/results/w4a8_tiles_h100.md, q_proj): 16 rows x 32 columns, 128 packed
 bytes of K a step, 4 warps at decode sizes (18.0 us, the default's 22.4); 64 x 32, 256 bytes, 8 warps
-above (109.7 against 158.7 us at 64 rows).
+above (109.7 against 158.7 us at 64 rows). Those timings had no split of K; up to MAX_ROWS rows K is
+now split so that the GEMM has about two programs per SM (q_proj at one row: 96 column tiles x 3
+splits), each split adding its int32 partial sums atomically into a zeroed output (exact in any order).
+Prediction: q_proj at one row from 18 us towards bf16's 5 us; not timed yet.
 """
 
 from __future__ import annotations
@@ -62,15 +65,17 @@ if triton is not None:
     @triton.jit
     def _w4a8_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_x, stride_w, stride_s, stride_out,
                      KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_KP: tl.constexpr):
-        # KP (packed bytes of K) and GROUP are compile-time: one build per layer shape, a static loop
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+                     BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr):
+        # KP (packed bytes of K) and GROUP are compile-time: one build per layer shape, a static loop.
+        # Split-K: program k of SPLIT_K takes the byte tiles k, k + SPLIT_K, ... and adds its int32
+        # partial sums into the zeroed output atomically (integer addition: exact in any order)
+        pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_ok, n_ok = offs_m < M, offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for j0 in range(0, KP, BLOCK_KP):
-            offs_j = j0 + tl.arange(0, BLOCK_KP)                                     # packed byte index
+        for t in range(0, (KP + BLOCK_KP * SPLIT_K - 1) // (BLOCK_KP * SPLIT_K)):
+            offs_j = (t * SPLIT_K + pid_k) * BLOCK_KP + tl.arange(0, BLOCK_KP)      # packed byte index
             j_ok = offs_j < KP
             w_mask = n_ok[:, None] & j_ok[None, :]
             packed = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_j[None, :],
@@ -87,8 +92,11 @@ if triton is not None:
             x_odd = tl.load(x_row + 1, mask=x_mask, other=0)
             acc = tl.dot(x_even, tl.trans(w_lo), acc, out_dtype=tl.int32)
             acc = tl.dot(x_odd, tl.trans(w_hi), acc, out_dtype=tl.int32)
-        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :], acc,
-                 mask=m_ok[:, None] & n_ok[None, :])
+        out = out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            tl.atomic_add(out, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
 MAX_ROWS = 16   # w4a8_matmul_cuda's kernel rows; more rows run the reference (measured above)
@@ -99,11 +107,18 @@ def _tiles(m: int) -> tuple[int, int, int, int]:
     return (16, 32, 128, 4) if m <= 16 else (64, 32, 256, 8)
 
 
+def _split_k(programs: int, k_tiles: int, device: torch.device) -> int:
+    """Splits of K so that a decode-size GEMM has about two programs per SM (at most one byte tile each)."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(k_tiles, -(-2 * sms // programs)))
+
+
 def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
-              tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+              tiles: tuple[int, int, int, int] | None = None, split_k: int | None = None) -> Tensor:
     """The kernel alone: x_q int8 [..., M, K], w_packed uint8 [out, K/2], w_group_scale int8 [out, K/G]
     -> int32 [..., M, out], equal to graphopt::w4a8_matmul's reference. `tiles` = (BLOCK_M, BLOCK_N,
-    BLOCK_KP, num_warps) overrides the choice by row count (benchmarks/quant_gemm.py --w4a8-sweep)."""
+    BLOCK_KP, num_warps) overrides the choice by row count, `split_k` the number of K splits (default:
+    two programs per SM up to MAX_ROWS rows, none above; benchmarks/quant_gemm.py --w4a8-sweep)."""
     k = x_q.shape[-1]
     check_packed("w4a8_matmul", w_packed, 2, k)
     out, groups = w_packed.shape[0], w_group_scale.shape[-1]
@@ -114,12 +129,15 @@ def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
     x2 = x_q.reshape(-1, k).contiguous()
     w, s = w_packed.contiguous(), w_group_scale.contiguous()
     m = x2.shape[0]
-    y = torch.empty((m, out), dtype=torch.int32, device=x_q.device)
     block_m, block_n, block_kp, warps = tiles or _tiles(m)
-    grid = (triton.cdiv(out, block_n), triton.cdiv(m, block_m))
+    tiles_nm = triton.cdiv(out, block_n) * triton.cdiv(m, block_m)
+    if split_k is None:
+        split_k = _split_k(tiles_nm, triton.cdiv(k // 2, block_kp), x_q.device) if m <= MAX_ROWS else 1
+    y = (torch.zeros if split_k > 1 else torch.empty)((m, out), dtype=torch.int32, device=x_q.device)
+    grid = (triton.cdiv(out, block_n), triton.cdiv(m, block_m), split_k)
     _w4a8_kernel[grid](x2, w, s, y, m, out, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
                        KP=k // 2, GROUP=k // groups, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
-                       num_warps=warps)
+                       SPLIT_K=split_k, num_warps=warps)
     return y.reshape(*lead, out)
 
 
