@@ -347,7 +347,8 @@ def render(rows: list[dict], model: str, failures: dict[str, str], command: str 
     tc = {r["batch"]: r.get("ms_per_step") for r in rows if r["system"] == "torch.compile"}
     f = lambda v, p=2: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
     command = command or f"python benchmarks/decode.py --model {model}"
-    lines = [f"# Decode speed, {model} model, bf16, greedy", "", f"Commands (one H200 run each): `{command}`", "",
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "GPU"   # --combine runs anywhere
+    lines = [f"# Decode speed, {model} model, bf16, greedy", "", f"Commands (one {device} run each): `{command}`", "",
              "| system | batch | tokens/s | x hf eager | ms/step (GPU) | x floor | x torch.compile step | wall ms/step | "
              "wall - GPU us/step | GPU idle us/step | kernels/step | acceptance | compile s | first call s |",
              "|" + "---|" * 14]

@@ -119,7 +119,7 @@ def main() -> None:
 
 def render(rows: list[dict], model: str, command: str, compile_s: float) -> str:
     lines = [f"# Prefill speed, {model} model, bf16, greedy, last chunk", "",
-             f"Command (one H200 run): `{command}`; compile {compile_s:.1f} s", "",
+             f"Command (one {torch.cuda.get_device_name() if torch.cuda.is_available() else 'GPU'} run): `{command}`; compile {compile_s:.1f} s", "",
              "| rows x tokens | compiled ms (wall) | GPU busy ms | kernels | CUDA graph ms (wall) | GPU busy ms | "
              "kernels | speedup | bucket | capture s | same first tokens |", "|" + "---|" * 11]
     for r in rows:
