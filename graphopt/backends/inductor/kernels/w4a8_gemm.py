@@ -15,22 +15,22 @@ BLOCK_N output columns for BLOCK_M rows and, per tile of packed bytes,
 so the even and odd columns of x meet the low and high nibbles without interleaving them. Integer
 maths throughout: bit-identical to the reference in any order. Rows are padded to BLOCK_M >= 16
 (tl.dot's minimum) by masking, K's tail by masked loads (x = 0 there). Batched (per-expert) weights
-and non-CUDA tensors run the reference. Equal to the reference on the H200 (its GPU tests, 6 shapes).
+and non-CUDA tensors run the reference. Equal to the reference on the H200 (its GPU tests, 6 shapes,
+before split-K) and, with split-K and the tiles below, on an H100 at the 7 V2-Lite linears x 1-128
+rows that benchmarks/quant_gemm.py checks bit for bit before timing each.
 
-Measured (`python benchmarks/quant_gemm.py`, one H100 call, benchmarks/results/quant_gemm_w4a8_h100_nosplit.md):
-at 1 and 8 rows the kernel is 2-13x faster than the reference path it replaces (q_proj 3072 x 2048:
-22.4 against 150 us; dense gate_up: 83 against 1062 us) but still slower than a bf16 GEMM (5.3 us:
-~0.05 of copy bandwidth, too few programs and a serial K loop for a decode GEMV); from 32 rows it is
-no faster than the reference at small layers (kv_a_proj 64 rows: 158 against 52 us). So
-w4a8_matmul_cuda runs it up to MAX_ROWS = 16 rows and the reference above. Tiles from the sweep
-(`--w4a8-sweep`, benchmarks/results/w4a8_tiles_h100.md, q_proj): 16 rows x 32 columns, 128 packed
-bytes of K a step, 4 warps at decode sizes (18.0 us, the default's 22.4); 64 x 32, 256 bytes, 8 warps
-above (109.7 against 158.7 us at 64 rows). Those timings had no split of K; up to MAX_ROWS rows K is
-now split so that the GEMM has about two programs per SM (q_proj at one row: 96 column tiles x 3
-splits), each split adding its int32 partial sums atomically into a zeroed output (exact in any order).
-Predicted: q_proj at one row from 18 us towards bf16's 5 us. Measured (the same benchmark, next call):
-q_proj 18.5 us (the split did little there), kv_a_proj 21.3 -> 6.2, o_proj 21.2 -> 12.8; 7-15x the
-reference path at 1-8 rows, 1.0-4.1x slower than bf16: the work per byte inside a program limits it now.
+Up to MAX_ROWS rows K is also split so that a decode-size GEMM has about two programs per SM (q_proj
+at one row: 96 column tiles x 3 splits); each split adds its int32 partial sums atomically into a
+zeroed output, exact in any order.
+
+Measured on an H100 (`python benchmarks/quant_gemm.py`, benchmarks/results/quant_gemm_w4a8_h100.md;
+history in benchmarks/NOTES.md): at 1-8 rows 7-15x faster than the reference path it replaces
+(q_proj 3072 x 2048 at one row: 18.5 against 150 us; kv_a_proj 6.2 against 47) but 1.0-4.1x slower
+than a bf16 GEMM (0.03-0.11 of copy bandwidth: the work per byte inside a program is the limit). From
+32 rows it is no faster than the reference at small layers (kv_a_proj, 32 rows: 76.8 against 52.4
+us), so w4a8_matmul_cuda runs it up to MAX_ROWS = 16 rows and the reference above. Tiles are the
+best of a sweep (`--w4a8-sweep`, benchmarks/results/w4a8_tiles_h100.md, q_proj, no split): 16 x 32
+columns x 128 packed bytes, 4 warps up to 16 rows; 64 x 32 x 256, 8 warps above.
 """
 
 from __future__ import annotations
