@@ -4,7 +4,7 @@
 
 For each weight (out x K) and row count M: bf16 `x @ w.T`, int8 `graphopt::int8_matmul`'s CUDA kernel
 (`torch._int_mm`, rows padded to 17 below that) and FP8 `graphopt::fp8_linear`'s (`torch._scaled_mm`,
-rowwise scales, bf16 out) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128, 64 for dense down)
+rowwise scales, bf16 out), its opt-in one-row int8 GEMV (`int8_gemv`, M = 1 only) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128, 64 for dense down)
 beside the op's reference path (unpack + widen to an int8 copy + int8 GEMM, what runs without the
 kernel); GPU time per call: 20 calls captured in one CUDA graph, the replay timed
 with CUDA events, median of 20 replays / 20 (host launch time left out, as in a replayed step). GB/s counts the weight bytes
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--w4a8-sweep", action="store_true", help="time W4A8 tile choices instead (prints, writes --out)")
     args = ap.parse_args()
-    from graphopt.backends.inductor.kernels import quant_gemm, w4a8_gemm
+    from graphopt.backends.inductor.kernels import gemv, quant_gemm, w4a8_gemm
     from graphopt.ops import quant
     from graphopt.ops.packing import pack_int4
     if args.w4a8_sweep:
@@ -83,8 +83,9 @@ def main() -> None:
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    head = ("| weight (out x K) | M | bf16 us | int8 us | fp8 us | w4a8 us | w4a8 ref us | int8 / bf16 | fp8 / bf16 | "
-            "w4a8 / bf16 | bf16 x copy bw | int8 x copy bw | fp8 x copy bw | w4a8 x copy bw | int8 TOPS | fp8 TFLOP/s |")
+    head = ("| weight (out x K) | M | bf16 us | int8 us | int8 gemv us | fp8 us | w4a8 us | w4a8 ref us | int8 / bf16 | "
+            "int8 gemv / bf16 | fp8 / bf16 | w4a8 / bf16 | bf16 x copy bw | int8 x copy bw | int8 gemv x copy bw | "
+            "fp8 x copy bw | w4a8 x copy bw | int8 TOPS | fp8 TFLOP/s |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
     print(head, flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -107,6 +108,10 @@ def main() -> None:
             t16 = graph_ms(lambda: x @ w.t())
             t4 = graph_ms(lambda: w4a8_gemm.w4a8_gemm(x8, w4, s4))   # the kernel at every M (the op: <= 16 rows)
             t4ref = graph_ms(lambda: quant.w4a8_matmul._init_fn(x8, w4, s4))
+            tg = None
+            if m == 1:     # int8_matmul's opt-in one-row path (GRAPHOPT_ENABLE_KERNELS=int8_gemv)
+                assert torch.equal(gemv.int8_gemv(x8, w8), quant.int8_matmul._init_fn(x8, w8))
+                tg = graph_ms(lambda: gemv.int8_gemv(x8, w8))
             t8 = graph_ms(lambda: quant_gemm.int8_matmul_cuda(x8, w8))
             tf8 = graph_ms(lambda: quant_gemm.fp8_linear_cuda(xq, xs, wf8, ws, None, torch.bfloat16))
             b16 = 2 * out * k + 2 * m * (k + out)
@@ -114,10 +119,13 @@ def main() -> None:
             bf8 = out * k + m * k + 2 * m * out
             b4 = out * k // 2 + out * (k // group(k)) + m * k + 4 * m * out
             ops = 2 * m * out * k
-            row = (f"| {name} ({out} x {k}) | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {tf8 * 1e3:.1f} | "
-                   f"{t4 * 1e3:.1f} | {t4ref * 1e3:.1f} | {t16 / t8:.2f}x | {t16 / tf8:.2f}x | {t16 / t4:.2f}x | "
-                   f"{b16 / (t16 * 1e-3) / bw:.2f} | {b8 / (t8 * 1e-3) / bw:.2f} | {bf8 / (tf8 * 1e-3) / bw:.2f} | "
-                   f"{b4 / (t4 * 1e-3) / bw:.2f} | {ops / (t8 * 1e-3) / 1e12:.1f} | {ops / (tf8 * 1e-3) / 1e12:.1f} |")
+            gemv_cols = ("-", "-", "-") if tg is None else (f"{tg * 1e3:.1f}", f"{t16 / tg:.2f}x",
+                                                           f"{b8 / (tg * 1e-3) / bw:.2f}")
+            row = (f"| {name} ({out} x {k}) | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {gemv_cols[0]} | {tf8 * 1e3:.1f} | "
+                   f"{t4 * 1e3:.1f} | {t4ref * 1e3:.1f} | {t16 / t8:.2f}x | {gemv_cols[1]} | {t16 / tf8:.2f}x | "
+                   f"{t16 / t4:.2f}x | {b16 / (t16 * 1e-3) / bw:.2f} | {b8 / (t8 * 1e-3) / bw:.2f} | {gemv_cols[2]} | "
+                   f"{bf8 / (tf8 * 1e-3) / bw:.2f} | {b4 / (t4 * 1e-3) / bw:.2f} | {ops / (t8 * 1e-3) / 1e12:.1f} | "
+                   f"{ops / (tf8 * 1e-3) / 1e12:.1f} |")
             print(row, flush=True)
             lines.append(row)
             args.out.parent.mkdir(parents=True, exist_ok=True)

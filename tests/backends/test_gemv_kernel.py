@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from kernel_interpreter import run_interpreted
 
+from graphopt.ops import quant as _quant  # noqa: F401  registers graphopt::int8_matmul
+
 # name -> (leading shape of x, out, K): odd sizes exercise the masks (K not a multiple of the tile,
 # N not a multiple of the column tile)
 CASES = {
@@ -32,6 +34,15 @@ def case_inputs(name, dtype=torch.float32, device="cpu", seed=0):
     return x, w
 
 
+def int8_inputs(name, seed=0):
+    """int8 activations and weight of the case's shape, over the whole int8 range (sums far past 2^24:
+    a float32 accumulation would round them, int32 must not)."""
+    lead, out, k = CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randint(-127, 128, (*lead, k), generator=gen, dtype=torch.int8),
+            torch.randint(-127, 128, (out, k), generator=gen, dtype=torch.int8))
+
+
 def rel_error(got, x, w) -> float:
     ref = F.linear(x.double(), w.double())
     assert got.shape == ref.shape and got.dtype == x.dtype
@@ -45,6 +56,9 @@ def _run_interpreted() -> None:
         x, w = case_inputs(name)
         y = gemv.gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
         out[name] = {"error": rel_error(y, x, w), "op_error": rel_error(gemv.linear_cuda(x, w), x, w)}
+        xq, wq = int8_inputs(name)
+        out[name]["int8_equal"] = torch.equal(gemv.int8_gemv(xq.reshape(-1, xq.shape[-1]), wq),
+                                              torch.ops.graphopt.int8_matmul(xq, wq).reshape(-1, wq.shape[0]))
     print(json.dumps(out))
 
 
@@ -58,6 +72,11 @@ def test_interpreted_kernel_matches_a_float64_product(interpreted, name):
     assert interpreted["available"]
     assert interpreted[name]["error"] < 1e-5, interpreted[name]
     assert interpreted[name]["op_error"] < 1e-5, interpreted[name]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_interpreted_int8_gemv_equals_int8_matmul_bit_for_bit(interpreted, name):
+    assert interpreted[name]["int8_equal"], interpreted[name]
 
 
 def test_reference_op_is_aten_linear_and_refuses_bad_shapes():
@@ -130,3 +149,20 @@ def test_gpu_lowering_rewrites_stored_weight_linears():
 
 if __name__ == "__main__":
     _run_interpreted()
+
+
+def test_int8_matmul_runs_the_int8_gemv_at_one_row_only_once_enabled(monkeypatch):
+    """The routing inside int8_matmul's CUDA implementation (the GEMV replaced by a recording stand-in,
+    so no GPU or triton is needed): off by default, one row once Int8Gemv.register() ran, never two."""
+    from graphopt.backends.inductor.kernels import gemv, quant_gemm
+    calls = []
+    monkeypatch.setattr(gemv, "int8_gemv", lambda x, w: calls.append(tuple(x.shape)) or torch.ops.graphopt.int8_matmul(x, w))
+    x, w = int8_inputs("two_rows_3d")
+    one = x[:, :1]                                                   # [1, 1, K]
+    monkeypatch.setattr(quant_gemm, "_gemv_rows", 0)
+    assert torch.equal(quant_gemm.int8_matmul_cuda(one, w), torch.ops.graphopt.int8_matmul(one, w)) and calls == []
+    quant_gemm.Int8Gemv.register()          # monkeypatch restores _gemv_rows afterwards
+    assert quant_gemm._gemv_rows == 1
+    assert torch.equal(quant_gemm.int8_matmul_cuda(one, w), torch.ops.graphopt.int8_matmul(one, w))
+    assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))    # two rows
+    assert calls == [(1, 256)]

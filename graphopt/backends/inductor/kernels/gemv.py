@@ -35,7 +35,7 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["MAX_ROWS", "available", "config", "gemv", "linear_cuda", "register"]
+__all__ = ["MAX_ROWS", "available", "config", "gemv", "int8_gemv", "linear_cuda", "register"]
 
 MAX_ROWS = 1        # from 2 rows cuBLAS is as fast or faster (benchmarks/results/gemv_sweep.md)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -50,13 +50,15 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_w, stride_y, K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                     ACC: tl.constexpr = tl.float32):
+        # ACC: float32 for float operands; int32 for int8 x int8 (int8_gemv: exact integer sums)
         pid = tl.program_id(0)
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = tl.minimum(offs_n, N - 1)          # past the last column: re-read it, never stored
         offs_m = tl.arange(0, BLOCK_M)
         rows_m = tl.minimum(offs_m, M - 1)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w_ptrs = w_ptr + rows_n[:, None] * stride_w + offs_k[None, :]
@@ -66,9 +68,9 @@ if triton is not None:
                 x = tl.load(x_ptrs)
             else:
                 k_mask = offs_k[None, :] < K
-                w = tl.load(w_ptrs, mask=k_mask, other=0.0)
-                x = tl.load(x_ptrs, mask=k_mask, other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                w = tl.load(w_ptrs, mask=k_mask, other=0)
+                x = tl.load(x_ptrs, mask=k_mask, other=0)
+            acc += tl.sum(x.to(ACC)[:, None, :] * w.to(ACC)[None, :, :], axis=2)
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -92,6 +94,20 @@ def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = N
     _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                                              EVEN_K=k % block_k == 0, num_warps=warps)
+    return y
+
+
+def int8_gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+    """int8 x2 [M, K] (unit column stride) @ int8 weight [N, K]^T -> exact int32 [M, N]: the same
+    program shape, products and sums in int32 (graphopt::int8_matmul's few-row path, quant_gemm.py).
+    The weight is half of bf16's bytes; tiles default to the bf16 sweep's (not yet swept for int8)."""
+    m, k = x2.shape
+    n = weight.shape[0]
+    block_m, block_n, block_k, warps = tiles or config(m, n, k)
+    y = torch.empty(m, n, dtype=torch.int32, device=x2.device)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
+                                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                                             EVEN_K=k % block_k == 0, ACC=tl.int32, num_warps=warps)
     return y
 
 

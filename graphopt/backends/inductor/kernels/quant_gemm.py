@@ -15,10 +15,14 @@ quantised step read more bytes than a bf16 one. Here the weight is read once, in
                  and is scaled in its epilogue (bf16 tolerance against the reference). DeepSeek's
                  128x128 block scales, other output dtypes and shapes use the reference.
 
-w4a8_matmul takes its int4 weight packed two per byte (uint8 [out, K/2], graphopt/ops/packing.py),
-unpacks and widens it to int8 in its reference and calls int8_matmul, so it reaches the int8 kernel
-too (the unpacked int8 copy is made per call; w4a8_gemm.py reads the packed bytes instead, opt-in
-until its speed is measured: kernels/__init__.py);
+    int8_matmul, one row (opt-in as "int8_gemv" in GRAPHOPT_ENABLE_KERNELS until timed): gemv.py's
+                 GEMV program with int32 products and sums, no padding to 17 rows (cuBLASLt's
+                 9 us at one row on the H200 for 2-6 MB weights, where a bf16 GEMM took 5.3:
+                 benchmarks/results/quant_gemm.md); bit-identical to the reference.
+
+w4a8_matmul takes its int4 weight packed two per byte (uint8 [out, K/2], graphopt/ops/packing.py);
+up to 16 rows w4a8_gemm.py reads the packed bytes, above that its reference unpacks and widens it to
+an int8 copy and calls int8_matmul, reaching the int8 kernel here;
 dequantize_int4 (w4a16) has no CUDA kernel and runs its reference.
 
     quantized_moe_experts  the reference runs each expert on its routed tokens, which needs the
@@ -38,10 +42,12 @@ import torch.nn.functional as F
 
 from ....ops import quant as _quant
 from ....ops.quant_linear import QuantizedLinear, eager_call, emit_linear, moe_linears
+from . import gemv
 
-__all__ = ["available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync"]
+__all__ = ["available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync", "Int8Gemv"]
 
 _MIN_ROWS = 17   # torch._int_mm on CUDA: more than 16 rows
+_gemv_rows = 0   # rows up to which int8_matmul runs the int8 GEMV: 1 once Int8Gemv.register() ran
 
 
 def available() -> bool:
@@ -54,11 +60,14 @@ def _int_mm_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
 
 
 def int8_matmul_cuda(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
-    if not _int_mm_ok(x_q, w_q):
-        return _quant.int8_matmul._init_fn(x_q, w_q)
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     m = x2.shape[0]
+    if (0 < m <= _gemv_rows and w_q.dim() == 2 and w_q.shape[-1] == x2.shape[1] > 0 and w_q.stride(1) == 1
+            and x2.stride(1) == 1 and x_q.dtype == w_q.dtype == torch.int8):
+        return gemv.int8_gemv(x2, w_q).reshape(*lead, w_q.shape[0])
+    if not _int_mm_ok(x_q, w_q):
+        return _quant.int8_matmul._init_fn(x_q, w_q)
     if m < _MIN_ROWS:
         x2 = torch.cat([x2, x2.new_zeros(_MIN_ROWS - m, x2.shape[1])])
     y = torch._int_mm(x2.contiguous(), w_q.t())          # w [out, K] row-major = [K, out] column-major
@@ -117,6 +126,19 @@ def moe_without_sync(x, weights, ids, up: QuantizedLinear, dn: QuantizedLinear) 
     dense = torch.zeros(experts, n, dtype=torch.float32, device=x.device)
     dense.scatter_add_(0, ids.t().long(), weights.t().float())                        # [E, N] routing weights
     return torch.einsum("en,enh->nh", dense, y).to(x.dtype)
+
+
+class Int8Gemv:
+    """The kernel registry's entry for int8_matmul's one-row GEMV (kernels/__init__.py: OPT_IN)."""
+
+    @staticmethod
+    def available() -> bool:
+        return available() and gemv.available()
+
+    @staticmethod
+    def register() -> None:
+        global _gemv_rows
+        _gemv_rows = 1
 
 
 def register() -> None:
