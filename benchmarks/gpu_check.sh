@@ -3,8 +3,8 @@
 # torch/transformers (2.11 / 5.17), so the code is checked on both versions.
 #   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
 #   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
-#   STAGE=owed1..owed11: what the last sessions wrote without a GPU to run it on (not in all), one call each;
-#   owed9, owed10, owed11 are what stop 32 left unmeasured, in that order
+#   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each;
+#   owed9 .. owed12 are what stop 32 left unmeasured, in that order
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -128,4 +128,12 @@ if [ "$STAGE" = owed11 ]; then
     # the embedded decode at batch 64 and with MTP k = 1, side by side with its peers (stop 32 had 1 / 8)
     timeout 570 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 --timeout 130 \
         --systems graphopt graphopt-k1 torch.compile hf-eager --out "$OUT" | grep -v "^ROW"
+fi
+if [ "$STAGE" = owed12 ]; then
+    # the opt-in one-row int8 GEMV per GEMM, then W8A8 end to end with and without it (embedded model)
+    timeout 100 python3 benchmarks/quant_gemm.py --out "$OUT/quant_gemm.md" 2>&1 | tail -40
+    timeout 200 python3 benchmarks/decode.py --model embedded --batches 1 8 --new-tokens 32 --timeout 90 \
+        --systems graphopt@w8a8 --suffix _w8a8 --out "$OUT" | grep -v "^ROW"
+    GRAPHOPT_ENABLE_KERNELS=int8_gemv timeout 200 python3 benchmarks/decode.py --model embedded --batches 1 8 \
+        --new-tokens 32 --timeout 90 --systems graphopt@w8a8 --suffix _w8a8_gemv --out "$OUT" | grep -v "^ROW"
 fi
