@@ -4,7 +4,7 @@
 
 For each weight (out x K) and row count M: bf16 `x @ w.T`, int8 `graphopt::int8_matmul`'s CUDA kernel
 (`torch._int_mm`, rows padded to 17 below that) and FP8 `graphopt::fp8_linear`'s (`torch._scaled_mm`,
-rowwise scales, bf16 out), its opt-in one-row int8 GEMV (`int8_gemv`, M = 1 only) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128, 64 for dense down)
+rowwise scales, bf16 out), its opt-in one-row int8 GEMV (`int8_gemv`, M = 1 only), W4A8's opt-in GEMV form (`w4a8_gemv`, M = 1 only) and W4A8 `graphopt::w4a8_matmul`'s packed-int4 Triton kernel (group 128, 64 for dense down)
 beside the op's reference path (unpack + widen to an int8 copy + int8 GEMM, what runs without the
 kernel); GPU time per call: 20 calls captured in one CUDA graph, the replay timed
 with CUDA events, median of 20 replays / 20 (host launch time left out, as in a replayed step). GB/s counts the weight bytes
@@ -83,7 +83,7 @@ def main() -> None:
 
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s", flush=True)
-    head = ("| weight (out x K) | M | bf16 us | int8 us | int8 gemv us | fp8 us | w4a8 us | w4a8 ref us | int8 / bf16 | "
+    head = ("| weight (out x K) | M | bf16 us | int8 us | int8 gemv us | fp8 us | w4a8 us | w4a8 gemv us | w4a8 ref us | int8 / bf16 | "
             "int8 gemv / bf16 | fp8 / bf16 | w4a8 / bf16 | bf16 x copy bw | int8 x copy bw | int8 gemv x copy bw | "
             "fp8 x copy bw | w4a8 x copy bw | int8 TOPS | fp8 TFLOP/s |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -108,10 +108,12 @@ def main() -> None:
             t16 = graph_ms(lambda: x @ w.t())
             t4 = graph_ms(lambda: w4a8_gemm.w4a8_gemm(x8, w4, s4))   # the kernel at every M (the op: <= 16 rows)
             t4ref = graph_ms(lambda: quant.w4a8_matmul._init_fn(x8, w4, s4))
-            tg = None
-            if m == 1:     # int8_matmul's opt-in one-row path (GRAPHOPT_ENABLE_KERNELS=int8_gemv)
+            tg = t4g = None
+            if m == 1:     # the opt-in few-row paths (GRAPHOPT_ENABLE_KERNELS=int8_gemv,w4a8_gemv)
                 assert torch.equal(gemv.int8_gemv(x8, w8), quant.int8_matmul._init_fn(x8, w8))
+                assert torch.equal(w4a8_gemm.w4a8_gemv(x8, w4, s4), ref4)
                 tg = graph_ms(lambda: gemv.int8_gemv(x8, w8))
+                t4g = graph_ms(lambda: w4a8_gemm.w4a8_gemv(x8, w4, s4))
             t8 = graph_ms(lambda: quant_gemm.int8_matmul_cuda(x8, w8))
             tf8 = graph_ms(lambda: quant_gemm.fp8_linear_cuda(xq, xs, wf8, ws, None, torch.bfloat16))
             b16 = 2 * out * k + 2 * m * (k + out)
@@ -122,7 +124,7 @@ def main() -> None:
             gemv_cols = ("-", "-", "-") if tg is None else (f"{tg * 1e3:.1f}", f"{t16 / tg:.2f}x",
                                                            f"{b8 / (tg * 1e-3) / bw:.2f}")
             row = (f"| {name} ({out} x {k}) | {m} | {t16 * 1e3:.1f} | {t8 * 1e3:.1f} | {gemv_cols[0]} | {tf8 * 1e3:.1f} | "
-                   f"{t4 * 1e3:.1f} | {t4ref * 1e3:.1f} | {t16 / t8:.2f}x | {gemv_cols[1]} | {t16 / tf8:.2f}x | "
+                   f"{t4 * 1e3:.1f} | {'-' if t4g is None else f'{t4g * 1e3:.1f}'} | {t4ref * 1e3:.1f} | {t16 / t8:.2f}x | {gemv_cols[1]} | {t16 / tf8:.2f}x | "
                    f"{t16 / t4:.2f}x | {b16 / (t16 * 1e-3) / bw:.2f} | {b8 / (t8 * 1e-3) / bw:.2f} | {gemv_cols[2]} | "
                    f"{bf8 / (tf8 * 1e-3) / bw:.2f} | {b4 / (t4 * 1e-3) / bw:.2f} | {ops / (t8 * 1e-3) / 1e12:.1f} | "
                    f"{ops / (tf8 * 1e-3) / 1e12:.1f} |")

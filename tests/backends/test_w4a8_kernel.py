@@ -53,6 +53,11 @@ def _interpreter_main() -> None:
         got = w4a8_gemm.w4a8_gemm(x, w, s, split_k=split)
         results[f"split_k_{split}"] = dict(equal=torch.equal(got, torch.ops.graphopt.w4a8_matmul(x, w, s)),
                                            dtype=str(got.dtype), shape=list(got.shape))
+    for name, shape in CASES.items():                              # the few-row GEMV form, any M
+        x, w, s = inputs(*shape, seed=len(results))
+        got = w4a8_gemm.w4a8_gemv(x, w, s)
+        results[f"gemv/{name}"] = dict(equal=torch.equal(got, torch.ops.graphopt.w4a8_matmul(x, w, s)),
+                                       dtype=str(got.dtype), shape=list(got.shape))
     x, w, s = inputs(2, 64, 16, 32)
     lead = w4a8_gemm.w4a8_gemm(x.view(1, 2, 64), w, s)            # leading dims kept
     results["lead_dims"] = dict(shape=list(lead.shape), equal=torch.equal(lead[0], torch.ops.graphopt.w4a8_matmul(x, w, s)))
@@ -64,11 +69,11 @@ def interpreted():
     return run_interpreted(__file__)
 
 
-@pytest.mark.parametrize("case", list(CASES) + ["split_k_2", "split_k_3"])
+@pytest.mark.parametrize("case", list(CASES) + ["split_k_2", "split_k_3"] + [f"gemv/{c}" for c in CASES])
 def test_interpreted_kernel_equals_the_reference_bit_for_bit(interpreted, case):
     assert interpreted["available"]
     got = interpreted[case]
-    m, _, out, _ = CASES.get(case, SPLIT_CASE)
+    m, _, out, _ = CASES.get(case.removeprefix("gemv/"), SPLIT_CASE)
     assert got["dtype"] == "torch.int32" and got["shape"] == [m, out]
     assert got["equal"], got
 
@@ -112,6 +117,20 @@ def test_the_op_runs_the_kernel_up_to_max_rows_and_the_reference_above(monkeypat
     assert calls == [(1, 1, 64), (1, w4a8_gemm.MAX_ROWS, 64)]     # 17 rows: the reference, not the kernel
 
 
+def test_the_gemv_form_takes_up_to_four_rows_once_enabled(monkeypatch):
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+    used = []
+    monkeypatch.setattr(w4a8_gemm, "w4a8_gemm", lambda *a: used.append(("mma", a[0].shape[-2])) or _quant.w4a8_matmul._init_fn(*a))
+    monkeypatch.setattr(w4a8_gemm, "w4a8_gemv", lambda *a: used.append(("gemv", a[0].shape[-2])) or _quant.w4a8_matmul._init_fn(*a))
+    x, w, s = inputs(5, 64, 16, 32)
+    w4a8_gemm.w4a8_matmul_cuda(x[:1], w, s)                          # off by default: the MMA kernel
+    monkeypatch.setattr(w4a8_gemm, "_gemv_rows", 0)
+    w4a8_gemm.W4A8Gemv.register()                                    # monkeypatch restores _gemv_rows after
+    for rows in (1, 4, 5):
+        assert torch.equal(w4a8_gemm.w4a8_matmul_cuda(x[:rows], w, s), _quant.w4a8_matmul._init_fn(x[:rows], w, s))
+    assert used == [("mma", 1), ("gemv", 1), ("gemv", 4), ("mma", 5)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", list(CASES) + ["v2lite_q_proj"])
@@ -121,6 +140,17 @@ def test_cuda_kernel_equals_the_cpu_reference(case):
     shape = CASES.get(case, (8, 1536, 3072, 128))
     x, w, s = inputs(*shape)
     got = torch.ops.graphopt.w4a8_matmul(x.cuda(), w.cuda(), s.cuda())
+    assert torch.equal(got.cpu(), torch.ops.graphopt.w4a8_matmul(x, w, s))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(CASES) + ["v2lite_q_proj"])
+def test_cuda_gemv_form_equals_the_cpu_reference(case):
+    from graphopt.backends.inductor.kernels import w4a8_gemm
+    shape = CASES.get(case, (1, 1536, 3072, 128))
+    x, w, s = inputs(*shape)
+    got = w4a8_gemm.w4a8_gemv(x.cuda(), w.cuda(), s.cuda())
     assert torch.equal(got.cpu(), torch.ops.graphopt.w4a8_matmul(x, w, s))
 
 

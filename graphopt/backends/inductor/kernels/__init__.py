@@ -7,6 +7,7 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     gemv         graphopt::linear, a GEMV for one row that streams the weight once (cuBLAS for more rows)
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
     int8_gemv    graphopt::int8_matmul at one row through gemv.py's program in int32 (opt-in, below)
+    w4a8_gemv    graphopt::w4a8_matmul up to 4 rows as a GEMV on the CUDA cores (opt-in, below)
     w4a8_gemm    graphopt::w4a8_matmul, the packed int4 weight widened to int8 in registers (up to 16 rows)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
@@ -28,7 +29,7 @@ __all__ = ["register_all", "registered", "OPT_IN"]
 _REGISTERED: list[str] = []
 # int8_gemv: int8_matmul's one-row GEMV (quant_gemm.py), interpreter-tested, not yet timed. w4a8_matmul
 # joined the default set once timed (2026-12-07, H100: 7-15x its reference path at decode sizes)
-OPT_IN = {"int8_gemv"}
+OPT_IN = {"int8_gemv", "w4a8_gemv"}   # w4a8_gemv: w4a8_matmul's few-row GEMV form (w4a8_gemm.py), not yet timed
 
 
 def register_all() -> list[str]:
@@ -37,7 +38,7 @@ def register_all() -> list[str]:
     wanted = _names("GRAPHOPT_ENABLE_KERNELS")
     for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
                          ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
-                         ("int8_gemv", quant_gemm.Int8Gemv)):
+                         ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv)):
         if name in OPT_IN and name not in wanted:
             continue
         if name not in _REGISTERED and module.available() and not off & {name, "all"}:

@@ -49,7 +49,7 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["available", "register", "w4a8_gemm", "w4a8_matmul_cuda"]
+__all__ = ["available", "register", "w4a8_gemm", "w4a8_gemv", "w4a8_matmul_cuda", "W4A8Gemv"]
 
 
 def available() -> bool:
@@ -101,7 +101,39 @@ if triton is not None:
             tl.atomic_add(out, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
 
+    @triton.jit
+    def _w4a8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_x, stride_w, stride_s, stride_out,
+                          KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_KP: tl.constexpr):
+        # the few-row form: products and sums on the CUDA cores (no 16-row MMA padding), one program per
+        # BLOCK_N columns streaming its rows' packed bytes once, as gemv.py does for bf16
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_n = tl.minimum(offs_n, N - 1)          # past the last column: re-read it, never stored
+        offs_m = tl.arange(0, BLOCK_M)
+        rows_m = tl.minimum(offs_m, M - 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for j0 in range(0, KP, BLOCK_KP):
+            offs_j = j0 + tl.arange(0, BLOCK_KP)
+            j_ok = offs_j[None, :] < KP
+            packed = tl.load(w_ptr + rows_n[:, None].to(tl.int64) * stride_w + offs_j[None, :],
+                             mask=j_ok, other=0).to(tl.int32)                          # [BLOCK_N, BLOCK_KP]
+            s_lo = tl.load(s_ptr + rows_n[:, None] * stride_s + (2 * offs_j // GROUP)[None, :], mask=j_ok, other=0)
+            s_hi = tl.load(s_ptr + rows_n[:, None] * stride_s + ((2 * offs_j + 1) // GROUP)[None, :], mask=j_ok,
+                           other=0)
+            w_lo = _widen(packed & 15, s_lo.to(tl.int32)).to(tl.int32)
+            w_hi = _widen(packed >> 4, s_hi.to(tl.int32)).to(tl.int32)
+            x_row = x_ptr + rows_m[:, None].to(tl.int64) * stride_x + 2 * offs_j[None, :]
+            x_even = tl.load(x_row, mask=j_ok, other=0).to(tl.int32)                   # [BLOCK_M, BLOCK_KP]
+            x_odd = tl.load(x_row + 1, mask=j_ok, other=0).to(tl.int32)
+            acc += tl.sum(x_even[:, None, :] * w_lo[None, :, :] + x_odd[:, None, :] * w_hi[None, :, :], axis=2)
+        tl.store(out_ptr + offs_m[:, None].to(tl.int64) * stride_out + offs_n[None, :], acc,
+                 mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
 MAX_ROWS = 16   # w4a8_matmul_cuda's kernel rows; more rows run the reference (measured above)
+GEMV_MAX_ROWS = 4   # rows the GEMV form takes once W4A8Gemv.register() ran (opt-in, not yet timed)
+_gemv_rows = 0
 
 
 def _tiles(m: int) -> tuple[int, int, int, int]:
@@ -115,19 +147,44 @@ def _split_k(programs: int, k_tiles: int, device: torch.device) -> int:
     return max(1, min(k_tiles, -(-2 * sms // programs)))
 
 
+def _checked(name: str, x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> tuple[int, int]:
+    """(K, groups) of a valid call; a ValueError naming what is accepted otherwise."""
+    k = x_q.shape[-1]
+    check_packed("w4a8_matmul", w_packed, 2, k)
+    out, groups = w_packed.shape[0], w_group_scale.shape[-1]
+    if w_packed.dim() != 2 or w_group_scale.shape != (out, groups) or k % groups:
+        raise ValueError(f"{name}: expected w_packed [out, K/2] and group scales [out, K/G] with G dividing "
+                         f"K = {k}; got {tuple(w_packed.shape)} and {tuple(w_group_scale.shape)}")
+    return k, groups
+
+
+def w4a8_gemv(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
+              tiles: tuple[int, int, int] | None = None) -> Tensor:
+    """The few-row form (any M; w4a8_matmul_cuda uses it up to GEMV_MAX_ROWS once enabled): the same
+    contract as w4a8_gemm. `tiles` = (BLOCK_N, BLOCK_KP, num_warps); default 4 columns x 512 packed
+    bytes (1024 weights, as gemv.py's bf16 tile), 4 warps: a first choice, not swept."""
+    k, groups = _checked("w4a8_gemv", x_q, w_packed, w_group_scale)
+    lead, out = x_q.shape[:-1], w_packed.shape[0]
+    x2 = x_q.reshape(-1, k).contiguous()
+    w, s = w_packed.contiguous(), w_group_scale.contiguous()
+    m = x2.shape[0]
+    block_m = triton.next_power_of_2(max(m, 1))
+    block_n, block_kp, warps = tiles or (max(1, 4 // block_m), min(512, triton.next_power_of_2(k // 2)), 4)
+    y = torch.empty((m, out), dtype=torch.int32, device=x_q.device)
+    _w4a8_gemv_kernel[(triton.cdiv(out, block_n),)](x2, w, s, y, m, out, x2.stride(0), w.stride(0), s.stride(0),
+                                                    y.stride(0), KP=k // 2, GROUP=k // groups, BLOCK_M=block_m,
+                                                    BLOCK_N=block_n, BLOCK_KP=block_kp, num_warps=warps)
+    return y.reshape(*lead, out)
+
+
 def w4a8_gemm(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor, *,
               tiles: tuple[int, int, int, int] | None = None, split_k: int | None = None) -> Tensor:
     """The kernel alone: x_q int8 [..., M, K], w_packed uint8 [out, K/2], w_group_scale int8 [out, K/G]
     -> int32 [..., M, out], equal to graphopt::w4a8_matmul's reference. `tiles` = (BLOCK_M, BLOCK_N,
     BLOCK_KP, num_warps) overrides the choice by row count, `split_k` the number of K splits (default:
     two programs per SM up to MAX_ROWS rows, none above; benchmarks/quant_gemm.py --w4a8-sweep)."""
-    k = x_q.shape[-1]
-    check_packed("w4a8_matmul", w_packed, 2, k)
-    out, groups = w_packed.shape[0], w_group_scale.shape[-1]
-    if w_packed.dim() != 2 or w_group_scale.shape != (out, groups) or k % groups:
-        raise ValueError(f"w4a8_gemm: expected w_packed [out, K/2] and group scales [out, K/G] with G dividing "
-                         f"K = {k}; got {tuple(w_packed.shape)} and {tuple(w_group_scale.shape)}")
-    lead = x_q.shape[:-1]
+    k, groups = _checked("w4a8_gemm", x_q, w_packed, w_group_scale)
+    out, lead = w_packed.shape[0], x_q.shape[:-1]
     x2 = x_q.reshape(-1, k).contiguous()
     w, s = w_packed.contiguous(), w_group_scale.contiguous()
     m = x2.shape[0]
@@ -149,7 +206,22 @@ def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Te
     if (w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8
             or x_q.numel() > MAX_ROWS * x_q.shape[-1]):
         return _quant.w4a8_matmul._init_fn(x_q, w_packed, w_group_scale)
+    if x_q.numel() <= _gemv_rows * x_q.shape[-1]:
+        return w4a8_gemv(x_q, w_packed, w_group_scale)
     return w4a8_gemm(x_q, w_packed, w_group_scale)
+
+
+class W4A8Gemv:
+    """The kernel registry's entry for the few-row form (kernels/__init__.py: OPT_IN "w4a8_gemv")."""
+
+    @staticmethod
+    def available() -> bool:
+        return available()
+
+    @staticmethod
+    def register() -> None:
+        global _gemv_rows
+        _gemv_rows = GEMV_MAX_ROWS
 
 
 _registered = False
