@@ -115,6 +115,8 @@ def test_the_op_runs_the_kernel_up_to_max_rows_and_the_reference_above(monkeypat
         assert torch.equal(w4a8_gemm.w4a8_matmul_cuda(x.view(1, rows, 64), w, s),
                            _quant.w4a8_matmul._init_fn(x.view(1, rows, 64), w, s))
     assert calls == [(1, 1, 64), (1, w4a8_gemm.MAX_ROWS, 64)]     # 17 rows: the reference, not the kernel
+    x, w, s = inputs(1, 64, 16, 32)
+    assert w4a8_gemm.w4a8_matmul_cuda(x[:0], w, s).shape == (0, 16) and len(calls) == 2   # no rows: no launch
 
 
 def test_the_gemv_form_takes_up_to_four_rows_once_enabled(monkeypatch):

@@ -100,7 +100,6 @@ if triton is not None:
         else:
             tl.atomic_add(out, acc, mask=m_ok[:, None] & n_ok[None, :], sem="relaxed")
 
-
     @triton.jit
     def _w4a8_gemv_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, stride_x, stride_w, stride_s, stride_out,
                           KP: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -204,7 +203,7 @@ def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Te
     """graphopt::w4a8_matmul on CUDA: the kernel for one [out, K/2] weight and up to MAX_ROWS rows;
     batched weights and more rows: the reference (measured faster there, module doc)."""
     if (w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8
-            or x_q.numel() > MAX_ROWS * x_q.shape[-1]):
+            or not 0 < x_q.numel() <= MAX_ROWS * x_q.shape[-1]):
         return _quant.w4a8_matmul._init_fn(x_q, w_packed, w_group_scale)
     if x_q.numel() <= _gemv_rows * x_q.shape[-1]:
         return w4a8_gemv(x_q, w_packed, w_group_scale)
