@@ -3,11 +3,28 @@
 # torch/transformers (2.11 / 5.17), so the code is checked on both versions.
 #   run on a CUDA machine from the repo root; results land in $OUT (default: ./out)
 #   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
-#   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each;
+#   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
+#   (no owed6 / owed7: they became owed10 / owed11 before they ran);
 #   owed9 .. owed12 are what stop 32 left unmeasured, in that order
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
+
+# pieces several stages run (each writes under $OUT and prints its summary)
+shard_one_rank() {  # $1: seconds for the whole run, $2: seconds per piece (compile, first generation, batch)
+    timeout "$1" python3 benchmarks/shard_one_rank.py --model embedded --timeout "$2" --out "$OUT" \
+        2>"$OUT/shard_one_rank.err" | grep -v "^ROW"
+}
+store_int8() {      # $1: seconds; C8 int8 storage opted in end to end
+    timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
+        2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
+}
+identity_k() {      # $@: k values; float32 CUDA-graph generation token-identical to greedy (each > 100 s), one process each
+    for k in "$@"; do
+        timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
+            2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
+    done
+}
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
     timeout 500 python3 -m pytest -q -p no:cacheprovider -rA -m gpu tests/test_gpu.py tests/backends 2>&1 | grep -v DEBUG \
@@ -42,7 +59,7 @@ if [ "$STAGE" = owed1 ]; then
     GRAPHOPT_ENABLE_KERNELS=w4a8_matmul timeout 240 python3 -m pytest -q -p no:cacheprovider -rA -m gpu \
         tests/backends/test_w4a8_kernel.py tests/backends/test_mla_decode_kernel.py tests/passes/test_store_int8_kv_cache.py \
         2>&1 | grep -v DEBUG | tee "$OUT/owed_kernels.log" | grep -E "passed|failed|FAILED|Error"
-    timeout 300 python3 benchmarks/shard_one_rank.py --model embedded --timeout 120 --out "$OUT" 2>"$OUT/shard_one_rank.err"
+    shard_one_rank 300 120
 fi
 if [ "$STAGE" = owed2 ]; then
     # V2-Lite at batch 8 / 64 with prefill CUDA graphs, against plain torch.compile, in one call
@@ -50,54 +67,30 @@ if [ "$STAGE" = owed2 ]; then
         --new-tokens 16 --timeout 250 --out "$OUT" | grep -v "^ROW"
 fi
 if [ "$STAGE" = owed3 ]; then
-    # float32 CUDA-graph generation token-identical to greedy at k = 1..3 (each > 100 s), one process each
-    for k in 1 2 3; do
-        timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
-            2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
-    done
+    identity_k 1 2 3
 fi
 if [ "$STAGE" = owed4 ]; then
     # the one-rank sharded step with its collectives dropped by the Inductor backend (and kept, beside it);
     # the int8-cache MLA kernel cases that were not bit-equal to the kernel over the decoded cache (bf16);
     # C8 int8 storage opted in end to end
-    timeout 280 python3 benchmarks/shard_one_rank.py --model embedded --timeout 100 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
-        | grep -v "^ROW"
+    shard_one_rank 280 100
     timeout 90 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals and dtype0" \
         tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -12 | tee "$OUT/int8_kernel_diag.log"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
-        2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
+    store_int8 200
 fi
 if [ "$STAGE" = owed5 ]; then
     # owed4's first two parts, then the W4A8 packed-int4 kernel's speed per GEMM and per tile choice
-    timeout 250 python3 benchmarks/shard_one_rank.py --model embedded --timeout 90 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
-        | grep -v "^ROW"
+    shard_one_rank 250 90
     timeout 70 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals and dtype0" \
         tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -12 | tee "$OUT/int8_kernel_diag.log"
     timeout 110 python3 benchmarks/quant_gemm.py --out "$OUT/quant_gemm.md" 2>&1 | tail -40
     timeout 140 python3 benchmarks/quant_gemm.py --w4a8-sweep --out "$OUT/w4a8_tiles.md" 2>&1 | tail -100
 fi
-if [ "$STAGE" = owed6 ]; then
-    # C8 int8 storage opted in end to end, then owed3's float32 CUDA-graph token identity at k = 1, 2
-    timeout 190 python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
-        2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
-    for k in 1 2; do
-        timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
-            2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
-    done
-fi
-if [ "$STAGE" = owed7 ]; then
-    # the embedded model's decode table re-measured side by side (it predates the fused projections, the
-    # Triton router and the prefill graphs): graphopt plain and MTP k=1 against plain torch.compile and
-    # transformers eager, batch 1 / 8 / 64
-    timeout 570 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 --timeout 135 \
-        --systems graphopt graphopt-k1 torch.compile hf-eager --out "$OUT" | grep -v "^ROW"
-fi
 if [ "$STAGE" = owed8 ]; then
     # the one-rank sharded step with nothing of the sharding left (no dispatch masks, no logits join);
     # the int8-cache MLA kernel held to a bf16 bound; the W4A8 kernel's new tiles and split-K, tested and timed; the embedded decode at
     # batch 1 / 8 beside its peers
-    timeout 230 python3 benchmarks/shard_one_rank.py --model embedded --timeout 75 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
-        | grep -v "^ROW"
+    shard_one_rank 230 75
     timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=line -k "int8_cache_equals or cuda_kernel_equals" \
         tests/backends/test_mla_decode_kernel.py tests/backends/test_w4a8_kernel.py 2>&1 | grep -v DEBUG | tail -4
     timeout 100 python3 benchmarks/quant_gemm.py --out "$OUT/quant_gemm.md" 2>&1 | grep -v "^|" | tail -5
@@ -108,8 +101,7 @@ if [ "$STAGE" = owed9 ]; then
     # the one-rank sharded step with the dispatch masks and the logits join left out (its three compiles
     # and first generations take ~175 s on an H100: the rows need the rest); then the GPU kernel tests
     # that the last call's 80 s cut short (the int8-cache MLA kernel's bf16 bound, W4A8 with split-K)
-    timeout 330 python3 benchmarks/shard_one_rank.py --model embedded --timeout 100 --out "$OUT" 2>"$OUT/shard_one_rank.err" \
-        | grep -v "^ROW"
+    shard_one_rank 330 100
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf -k "int8_cache_equals or cuda_kernel_equals_the_cpu" \
         tests/backends/test_mla_decode_kernel.py tests/backends/test_w4a8_kernel.py 2>&1 | grep -v DEBUG | tail -8
     timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_quant_gemm.py \
@@ -117,12 +109,8 @@ if [ "$STAGE" = owed9 ]; then
 fi
 if [ "$STAGE" = owed10 ]; then
     # C8 int8 storage opted in end to end; float32 CUDA-graph token identity at k = 1, 2
-    timeout 190 python3 -m pytest -q -p no:cacheprovider -m gpu -rA --tb=short tests/passes/test_store_int8_kv_cache.py \
-        2>&1 | grep -v DEBUG > "$OUT/store_int8.log"; grep -E "passed|failed|FAILED|Error" "$OUT/store_int8.log" | tail -8
-    for k in 1 2; do
-        timeout 180 python3 -m pytest -q -p no:cacheprovider -rA -m gpu "tests/backends/test_inductor.py::test_cuda_graph_steps_are_token_identical_to_greedy_in_float32[$k]" \
-            2>&1 | grep -v DEBUG > "$OUT/inductor_k$k.log"; tail -3 "$OUT/inductor_k$k.log"
-    done
+    store_int8 190
+    identity_k 1 2
 fi
 if [ "$STAGE" = owed11 ]; then
     # the embedded decode at batch 64 and with MTP k = 1, side by side with its peers (stop 32 had 1 / 8)

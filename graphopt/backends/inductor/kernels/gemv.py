@@ -85,30 +85,27 @@ def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_m, max(1, block_n // block_m), block_k, 4
 
 
-def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
-    """x2 [M, K] (row stride any, unit column stride) @ weight [N, K]^T -> [M, N] in x2's dtype."""
+def _launch(x2: Tensor, weight: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:
     m, k = x2.shape
     n = weight.shape[0]
     block_m, block_n, block_k, warps = tiles or config(m, n, k)
-    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
                                              BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             EVEN_K=k % block_k == 0, num_warps=warps)
+                                             EVEN_K=k % block_k == 0, num_warps=warps, **acc)
     return y
+
+
+def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+    """x2 [M, K] (row stride any, unit column stride) @ weight [N, K]^T -> [M, N] in x2's dtype."""
+    return _launch(x2, weight, x2.dtype, tiles)
 
 
 def int8_gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
     """int8 x2 [M, K] (unit column stride) @ int8 weight [N, K]^T -> exact int32 [M, N]: the same
     program shape, products and sums in int32 (graphopt::int8_matmul's few-row path, quant_gemm.py).
     The weight is half of bf16's bytes; tiles default to the bf16 sweep's (not yet swept for int8)."""
-    m, k = x2.shape
-    n = weight.shape[0]
-    block_m, block_n, block_k, warps = tiles or config(m, n, k)
-    y = torch.empty(m, n, dtype=torch.int32, device=x2.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
-                                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             EVEN_K=k % block_k == 0, ACC=tl.int32, num_warps=warps)
-    return y
+    return _launch(x2, weight, torch.int32, tiles, ACC=tl.int32)
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
