@@ -151,9 +151,9 @@ if __name__ == "__main__":
     _run_interpreted()
 
 
-def test_int8_matmul_runs_the_int8_gemv_at_one_row_only_once_enabled(monkeypatch):
+def test_int8_matmul_runs_the_int8_gemv_at_one_row_only_once_registered(monkeypatch):
     """The routing inside int8_matmul's CUDA implementation (the GEMV replaced by a recording stand-in,
-    so no GPU or triton is needed): off by default, one row once Int8Gemv.register() ran, never two."""
+    so no GPU or triton is needed): off before Int8Gemv.register() ran, one row after it, never two."""
     from graphopt.backends.inductor.kernels import gemv, quant_gemm
     calls = []
     monkeypatch.setattr(gemv, "int8_gemv", lambda x, w: calls.append(tuple(x.shape)) or torch.ops.graphopt.int8_matmul(x, w))

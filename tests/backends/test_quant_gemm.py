@@ -28,7 +28,7 @@ def test_int8_matmul_is_bit_identical(lead, k, out):
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (2,)])
 @pytest.mark.parametrize("k,out", [(112, 8192), (2048, 1408), (100, 24), (10944, 2048)])
 def test_int8_gemv_path_is_bit_identical(monkeypatch, lead, k, out):
-    """int8_matmul's opt-in one-row GEMV (GRAPHOPT_ENABLE_KERNELS=int8_gemv); two rows take cuBLASLt."""
+    """int8_matmul's one-row GEMV ("int8_gemv"); two rows take cuBLASLt."""
     monkeypatch.setattr(quant_gemm, "_gemv_rows", 1)
     x, w = _int8(*lead, k, seed=7), _int8(out, k, seed=8)
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), quant.int8_matmul._init_fn(x, w))

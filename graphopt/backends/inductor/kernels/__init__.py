@@ -6,15 +6,16 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     moe_route    graphopt::moe_route, the router (logits, scoring, group-limited top-k) in one program per token
     gemv         graphopt::linear, a GEMV for one row that streams the weight once (cuBLAS for more rows)
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
-    int8_gemv    graphopt::int8_matmul at one row through gemv.py's program in int32 (opt-in, below)
-    w4a8_gemv    graphopt::w4a8_matmul up to 4 rows as a GEMV on the CUDA cores (opt-in, below)
+    int8_gemv    graphopt::int8_matmul at one row through gemv.py's program in int32
+    w4a8_gemv    graphopt::w4a8_matmul at one row as a GEMV on the CUDA cores
     w4a8_gemm    graphopt::w4a8_matmul, the packed int4 weight widened to int8 in registers (up to 16 rows)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
-"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul" (or "all") leaves kernels out, for A/B runs in a fresh process.
-A kernel joins the default set once its GPU tests have passed on the H200 and it has been measured
-there against what it replaces; until then it is in OPT_IN and registered only when
+"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul,int8_gemv,w4a8_gemv"
+(or "all") leaves kernels out, for A/B runs in a fresh process.
+A kernel joins the default set once its GPU tests have passed on the H200 (or an H100) and it has
+been measured there against what it replaces; until then it is in OPT_IN and registered only when
 GRAPHOPT_ENABLE_KERNELS names it (its interpreter tests run in CI).
 """
 
@@ -27,9 +28,10 @@ from . import gemv, mla_decode, moe, moe_route, quant_gemm, w4a8_gemm
 __all__ = ["register_all", "registered", "OPT_IN"]
 
 _REGISTERED: list[str] = []
-# int8_gemv: int8_matmul's one-row GEMV (quant_gemm.py), interpreter-tested, not yet timed. w4a8_matmul
-# joined the default set once timed (2026-12-07, H100: 7-15x its reference path at decode sizes)
-OPT_IN = {"int8_gemv", "w4a8_gemv"}   # w4a8_gemv: w4a8_matmul's few-row GEMV form (w4a8_gemm.py), not yet timed
+# Empty since every kernel has been timed: w4a8_matmul joined the default set on 2026-12-07 (H100:
+# 7-15x its reference path at decode sizes), int8_gemv and w4a8_gemv the same day (H100, one row:
+# 1.3-2.3x and 0.9-1.8x a bf16 GEMM, faster than what each replaces at every V2-Lite linear).
+OPT_IN: set[str] = set()
 
 
 def register_all() -> list[str]:

@@ -15,10 +15,13 @@ quantised step read more bytes than a bf16 one. Here the weight is read once, in
                  and is scaled in its epilogue (bf16 tolerance against the reference). DeepSeek's
                  128x128 block scales, other output dtypes and shapes use the reference.
 
-    int8_matmul, one row (opt-in as "int8_gemv" in GRAPHOPT_ENABLE_KERNELS until timed): gemv.py's
-                 GEMV program with int32 products and sums, no padding to 17 rows (cuBLASLt's
-                 9 us at one row on the H200 for 2-6 MB weights, where a bf16 GEMM took 5.3:
-                 benchmarks/results/quant_gemm.md); bit-identical to the reference.
+    int8_matmul, one row ("int8_gemv" in kernels/__init__.py): gemv.py's GEMV program with int32
+                 products and sums, no padding to 17 rows; bit-identical to the reference. Measured
+                 on an H100 (`python benchmarks/quant_gemm.py`, benchmarks/results/quant_gemm_h100.md):
+                 q_proj 3072 x 2048 4.0 us against cuBLASLt's 9.1 and bf16's 5.3, kv_a_proj 2.7
+                 (9.1, 6.0), o_proj 3.2 (9.1, 5.3), dense down 11.1 (27.1, 18.9), lm_head 69.4
+                 (80.0, 143): 1.3-2.3x a bf16 GEMM at every V2-Lite linear, 0.53-1.02 of copy
+                 bandwidth.
 
 w4a8_matmul takes its int4 weight packed two per byte (uint8 [out, K/2], graphopt/ops/packing.py);
 up to 16 rows w4a8_gemm.py reads the packed bytes, above that its reference unpacks and widens it to
@@ -129,7 +132,7 @@ def moe_without_sync(x, weights, ids, up: QuantizedLinear, dn: QuantizedLinear) 
 
 
 class Int8Gemv:
-    """The kernel registry's entry for int8_matmul's one-row GEMV (kernels/__init__.py: OPT_IN)."""
+    """The kernel registry's entry for int8_matmul's one-row GEMV ("int8_gemv" in kernels/__init__.py)."""
 
     @staticmethod
     def available() -> bool:

@@ -31,6 +31,14 @@ than a bf16 GEMM (0.03-0.11 of copy bandwidth: the work per byte inside a progra
 us), so w4a8_matmul_cuda runs it up to MAX_ROWS = 16 rows and the reference above. Tiles are the
 best of a sweep (`--w4a8-sweep`, benchmarks/results/w4a8_tiles_h100.md, q_proj, no split): 16 x 32
 columns x 128 packed bytes, 4 warps up to 16 rows; 64 x 32 x 256, 8 warps above.
+
+At one row the GEMV form (`w4a8_gemv`: the same widening, products and sums on the CUDA cores in
+gemv.py's program shape, no 16-row MMA tile) is faster still, measured on an H100 (the same command,
+benchmarks/results/quant_gemm_h100.md): q_proj 5.5 us (the MMA kernel 18.3, bf16 5.3), kv_a_proj 3.4
+(6.2, 6.0), o_proj 4.3 (12.9, 5.3), dense gate_up 25.2 (83.8, 33.6), dense down 20.4 (63.8, 18.9),
+lm_head 113 (327, 143): 0.9-1.8x a bf16 GEMM. So w4a8_matmul_cuda runs it at GEMV_MAX_ROWS = 1 row.
+The form takes any M and is bit-identical at 1-4 rows (interpreter and GPU tests) but 2-4 rows have
+not been timed; raising GEMV_MAX_ROWS waits for `python benchmarks/quant_gemm.py --rows 1 2 4`.
 """
 
 from __future__ import annotations
@@ -131,7 +139,7 @@ if triton is not None:
 
 
 MAX_ROWS = 16   # w4a8_matmul_cuda's kernel rows; more rows run the reference (measured above)
-GEMV_MAX_ROWS = 4   # rows the GEMV form takes once W4A8Gemv.register() ran (opt-in, not yet timed)
+GEMV_MAX_ROWS = 1   # rows the GEMV form takes once W4A8Gemv.register() ran: timed at one row only (module doc)
 _gemv_rows = 0
 
 
@@ -211,7 +219,7 @@ def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Te
 
 
 class W4A8Gemv:
-    """The kernel registry's entry for the few-row form (kernels/__init__.py: OPT_IN "w4a8_gemv")."""
+    """The kernel registry's entry for the few-row form ("w4a8_gemv" in kernels/__init__.py)."""
 
     @staticmethod
     def available() -> bool:
