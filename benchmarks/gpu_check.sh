@@ -5,7 +5,8 @@
 #   STAGE=tests|graphopt|peers|v2lite|quant|all (default all) picks a part: each fits one 600 s device call
 #   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
 #   (no owed6 / owed7: they became owed10 / owed11 before they ran);
-#   owed9 .. owed12 are what stop 32 left unmeasured, in that order
+#   owed9 .. owed12 are what stop 32 left unmeasured (all ran at stop 33 but owed10's C8 tests, cut by
+#   their limit); owed13 is what stop 33 left
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -124,4 +125,18 @@ if [ "$STAGE" = owed12 ]; then
         --systems graphopt@w8a8 --suffix _w8a8 --out "$OUT" | grep -v "^ROW"
     GRAPHOPT_ENABLE_KERNELS=int8_gemv timeout 200 python3 benchmarks/decode.py --model embedded --batches 1 8 \
         --new-tokens 32 --timeout 90 --systems graphopt@w8a8 --suffix _w8a8_gemv --out "$OUT" | grep -v "^ROW"
+fi
+if [ "$STAGE" = owed13 ]; then
+    # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to
+    # end without and with it (the first decode warms the compile caches: compare the second and third);
+    # W4A8's GEMV form at 2 and 4 rows; C8 storage end to end with room to finish
+    timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf -k batched tests/backends/test_quant_gemm.py \
+        2>&1 | grep -v DEBUG | tail -3
+    for run in warm off on; do
+        enable=; [ "$run" = on ] && enable=int8_expert_gemv
+        GRAPHOPT_ENABLE_KERNELS=$enable timeout 120 python3 benchmarks/decode.py --model embedded --batches 1 8 \
+            --new-tokens 32 --timeout 110 --systems graphopt@w8a8 --suffix "_w8a8_$run" --out "$OUT" | grep "^| graphopt"
+    done
+    timeout 60 python3 benchmarks/quant_gemm.py --rows 1 2 4 --out "$OUT/quant_gemm_rows.md" 2>&1 | cut -d"|" -f1-9 | tail -22
+    store_int8 200
 fi

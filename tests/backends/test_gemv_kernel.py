@@ -26,6 +26,14 @@ CASES = {
 }
 
 
+# batched int8 products (int8_gemv_batched): name -> (x batch, weight batch, rows, out, K)
+BATCHED = {
+    "per_assignment": (6, 6, 1, 96, 256),      # each routed assignment against its own expert
+    "broadcast_x": (1, 4, 1, 33, 1000),        # one row against every expert, odd K and out
+    "two_rows": (3, 3, 2, 17, 64),
+}
+
+
 def case_inputs(name, dtype=torch.float32, device="cpu", seed=0):
     lead, out, k = CASES[name]
     gen = torch.Generator().manual_seed(seed)
@@ -59,6 +67,11 @@ def _run_interpreted() -> None:
         xq, wq = int8_inputs(name)
         out[name]["int8_equal"] = torch.equal(gemv.int8_gemv(xq.reshape(-1, xq.shape[-1]), wq),
                                               torch.ops.graphopt.int8_matmul(xq, wq).reshape(-1, wq.shape[0]))
+    for name, (xb, wb, m, n, k) in BATCHED.items():
+        gen = torch.Generator().manual_seed(m * n)
+        x = torch.randint(-127, 128, (xb, m, k), generator=gen, dtype=torch.int8)
+        w = torch.randint(-127, 128, (wb, n, k), generator=gen, dtype=torch.int8)
+        out["batched_" + name] = torch.equal(gemv.int8_gemv_batched(x, w), torch.ops.graphopt.int8_matmul(x, w))
     print(json.dumps(out))
 
 
@@ -77,6 +90,32 @@ def test_interpreted_kernel_matches_a_float64_product(interpreted, name):
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreted_int8_gemv_equals_int8_matmul_bit_for_bit(interpreted, name):
     assert interpreted[name]["int8_equal"], interpreted[name]
+
+
+@pytest.mark.parametrize("name", list(BATCHED))
+def test_interpreted_batched_int8_gemv_equals_int8_matmul_bit_for_bit(interpreted, name):
+    assert interpreted["batched_" + name]
+
+
+def test_batched_int8_matmul_takes_the_batched_gemv_at_one_row_once_registered(monkeypatch):
+    """The routing of batched (per-expert) int8_matmul (the GEMV replaced by a recording stand-in):
+    the reference before Int8ExpertGemv.register(), the batched GEMV after it at one row per entry,
+    never at two rows per entry."""
+    from graphopt.backends.inductor.kernels import gemv, quant_gemm
+    calls = []
+    monkeypatch.setattr(gemv, "int8_gemv_batched",
+                        lambda x, w: calls.append(tuple(x.shape)) or torch.ops.graphopt.int8_matmul(x, w))
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (4, 24, 64), generator=gen, dtype=torch.int8)
+    xs = {s: torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in [(4, 1, 64), (1, 1, 64), (4, 2, 64)]}
+    monkeypatch.setattr(quant_gemm, "_batched_rows", 0)
+    for x in xs.values():
+        assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))
+    assert calls == []
+    quant_gemm.Int8ExpertGemv.register()          # monkeypatch restores _batched_rows afterwards
+    for x in xs.values():
+        assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))
+    assert calls == [(4, 1, 64), (1, 1, 64)]
 
 
 def test_reference_op_is_aten_linear_and_refuses_bad_shapes():

@@ -34,6 +34,23 @@ def test_int8_gemv_path_is_bit_identical(monkeypatch, lead, k, out):
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), quant.int8_matmul._init_fn(x, w))
 
 
+@pytest.mark.parametrize("xb,experts,rows,out,k", [(6, 6, 1, 1408, 2048), (1, 4, 1, 2048, 1408),
+                                                   (3, 3, 1, 24, 100), (8, 8, 1, 4096, 10944)])
+def test_batched_int8_gemv_path_is_bit_identical(monkeypatch, xb, experts, rows, out, k):
+    """Batched int8_matmul at one row per entry ("int8_expert_gemv", opt-in), alone and under a CUDA graph."""
+    monkeypatch.setattr(quant_gemm, "_batched_rows", 1)
+    x, w = _int8(xb, rows, k, seed=9), _int8(experts, out, k, seed=10)
+    ref = quant.int8_matmul._init_fn(x, w)
+    assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), ref)
+    quant_gemm.int8_matmul_cuda(x, w)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = quant_gemm.int8_matmul_cuda(x, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, ref)
+
+
 def test_int8_shapes_the_tensor_cores_do_not_take_use_the_reference():
     x, w = _int8(5, 100, seed=3), _int8(24, 100, seed=4)              # K = 100 is not a multiple of 8
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), quant.int8_matmul._init_fn(x, w))

@@ -8,12 +8,14 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
     quant_gemm   graphopt::int8_matmul (int8 tensor cores) and graphopt::fp8_linear (FP8, rowwise scales)
     int8_gemv    graphopt::int8_matmul at one row through gemv.py's program in int32
     w4a8_gemv    graphopt::w4a8_matmul at one row as a GEMV on the CUDA cores
+    int8_expert_gemv  graphopt::int8_matmul over batched (per-expert) weights, one row each, in one
+                 launch of int8_gemv's program (opt-in, below)
     w4a8_gemm    graphopt::w4a8_matmul, the packed int4 weight widened to int8 in registers (up to 16 rows)
 
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
-"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul,int8_gemv,w4a8_gemv"
-(or "all") leaves kernels out, for A/B runs in a fresh process.
+"mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul,int8_gemv,w4a8_gemv,
+int8_expert_gemv" (or "all") leaves kernels out, for A/B runs in a fresh process.
 A kernel joins the default set once its GPU tests have passed on the H200 (or an H100) and it has
 been measured there against what it replaces; until then it is in OPT_IN and registered only when
 GRAPHOPT_ENABLE_KERNELS names it (its interpreter tests run in CI).
@@ -28,10 +30,11 @@ from . import gemv, mla_decode, moe, moe_route, quant_gemm, w4a8_gemm
 __all__ = ["register_all", "registered", "OPT_IN"]
 
 _REGISTERED: list[str] = []
-# Empty since every kernel has been timed: w4a8_matmul joined the default set on 2026-12-07 (H100:
-# 7-15x its reference path at decode sizes), int8_gemv and w4a8_gemv the same day (H100, one row:
-# 1.3-2.3x and 0.9-1.8x a bf16 GEMM, faster than what each replaces at every V2-Lite linear).
-OPT_IN: set[str] = set()
+# w4a8_matmul joined the default set on 2026-12-07 (H100: 7-15x its reference path at decode sizes),
+# int8_gemv and w4a8_gemv the same day (H100, one row: 1.3-2.3x and 0.9-1.8x a bf16 GEMM, faster than
+# what each replaces at every V2-Lite linear). int8_expert_gemv was written after that day's device
+# time ran out: bit-identical in Triton's interpreter, not yet run on a GPU.
+OPT_IN = {"int8_expert_gemv"}
 
 
 def register_all() -> list[str]:
@@ -40,7 +43,8 @@ def register_all() -> list[str]:
     wanted = _names("GRAPHOPT_ENABLE_KERNELS")
     for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
                          ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
-                         ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv)):
+                         ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv),
+                         ("int8_expert_gemv", quant_gemm.Int8ExpertGemv)):
         if name in OPT_IN and name not in wanted:
             continue
         if name not in _REGISTERED and module.available() and not off & {name, "all"}:

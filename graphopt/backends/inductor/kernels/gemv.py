@@ -35,7 +35,7 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["MAX_ROWS", "available", "config", "gemv", "int8_gemv", "linear_cuda", "register"]
+__all__ = ["MAX_ROWS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda", "register"]
 
 MAX_ROWS = 1        # from 2 rows cuBLAS is as fast or faster (benchmarks/results/gemv_sweep.md)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -51,9 +51,15 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, stride_x, stride_w, stride_y, K: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                     ACC: tl.constexpr = tl.float32):
-        # ACC: float32 for float operands; int32 for int8 x int8 (int8_gemv: exact integer sums)
+                     ACC: tl.constexpr = tl.float32, stride_xb=0, stride_wb=0, stride_yb=0):
+        # ACC: float32 for float operands; int32 for int8 x int8 (int8_gemv: exact integer sums).
+        # Axis 1 of the grid is a batch of independent products (int8_gemv_batched; one for the rest):
+        # x, w, y advance by their batch strides (0 where a side is broadcast).
         pid = tl.program_id(0)
+        batch = tl.program_id(1).to(tl.int64)
+        x_ptr += batch * stride_xb
+        w_ptr += batch * stride_wb
+        y_ptr += batch * stride_yb
         offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_n = tl.minimum(offs_n, N - 1)          # past the last column: re-read it, never stored
         offs_m = tl.arange(0, BLOCK_M)
@@ -85,27 +91,39 @@ def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_m, max(1, block_n // block_m), block_k, 4
 
 
-def _launch(x2: Tensor, weight: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:
-    m, k = x2.shape
-    n = weight.shape[0]
+def _launch(x3: Tensor, w3: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:
+    """x3 [B or 1, M, K] @ w3 [B or 1, N, K]^T -> [B, M, N]; a batch of one on either side is broadcast."""
+    _, m, k = x3.shape
+    n = w3.shape[1]
+    batches = max(x3.shape[0], w3.shape[0])
     block_m, block_n, block_k, warps = tiles or config(m, n, k)
-    y = torch.empty(m, n, dtype=out_dtype, device=x2.device)
-    _gemv_kernel[(triton.cdiv(n, block_n),)](x2, weight, y, m, n, x2.stride(0), weight.stride(0), y.stride(0), k,
-                                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-                                             EVEN_K=k % block_k == 0, num_warps=warps, **acc)
+    y = torch.empty(batches, m, n, dtype=out_dtype, device=x3.device)
+    _gemv_kernel[(triton.cdiv(n, block_n), batches)](
+        x3, w3, y, m, n, x3.stride(1), w3.stride(1), y.stride(1), k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0, num_warps=warps,
+        stride_xb=x3.stride(0) if x3.shape[0] > 1 else 0, stride_wb=w3.stride(0) if w3.shape[0] > 1 else 0,
+        stride_yb=y.stride(0), **acc)
     return y
 
 
 def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
     """x2 [M, K] (row stride any, unit column stride) @ weight [N, K]^T -> [M, N] in x2's dtype."""
-    return _launch(x2, weight, x2.dtype, tiles)
+    return _launch(x2.unsqueeze(0), weight.unsqueeze(0), x2.dtype, tiles)[0]
 
 
 def int8_gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
     """int8 x2 [M, K] (unit column stride) @ int8 weight [N, K]^T -> exact int32 [M, N]: the same
     program shape, products and sums in int32 (graphopt::int8_matmul's few-row path, quant_gemm.py).
     The weight is half of bf16's bytes; tiles default to the bf16 sweep's (not yet swept for int8)."""
-    return _launch(x2, weight, torch.int32, tiles, ACC=tl.int32)
+    return _launch(x2.unsqueeze(0), weight.unsqueeze(0), torch.int32, tiles, ACC=tl.int32)[0]
+
+
+def int8_gemv_batched(x3: Tensor, weights: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
+    """int8 x3 [B or 1, M, K] @ int8 weights [B, N, K]^T -> exact int32 [B, M, N]: int8_gemv once per
+    batch entry in one launch (grid axis 1), e.g. each routed assignment of a decode step against its
+    own expert's weight (quant_gemm.py's batched int8_matmul). Unit column strides; x broadcast when
+    its batch is 1."""
+    return _launch(x3, weights, torch.int32, tiles, ACC=tl.int32)
 
 
 def usable(x: Tensor, weight: Tensor) -> bool:
