@@ -1,4 +1,6 @@
+import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +27,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Under -n (xdist's default `load` distribution), a test module that defines a module-scoped fixture
+    (most are a compile: 10-70 s) runs on one worker, so the fixture is built once, not once per worker
+    (the onnx module's ran twice: 2 x 65 s). Every other test is scheduled one by one, as before."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if _defines_module_fixture(config.rootpath / path) else nodeid
+
+    return ModuleFixtureScheduling(config, log)
+
+
+@functools.cache
+def _defines_module_fixture(path: Path) -> bool:
+    return path.suffix == ".py" and path.is_file() and 'scope="module"' in path.read_text()
 
 
 @pytest.fixture(scope="session")
