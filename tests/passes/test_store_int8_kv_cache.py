@@ -18,6 +18,12 @@ PROMPTS = [[1, 2, 3], [4, 5, 6, 7], [3, 2, 7, 6, 5]]   # a vocabulary of 8: draf
 OFF = ("store_int8_kv_cache",)
 
 
+def _one_layer():
+    """A cheap compile (one dense layer instead of the default three) for tests of one refusal or
+    one property of the caches: every layer's cache is handled alike, `pair` covers the full model."""
+    return random_model(num_hidden_layers=1)
+
+
 @pytest.fixture(scope="module")
 def pair():
     """(int8-cache compile, the same compile with float caches) of one random model, spec k = 1."""
@@ -82,7 +88,7 @@ def test_the_artefact_keeps_the_int8_layout(pair, tmp_path):
 
 
 def test_without_c8_the_caches_stay_float():
-    compiled = graphopt.compile(random_model(), quant=QuantConfig("w8a8"), block_size=4, progress=False)
+    compiled = graphopt.compile(_one_layer(), quant=QuantConfig("w8a8"), block_size=4, progress=False)
     assert compiled.program.cache.cache_dtype is None
     assert "graphopt.mla_paged_attention_int8.default" not in count_ops(compiled.graphs["main"])
 
@@ -90,13 +96,13 @@ def test_without_c8_the_caches_stay_float():
 def test_a_cache_read_without_the_paged_op_is_a_clear_error():
     cfg = PRESETS["c8"].replace(calibration=CALIBRATION)
     with pytest.raises(Exception, match="store_int8_kv_cache: graph 'main'.*reads the cache kv_caches_0") as e:
-        graphopt.compile(random_model(), quant=cfg, block_size=4, progress=False, disable_passes=("use_paged_attention",))
+        graphopt.compile(_one_layer(), quant=cfg, block_size=4, progress=False, disable_passes=("use_paged_attention",))
     assert isinstance(e.value, C8StorageError) or isinstance(e.value.__cause__, C8StorageError)
 
 
 def test_verify_mode_checks_the_int8_graphs():
     cfg = PRESETS["c8"].replace(calibration=CALIBRATION)
-    compiled = graphopt.compile(random_model(), quant=cfg, block_size=4, progress=False, verify=True)
+    compiled = graphopt.compile(random_model(num_hidden_layers=2), quant=cfg, block_size=4, progress=False, verify=True)
     assert compiled.program.cache.cache_dtype == torch.int8
 
 
@@ -104,7 +110,7 @@ def test_the_onnx_backend_refuses_int8_caches_by_name():
     pytest.importorskip("onnx")
     cfg = PRESETS["c8"].replace(calibration=CALIBRATION)
     with pytest.raises(ValueError, match="onnx backend does not take torch.int8 caches"):
-        graphopt.compile(random_model(), quant=cfg, block_size=4, progress=False, backend="onnx")
+        graphopt.compile(_one_layer(), quant=cfg, block_size=4, progress=False, backend="onnx")
 
 
 @pytest.mark.gpu
@@ -148,6 +154,6 @@ def test_int8_storage_on_cuda_is_opt_in_by_environment(monkeypatch):
 def test_without_in_place_writes_there_is_nothing_to_store_and_it_says_so():
     cfg = PRESETS["c8"].replace(calibration=CALIBRATION)
     with pytest.raises(Exception, match="has no in-place cache write .* needs reinplace_cache_writes") as e:
-        graphopt.compile(random_model(), quant=cfg, block_size=4, progress=False,
+        graphopt.compile(_one_layer(), quant=cfg, block_size=4, progress=False,
                          disable_passes=("reinplace_cache_writes",))
     assert isinstance(e.value, C8StorageError) or isinstance(e.value.__cause__, C8StorageError)
