@@ -27,16 +27,24 @@ def model():
     return random_model()
 
 
-def test_main_equals_a_whole_model_trace(model):
+@pytest.fixture(scope="module")
+def main_capture(model):
+    """(layer graphs, the regional main capture, the layer kinds right after it): one capture (seconds) for
+    the main and the MTP tests."""
     layers = capture.LayerGraphs(model, 4)
     regional = capture.capture_main(model, 4, layers=layers)
+    return layers, regional, dict(layers.graphs)
+
+
+def test_main_equals_a_whole_model_trace(model, main_capture):
+    layers, regional, kinds = main_capture
     inputs = regional.make_inputs
     whole = capture._export(MainStep(model), inputs(0), capture._dynamic_shapes(model.config.num_hidden_layers, False),
                             "whole")
     assert _ops(regional.graph_module) == _ops(whole)
     assert _weights(regional.graph_module) == _weights(whole)
     # the random model has dense and MoE layers: one trace per kind, not per layer
-    assert len(layers.graphs) == 2 < model.config.num_hidden_layers
+    assert len(kinds) == 2 < model.config.num_hidden_layers
     with torch.no_grad():
         for seed in (1, 2):
             a, b = inputs(seed), inputs(seed)
@@ -51,10 +59,8 @@ def test_main_equals_a_whole_model_trace(model):
     assert missing == {"aten.copy_.default"}
 
 
-def test_mtp_reuses_the_main_layers_graph(model):
-    layers = capture.LayerGraphs(model, 4)
-    capture.capture_main(model, 4, layers=layers)
-    kinds = dict(layers.graphs)
+def test_mtp_reuses_the_main_layers_graph(model, main_capture):
+    layers, _, kinds = main_capture
     mtp = capture.capture_mtp(model, 0, 4, layers=layers)
     assert layers.graphs == kinds                       # the MTP block is a MoE layer: no new trace
     whole = capture._export(MTPStep(model, 0), mtp.make_inputs(0), capture._dynamic_shapes(1, True), "whole")
