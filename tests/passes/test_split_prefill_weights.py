@@ -1,6 +1,7 @@
 """split_prefill_weights (QuantConfig.prefill_scheme): the prefill graph is quantised with its own
 scheme and the decode steps with `scheme`, each exactly as a compile with that one scheme would make
-it, saved and loaded together; bad input is a clear error before any work."""
+it, saved and loaded together; bad input is a clear error before any work. The prefill graph returns token
+ids: with two layers w8a8 and w4a8 pick the same ones, so the negative check needs the 3-layer model."""
 
 import copy
 
@@ -25,12 +26,23 @@ def captured():
     return model, capture_main(model, 4)
 
 
-@pytest.fixture
-def model(captured, monkeypatch):
-    """The model, with capture replaced by a copy of its graph captured once (capture is the slow part)."""
+def _stub_capture(monkeypatch, captured):
     model, main = captured
     monkeypatch.setattr(api, "capture_main", lambda m, bs, **kw: copy.deepcopy(main))
     return model
+
+
+@pytest.fixture
+def model(captured, monkeypatch):
+    """The model, with capture replaced by a copy of its graph captured once (capture is the slow part)."""
+    return _stub_capture(monkeypatch, captured)
+
+
+@pytest.fixture(scope="module")
+def split_w4a8_w8a8(captured):
+    """w4a8 decode steps, w8a8 prefill: one compile, read (never changed) by the tests that need it."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return _compile(_stub_capture(monkeypatch, captured), QuantConfig("w4a8", prefill_scheme="w8a8"))
 
 
 def _compile(model, quant):
@@ -48,8 +60,8 @@ def _same_outputs(a, b, inputs) -> bool:
     return all(torch.equal(u, v) for u, v in zip(leaves(x), leaves(y), strict=True))
 
 
-def test_prefill_and_decode_each_equal_a_one_scheme_compile(model):
-    split = _compile(model, QuantConfig("w4a8", prefill_scheme="w8a8"))
+def test_prefill_and_decode_each_equal_a_one_scheme_compile(model, split_w4a8_w8a8):
+    split = split_w4a8_w8a8
     assert list(split.graphs) == ["main", "step", "step_greedy", "prefill"]      # the copy is spliced, then gone
     assert _ops(split.graphs["prefill"], "int8_matmul") > 0 and _ops(split.graphs["prefill"], "w4a8_matmul") == 0
     for name in ("main", "step", "step_greedy"):
@@ -72,8 +84,8 @@ def test_calibrated_prefill_scheme_reuses_main_statistics(model):
     assert _same_outputs(split.graphs["prefill"], static.graphs["prefill"], inputs)   # the same static scales
 
 
-def test_saved_and_loaded_together(model, tmp_path):
-    split = _compile(model, QuantConfig("w4a8", prefill_scheme="w8a8"))
+def test_saved_and_loaded_together(split_w4a8_w8a8, tmp_path):
+    split = split_w4a8_w8a8
     split.save(tmp_path / "artefact")
     loaded = graphopt.load_compiled(tmp_path / "artefact")
     assert loaded.quant == split.quant and loaded.quant.prefill_scheme == "w8a8"
