@@ -145,7 +145,7 @@ def gpu_trace(fn) -> dict:
             entry = by_name.setdefault(e["name"][:90], [0, 0.0])
             entry[0] += 1
             entry[1] += e.get("dur", 0)
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])
     return dict(kernels=kernels, busy_us=busy, idle_us=span - busy, top=[[n, c, us] for n, (c, us) in top])
 
 

@@ -6,7 +6,7 @@
 #   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
 #   (no owed6 / owed7: they became owed10 / owed11 before they ran);
 #   owed9 .. owed12 are what stop 32 left unmeasured (all ran at stop 33 but owed10's C8 tests, cut by
-#   their limit); owed13 is what stop 33 left
+#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -125,6 +125,16 @@ if [ "$STAGE" = owed12 ]; then
         --systems graphopt@w8a8 --suffix _w8a8 --out "$OUT" | grep -v "^ROW"
     GRAPHOPT_ENABLE_KERNELS=int8_gemv timeout 200 python3 benchmarks/decode.py --model embedded --batches 1 8 \
         --new-tokens 32 --timeout 90 --systems graphopt@w8a8 --suffix _w8a8_gemv --out "$OUT" | grep -v "^ROW"
+fi
+if [ "$STAGE" = owed14 ]; then
+    # the bf16 GEMV at 2-4 rows and the MLA kernel reading head-major queries in place (an MTP verify at
+    # batch 1): their GPU tests, then the embedded decode, plain and MTP k = 1, with every kernel of one
+    # replayed step listed (kernels.txt)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_mla_decode_kernel.py \
+        tests/backends/test_gemv_kernel.py 2>&1 | grep -v DEBUG | tail -3
+    GRAPHOPT_KERNEL_TABLE=1 timeout 300 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 \
+        --timeout 150 --systems graphopt graphopt-k1 --suffix _mtp_verify --out "$OUT" > "$OUT/kernels.txt" 2>&1
+    grep "^| graphopt\|FAILED" "$OUT/kernels.txt"
 fi
 if [ "$STAGE" = owed13 ]; then
     # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to

@@ -136,6 +136,18 @@ def test_many_rows_or_a_strided_weight_fall_back_to_aten_linear():
     assert gemv.usable(x[:1], w) and gemv.usable(x[:1].reshape(1, 1, 16), w)
 
 
+@pytest.mark.parametrize("rows, mib, expected", [(1, 200, True), (2, 11, True), (2, 13, False), (3, 2, True),
+                                                 (4, 2, True), (4, 3, False), (5, 1, False)])
+def test_few_rows_take_the_gemv_by_the_weight_s_size(rows, mib, expected):
+    """ROW_LIMITS: one row at any size, two up to 12 MiB, three or four up to 2.5 MiB (the H200 sweep);
+    an MTP verify (1 + k rows at batch 1) of a small model's projections runs the GEMV."""
+    from graphopt.backends.inductor.kernels import gemv
+    k = 1024
+    w = torch.empty(mib * (1 << 20) // (2 * k), k, dtype=torch.bfloat16, device="meta")
+    x = torch.empty(1, rows, k, dtype=torch.bfloat16, device="meta")
+    assert gemv.usable(x, w) is expected
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.gpu

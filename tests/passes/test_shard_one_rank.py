@@ -131,7 +131,7 @@ def _compare(tmp_path, spec, quant=None) -> None:
 
 def _lowered_ops(compiled) -> Counter:
     from graphopt.backends.inductor.backend import for_inductor
-    gm = for_inductor(compiled.graphs["step"], {}, one_row=True)
+    gm = for_inductor(compiled.graphs["step"], {}, few_rows=True)
     return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
@@ -144,15 +144,15 @@ def _inductor_elides_the_collectives(step, expected) -> None:
     from graphopt.backends.inductor.backend import KEEP_ONE_RANK_COLLECTIVES, for_inductor
     waits = lambda gm: sum(n.target is torch.ops._c10d_functional.wait_tensor.default   # noqa: E731
                            for n in gm.graph.nodes)
-    lowered = for_inductor(step, one_row=False)
+    lowered = for_inductor(step, few_rows=False)
     assert count_collectives(lowered) == {"all_reduce": 0, "all_gather": 0} and waits(lowered) == 0
     with mock.patch.dict(os.environ, {KEEP_ONE_RANK_COLLECTIVES: "1"}):
-        kept = for_inductor(step, one_row=False)
+        kept = for_inductor(step, few_rows=False)
     assert count_collectives(kept) == expected and waits(kept) == sum(expected.values())
     assert len(kept.graph.nodes) - len(lowered.graph.nodes) == 2 * sum(expected.values())   # nothing else dropped
     with mock.patch.dict(os.environ, {KEEP_ONE_RANK_COLLECTIVES: "yes"}), \
             pytest.raises(ValueError, match="accepted are 1 .* and 0 or unset"):
-        for_inductor(step, one_row=False)
+        for_inductor(step, few_rows=False)
 
 
 def test_one_rank_spec_on_equals_the_unsharded_compile(tmp_path, one_rank_world):

@@ -65,10 +65,10 @@ def one_rank_collectives_elided() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() == 1 and keep != "1"
 
 
-def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, one_row: bool = True) -> fx.GraphModule:
+def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows: bool = True) -> fx.GraphModule:
     """A copy of `gm` as Inductor should see it: the elementwise graphopt ops inlined as their torch
     maths, export's unused guard module call dropped, stored-weight linears as graphopt::linear when
-    its GEMV kernel is registered and the graph can run one row (`one_row`: the decode steps; a prefill
+    its GEMV kernel is registered and the graph runs few rows (`few_rows`: the decode steps; a prefill
     chunk never does, and the op's per-call dispatch would only add host time there), and over a world
     of one rank every collective and its wait dropped (`one_rank_collectives_elided`: the result is its
     input; an all_gather of one rank has its input's shape). Weights are shared with `gm`, not copied.
@@ -80,7 +80,7 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, one_row:
     elided: set[fx.Node] = set()
     # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
     kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
-    gemv = one_row and "linear" in kernels.registered()
+    gemv = few_rows and "linear" in kernels.registered()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue
@@ -199,7 +199,7 @@ class _Compiled:
 
     def __init__(self, gm: fx.GraphModule, name: str, fused_weights: dict | None = None):
         self.name = name
-        self.graph_module = for_inductor(gm, fused_weights, one_row=name in ("step", "step_greedy"))
+        self.graph_module = for_inductor(gm, fused_weights, few_rows=name in ("step", "step_greedy"))
         self.fn = torch.compile(self.graph_module, backend="inductor", dynamic=True)
 
     def __call__(self, *args):

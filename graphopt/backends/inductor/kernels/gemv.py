@@ -11,14 +11,18 @@ spends ~6 us on each of V2-Lite's 2-12 MB projections at one row on the H200, co
                       acc[m, n] += sum_k float(x[m, k]) * float(w[n, k])
     Y[:, n0:n0+BLOCK_N] = acc cast to the output dtype
 
-The products run on the CUDA cores and grow with M, so the op uses it for M <= MAX_ROWS = 1 only
-(measured: 3.6 against 6.2 us on kv_a_proj, 5.2 / 6.1 on o_proj, 94 / 101 on lm_head; from two rows
-cuBLAS is as fast or faster); the kernel itself takes any M (the tests run it at up to 8 rows).
+The products run on the CUDA cores and grow with M, so the op uses it for few rows, by the weight's
+size (`ROW_LIMITS`, from the H200 sweep `benchmarks/results/gemv_sweep.md`, best tiles against cuBLAS,
+cold weights): one row always (3.6 against 6.2 us on kv_a_proj, 5.2 / 6.1 on o_proj, 94 / 101 on
+lm_head); two rows up to 12 MiB (kv_a_proj 3.9 / 5.9, o_proj 5.8 / 6.1, shared down 7.5 / 8.2, q_proj
+6.6 / 6.5; the 45 MB dense gate 16.1 / 13.6 is cuBLAS's); three or four rows up to 2.5 MiB (kv_a_proj
+4.7 / 5.9; o_proj 6.7 / 6.1 is cuBLAS's). Two rows is an MTP k = 1 verify at batch 1, four k = 3 or
+batch 2 at k = 1. The kernel itself takes any M (the tests run it at up to 8 rows).
 float32 accumulation as cuBLAS does; the sums run in another order, so results agree to rounding
 (bf16: one ulp of the output), not bit for bit. No split over K and no atomics: every output is one
 program's sum, the same on every run. Tiles come from `config(M, N, K)` (measured on the H200,
-`benchmarks/gemv.py`); more rows than MAX_ROWS, another dtype pair, or a weight that is not
-row-major run aten.linear (cuBLAS). The op's reference (`graphopt/ops/core.py: linear`) is the definition.
+`benchmarks/gemv.py`); more rows than ROW_LIMITS allows for the weight, another dtype pair, or a
+weight that is not row-major run aten.linear (cuBLAS). The op's reference (`graphopt/ops/core.py: linear`) is the definition.
 """
 
 from __future__ import annotations
@@ -35,9 +39,11 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["MAX_ROWS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda", "register"]
+__all__ = ["MAX_ROWS", "ROW_LIMITS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda", "register"]
 
-MAX_ROWS = 1        # from 2 rows cuBLAS is as fast or faster (benchmarks/results/gemv_sweep.md)
+# (rows, largest weight in bytes the GEMV takes at that many rows); past the last entry cuBLAS is faster
+ROW_LIMITS = ((1, float("inf")), (2, 12 << 20), (4, 5 << 19))
+MAX_ROWS = ROW_LIMITS[-1][0]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -84,11 +90,12 @@ if triton is not None:
 def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows of an [N, K] weight: the sweep's best on
     the H200 (`benchmarks/gemv.py --sweep`) was 4 columns x 1024 of K for every V2-Lite projection at
-    one row (many programs, each with 8 KB of weight in flight), 8 columns for lm_head's 102400."""
+    one to four rows (many programs, each with 8 KB of weight in flight), 8 columns for lm_head's
+    102400 at one row; 512 of K at 8 rows, 256 at 16."""
     block_m = triton.next_power_of_2(m)
-    block_k = min(1024, triton.next_power_of_2(k))
-    block_n = 8 if n >= 32768 else 4
-    return block_m, max(1, block_n // block_m), block_k, 4
+    block_k = min(1024 if m <= 4 else 512 if m <= 8 else 256, triton.next_power_of_2(k))
+    block_n = 8 if n >= 32768 and m == 1 else 4
+    return block_m, block_n, block_k, 4
 
 
 def _launch(x3: Tensor, w3: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:
@@ -129,7 +136,8 @@ def int8_gemv_batched(x3: Tensor, weights: Tensor, tiles: tuple[int, int, int, i
 def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether the GEMV runs this call (else aten.linear does)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return (0 < rows <= MAX_ROWS and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2
+    limit = next((size for most, size in ROW_LIMITS if rows <= most), -1)
+    return (0 < rows and weight.numel() * weight.element_size() <= limit and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2
             and weight.stride(1) == 1 and weight.shape[0] > 0 and x.shape[-1] > 0)
 
 

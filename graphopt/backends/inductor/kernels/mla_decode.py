@@ -2,9 +2,9 @@
 
 For T <= absorb_max_tokens (decode, 1 + k speculative queries) the op runs in the absorbed form:
 
-    q_lat = q_nope @ W_UK                                   [B, T, H, R]   (torch einsum, as ops/attention)
+    q_lat = q_nope @ W_UK                                   [B, T, H, R]   (torch bmm over heads, head-major)
     out_lat[b, t, h] = softmax_j((q_lat . latent_j + q_pe . kpe_j) * scale, j <= positions[b, t]) @ latent_j
-    out = out_lat @ W_UV^T                                  [B, T, H, dv]  (torch einsum)
+    out = out_lat @ W_UV^T                                  [B, T, H, dv]  (torch bmm, read in place)
 
 and the middle line is the Triton kernel `mla_paged_decode`, which reads latent_j and kpe_j straight
 from the paged cache through the block table; longer queries (prefill) use the reference python
@@ -121,7 +121,7 @@ if triton is not None:
 
     @triton.jit
     def _paged_decode_split_kernel(
-        q_lat_ptr, q_pe_ptr,                 # [B, ROWS, R], [B, ROWS, RP] contiguous (ROWS = T * H)
+        q_lat_ptr, q_pe_ptr,                 # [B, T, H, R], [B, T, H, RP]: any strides but a unit last one
         cache_ptr,                           # [N, BLOCK_SIZE, R + RP], any strides (INT8: int8 codes first)
         pe_ptr, kv_scale_ptr,                # the roped keys' tensor (the cache, or its rope-dtype view); INT8: [R] fp32
         block_tables_ptr, positions_ptr,     # [B, M], [B, T] int64
@@ -129,6 +129,7 @@ if triton is not None:
         qk_scale,                            # softmax scale * log2(e)
         stride_cache_n, stride_cache_s, stride_cache_c, stride_pe_n, stride_pe_s, stride_pe_c,
         stride_table_b, stride_pos_b, stride_pos_t,
+        stride_q_b, stride_q_t, stride_q_h, stride_qpe_b, stride_qpe_t, stride_qpe_h,
         ROWS, KEYS, SPLITS,                  # runtime: T * H, M * BLOCK_SIZE, number of splits
         H: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, PE_OFFSET: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE_H: tl.constexpr, TILE_N: tl.constexpr, TILE_R: tl.constexpr, TILE_RP: tl.constexpr,
@@ -146,10 +147,13 @@ if triton is not None:
         start = split * per_split
         end = tl.minimum(start + per_split, n_keys)
 
-        q_rows = (b * ROWS + rows).to(tl.int64)
-        q_lat = tl.load(q_lat_ptr + q_rows[:, None] * R + offs_r[None, :],
+        q_rows = (b * ROWS + rows).to(tl.int64)                            # index into the partials
+        t_of, h_of = (rows // H).to(tl.int64), (rows % H).to(tl.int64)
+        q_off = b * stride_q_b + t_of * stride_q_t + h_of * stride_q_h
+        pe_off = b * stride_qpe_b + t_of * stride_qpe_t + h_of * stride_qpe_h
+        q_lat = tl.load(q_lat_ptr + q_off[:, None] + offs_r[None, :],
                         mask=row_ok[:, None] & (offs_r < R)[None, :], other=0.0)      # [TILE_H, TILE_R]
-        q_pe = tl.load(q_pe_ptr + q_rows[:, None] * RP + offs_rp[None, :],
+        q_pe = tl.load(q_pe_ptr + pe_off[:, None] + offs_rp[None, :],
                        mask=row_ok[:, None] & (offs_rp < RP)[None, :], other=0.0)    # [TILE_H, TILE_RP]
 
         if INT8:
@@ -187,8 +191,8 @@ if triton is not None:
                  mask=(row_ok & (l_i > 0))[:, None] & (offs_r < R)[None, :])
 
     @triton.jit
-    def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS,
-                               R: tl.constexpr, TILE_S: tl.constexpr, TILE_R: tl.constexpr):
+    def _combine_splits_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, ROWS, stride_o_b, stride_o_t, stride_o_h,
+                               H: tl.constexpr, R: tl.constexpr, TILE_S: tl.constexpr, TILE_R: tl.constexpr):
         """One (batch row, query, head) and TILE_R of its R outputs: out = sum_s w_s acc_s / sum_s w_s l_s,
         w_s = 2^(m_s - max m). Only splits that saw a key (l_s > 0) are read: the split count follows
         the table's capacity, and a short context leaves most splits empty."""
@@ -201,7 +205,9 @@ if triton is not None:
         acc = tl.load(acc_ptr + (row * SPLITS + offs_s)[:, None] * R + offs_r[None, :],
                       mask=(s_ok & (l > 0))[:, None] & r_ok[None, :], other=0.0)   # [TILE_S, TILE_R]
         out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-        tl.store(out_ptr + row * R + offs_r, out.to(out_ptr.dtype.element_ty), mask=r_ok)
+        b, t, h = row // ROWS, (row % ROWS) // H, row % H                 # out [B, T, H, R], any strides
+        tl.store(out_ptr + b * stride_o_b + t * stride_o_t + h * stride_o_h + offs_r,
+                 out.to(out_ptr.dtype.element_ty), mask=r_ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,8 +258,10 @@ def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables
                      rope_dtype: torch.dtype | None = None) -> Tensor:
     """The kernel alone: attention of latent queries over the paged cache.
 
-    q_lat [B, T, H, R], q_pe [B, T, H, r], kv_cache [N, bs, R + r], block_tables [B, M], positions [B, T]
-    -> out_lat [B, T, H, R] in q_lat's dtype. num_splits overrides the split rule (tests).
+    q_lat [B, T, H, R], q_pe [B, T, H, r] (any strides but a unit last one: read in place), kv_cache
+    [N, bs, R + r], block_tables [B, M], positions [B, T] -> out_lat [B, T, H, R] in q_lat's dtype, laid
+    out head-major ([H, B, T, R] in memory: the layout the W_UV product reads without a copy).
+    num_splits overrides the split rule (tests).
     An int8 cache (C8, ops/kv_int8.py): kv_cache int8 [N, bs, R + r * itemsize(rope_dtype)] with
     kv_scale fp32 [R] and rope_dtype given (int8_cache_supported must hold).
     """
@@ -274,15 +282,19 @@ def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables
     tiles = triton.cdiv(rows, config.tile_h)
     splits = num_splits or _num_splits(keys, B * tiles, q_lat.device)
 
-    q_lat = q_lat.reshape(B, rows, R).contiguous()
-    q_pe = q_pe.to(q_lat.dtype).reshape(B, rows, r).contiguous()
+    if q_lat.stride(-1) != 1:
+        q_lat = q_lat.contiguous()
+    q_pe = q_pe.to(q_lat.dtype)
+    if q_pe.stride(-1) != 1:
+        q_pe = q_pe.contiguous()
     m = q_lat.new_empty((B, rows, splits), dtype=torch.float32)                # per split: running max (log2),
     l = torch.empty_like(m)                                                    # sum of exponentials,
     acc = q_lat.new_empty((B, rows, splits, R), dtype=torch.float32)           # unnormalised output
     _paged_decode_split_kernel[(tiles, splits, B)](
         q_lat, q_pe, kv_cache, pe, kv_scale, block_tables, positions, m, l, acc, scale * _LOG2E,
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), pe.stride(0), pe.stride(1), pe.stride(2),
-        block_tables.stride(0), positions.stride(0), positions.stride(1), rows, keys, splits,
+        block_tables.stride(0), positions.stride(0), positions.stride(1), *q_lat.stride()[:3], *q_pe.stride()[:3],
+        rows, keys, splits,
         H=H, R=R, RP=r, PE_OFFSET=pe_offset, BLOCK_SIZE=bs, TILE_H=config.tile_h, TILE_N=config.tile_n,
         TILE_R=max(16, triton.next_power_of_2(R)), TILE_RP=max(16, triton.next_power_of_2(r)),
         # Triton's interpreter multiplies bfloat16 dot operands as their raw uint16 bits: there, upcast
@@ -290,12 +302,29 @@ def mla_paged_decode(q_lat: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables
         FP32_DOT=q_lat.dtype == torch.float32 or (interpreted and q_lat.dtype == torch.bfloat16),
         WHILE_LOOP=interpreted, INT8=int8, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    out_lat = torch.empty_like(q_lat)                                          # [B, ROWS, R]
+    out_lat = q_lat.new_empty((H, B, T, R)).permute(1, 2, 0, 3)              # [B, T, H, R], head-major
     tile_r = min(_COMBINE_TILE_R, triton.next_power_of_2(R))
-    _combine_splits_kernel[(B * rows, triton.cdiv(R, tile_r))](m, l, acc, out_lat, splits, R=R,
-                                                               TILE_S=triton.next_power_of_2(splits), TILE_R=tile_r,
-                                                               num_warps=4)
-    return out_lat.view(B, T, H, R)
+    _combine_splits_kernel[(B * rows, triton.cdiv(R, tile_r))](m, l, acc, out_lat, splits, rows, *out_lat.stride()[:3],
+                                                               H=H, R=R, TILE_S=triton.next_power_of_2(splits),
+                                                               TILE_R=tile_r, num_warps=4)
+    return out_lat
+
+
+def _absorb_q(q_nope: Tensor, w_uk: Tensor) -> Tensor:
+    """q_nope [B, T, H, D] @ W_UK [H, D, R] -> q_lat [B, T, H, R], as one batched GEMM over heads whose
+    result stays head-major ([H, B * T, R]): the kernel reads it through strides, so no layout copy
+    (an einsum's [B, T, H, R] result needed one per call from T = 2, an MTP verify)."""
+    B, T, H, D = q_nope.shape
+    q = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, D)                   # a view when (b, t) merge
+    return torch.bmm(q, w_uk).view(H, B, T, -1).permute(1, 2, 0, 3)
+
+
+def _project_v(out_lat: Tensor, w_uv: Tensor, dtype: torch.dtype) -> Tensor:
+    """out_lat [B, T, H, R] (head-major, as mla_paged_decode writes it) @ W_UV^T [H, R, dv] -> a
+    contiguous [B, T, H, dv] in `dtype`."""
+    B, T, H, R = out_lat.shape
+    y = torch.bmm(out_lat.permute(2, 0, 1, 3).reshape(H, B * T, R), w_uv.transpose(1, 2))   # [H, B*T, dv]
+    return y.view(H, B, T, -1).permute(1, 2, 0, 3).to(dtype).contiguous()
 
 
 def mla_paged_attention_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor,
@@ -306,9 +335,8 @@ def mla_paged_attention_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, blo
     if q_nope.shape[1] > absorb_max_tokens or q_nope.dtype not in _KERNEL_DTYPES:
         return mla_paged_attention_reference(q_nope, q_pe, kv_cache, block_tables, positions, kv_b_weight,
                                              w_uk, w_uv, scale, absorb_max_tokens)
-    q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)                   # [B, T, H, R]
-    out_lat = mla_paged_decode(q_lat, q_pe, kv_cache, block_tables, positions, scale)
-    return torch.einsum("bthr,hvr->bthv", out_lat, w_uv).to(q_nope.dtype).contiguous()   # [B, T, H, dv]
+    out_lat = mla_paged_decode(_absorb_q(q_nope, w_uk), q_pe, kv_cache, block_tables, positions, scale)
+    return _project_v(out_lat, w_uv, q_nope.dtype)
 
 
 def mla_paged_attention_int8_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, kv_scale: Tensor,
@@ -322,10 +350,9 @@ def mla_paged_attention_int8_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor
             or not int8_cache_supported(kv_cache, w_uk.shape[2], rope_dtype)):
         return mla_paged_attention_int8_reference(q_nope, q_pe, kv_cache, kv_scale, rope_dtype, block_tables,
                                                   positions, kv_b_weight, w_uk, w_uv, scale, absorb_max_tokens)
-    q_lat = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
-    out_lat = mla_paged_decode(q_lat, q_pe, kv_cache, block_tables, positions, scale, kv_scale=kv_scale,
-                               rope_dtype=rope_dtype)
-    return torch.einsum("bthr,hvr->bthv", out_lat, w_uv).to(q_nope.dtype).contiguous()
+    out_lat = mla_paged_decode(_absorb_q(q_nope, w_uk), q_pe, kv_cache, block_tables, positions, scale,
+                               kv_scale=kv_scale, rope_dtype=rope_dtype)
+    return _project_v(out_lat, w_uv, q_nope.dtype)
 
 
 _registered = False
