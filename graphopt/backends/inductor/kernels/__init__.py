@@ -15,7 +15,8 @@ implementations in graphopt/ops stay the definition; a kernel never changes what
 `register_all()` registers every available kernel for the "cuda" dispatch key (idempotent); the
 inductor backend calls it when it lowers a Program for a CUDA device. GRAPHOPT_DISABLE_KERNELS=
 "mla_paged_attention,moe_experts,moe_route,quant_gemm,linear,w4a8_matmul,int8_gemv,w4a8_gemv,
-int8_expert_gemv" (or "all") leaves kernels out, for A/B runs in a fresh process.
+int8_expert_gemv" (or "all") leaves kernels out, for A/B runs in a fresh process; a name that is not
+a kernel is an error (ValueError, with the accepted names).
 A kernel joins the default set once its GPU tests have passed on the H200 (or an H100) and it has
 been measured there against what it replaces; until then it is in OPT_IN and registered only when
 GRAPHOPT_ENABLE_KERNELS names it (its interpreter tests run in CI).
@@ -35,16 +36,18 @@ _REGISTERED: list[str] = []
 # what each replaces at every V2-Lite linear). int8_expert_gemv was written after that day's device
 # time ran out: bit-identical in Triton's interpreter, not yet run on a GPU.
 OPT_IN = {"int8_expert_gemv"}
+# (name in GRAPHOPT_DISABLE_KERNELS / GRAPHOPT_ENABLE_KERNELS, what registers it), in registration order
+_KERNELS = (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
+            ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
+            ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv),
+            ("int8_expert_gemv", quant_gemm.Int8ExpertGemv))
 
 
 def register_all() -> list[str]:
     """Register the kernels whose dependencies (triton, CUDA) are present; returns their names."""
-    off = _names("GRAPHOPT_DISABLE_KERNELS")
-    wanted = _names("GRAPHOPT_ENABLE_KERNELS")
-    for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
-                         ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
-                         ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv),
-                         ("int8_expert_gemv", quant_gemm.Int8ExpertGemv)):
+    off = _names("GRAPHOPT_DISABLE_KERNELS", {"all"})
+    wanted = _names("GRAPHOPT_ENABLE_KERNELS", set())
+    for name, module in _KERNELS:
         if name in OPT_IN and name not in wanted:
             continue
         if name not in _REGISTERED and module.available() and not off & {name, "all"}:
@@ -57,5 +60,12 @@ def registered() -> list[str]:
     return list(_REGISTERED)
 
 
-def _names(variable: str) -> set[str]:
-    return {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
+def _names(variable: str, extra: set[str]) -> set[str]:
+    """The comma-separated kernel names in an environment variable; a name that is not a kernel is an
+    error (a typo would otherwise leave an A/B run silently unchanged)."""
+    names = {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
+    known = {name for name, _ in _KERNELS} | extra
+    if names - known:
+        raise ValueError(f"{variable}={os.environ[variable]!r}: unknown kernel name(s) "
+                         f"{', '.join(sorted(names - known))}; accepted: {', '.join(sorted(known))}")
+    return names
