@@ -99,8 +99,9 @@ def test_interpreted_batched_int8_gemv_equals_int8_matmul_bit_for_bit(interprete
 
 def test_batched_int8_matmul_takes_the_batched_gemv_at_one_row_once_registered(monkeypatch):
     """The routing of batched (per-expert) int8_matmul (the GEMV replaced by a recording stand-in):
-    the reference before Int8ExpertGemv.register(), the batched GEMV after it at one row per entry,
+    the reference before the "int8_expert_gemv" route is enabled, the batched GEMV after it at one row per entry,
     never at two rows per entry."""
+    from graphopt.backends.inductor import kernels
     from graphopt.backends.inductor.kernels import gemv, quant_gemm
     calls = []
     monkeypatch.setattr(gemv, "int8_gemv_batched",
@@ -108,11 +109,11 @@ def test_batched_int8_matmul_takes_the_batched_gemv_at_one_row_once_registered(m
     gen = torch.Generator().manual_seed(0)
     w = torch.randint(-127, 128, (4, 24, 64), generator=gen, dtype=torch.int8)
     xs = {s: torch.randint(-127, 128, s, generator=gen, dtype=torch.int8) for s in [(4, 1, 64), (1, 1, 64), (4, 2, 64)]}
-    monkeypatch.setattr(quant_gemm, "_batched_rows", 0)
+    monkeypatch.setitem(quant_gemm.ROUTE_ROWS, "int8_expert_gemv", 0)
     for x in xs.values():
         assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))
     assert calls == []
-    quant_gemm.Int8ExpertGemv.register()          # monkeypatch restores _batched_rows afterwards
+    kernels.enable_route("int8_expert_gemv")          # monkeypatch restores ROUTE_ROWS afterwards
     for x in xs.values():
         assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))
     assert calls == [(4, 1, 64), (1, 1, 64)]
@@ -204,16 +205,17 @@ if __name__ == "__main__":
 
 def test_int8_matmul_runs_the_int8_gemv_at_one_row_only_once_registered(monkeypatch):
     """The routing inside int8_matmul's CUDA implementation (the GEMV replaced by a recording stand-in,
-    so no GPU or triton is needed): off before Int8Gemv.register() ran, one row after it, never two."""
+    so no GPU or triton is needed): off before the "int8_gemv" route is enabled, one row after it, never two."""
+    from graphopt.backends.inductor import kernels
     from graphopt.backends.inductor.kernels import gemv, quant_gemm
     calls = []
     monkeypatch.setattr(gemv, "int8_gemv", lambda x, w: calls.append(tuple(x.shape)) or torch.ops.graphopt.int8_matmul(x, w))
     x, w = int8_inputs("two_rows_3d")
     one = x[:, :1]                                                   # [1, 1, K]
-    monkeypatch.setattr(quant_gemm, "_gemv_rows", 0)
+    monkeypatch.setitem(quant_gemm.ROUTE_ROWS, "int8_gemv", 0)
     assert torch.equal(quant_gemm.int8_matmul_cuda(one, w), torch.ops.graphopt.int8_matmul(one, w)) and calls == []
-    quant_gemm.Int8Gemv.register()          # monkeypatch restores _gemv_rows afterwards
-    assert quant_gemm._gemv_rows == 1
+    kernels.enable_route("int8_gemv")          # monkeypatch restores ROUTE_ROWS afterwards
+    assert quant_gemm.ROUTE_ROWS["int8_gemv"] == 1
     assert torch.equal(quant_gemm.int8_matmul_cuda(one, w), torch.ops.graphopt.int8_matmul(one, w))
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), torch.ops.graphopt.int8_matmul(x, w))    # two rows
     assert calls == [(1, 256)]

@@ -29,7 +29,7 @@ def test_int8_matmul_is_bit_identical(lead, k, out):
 @pytest.mark.parametrize("k,out", [(112, 8192), (2048, 1408), (100, 24), (10944, 2048)])
 def test_int8_gemv_path_is_bit_identical(monkeypatch, lead, k, out):
     """int8_matmul's one-row GEMV ("int8_gemv"); two rows take cuBLASLt."""
-    monkeypatch.setattr(quant_gemm, "_gemv_rows", 1)
+    monkeypatch.setitem(quant_gemm.ROUTE_ROWS, "int8_gemv", 1)
     x, w = _int8(*lead, k, seed=7), _int8(out, k, seed=8)
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), quant.int8_matmul._init_fn(x, w))
 
@@ -38,7 +38,7 @@ def test_int8_gemv_path_is_bit_identical(monkeypatch, lead, k, out):
                                                    (3, 3, 1, 24, 100), (8, 8, 1, 4096, 10944)])
 def test_batched_int8_gemv_path_is_bit_identical(monkeypatch, xb, experts, rows, out, k):
     """Batched int8_matmul at one row per entry ("int8_expert_gemv", opt-in), alone and under a CUDA graph."""
-    monkeypatch.setattr(quant_gemm, "_batched_rows", 1)
+    monkeypatch.setitem(quant_gemm.ROUTE_ROWS, "int8_expert_gemv", 1)
     x, w = _int8(xb, rows, k, seed=9), _int8(experts, out, k, seed=10)
     ref = quant.int8_matmul._init_fn(x, w)
     assert torch.equal(quant_gemm.int8_matmul_cuda(x, w), ref)

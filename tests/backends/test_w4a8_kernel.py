@@ -120,14 +120,15 @@ def test_the_op_runs_the_kernel_up_to_max_rows_and_the_reference_above(monkeypat
 
 
 def test_the_gemv_form_takes_one_row_once_registered(monkeypatch):
+    from graphopt.backends.inductor import kernels
     from graphopt.backends.inductor.kernels import w4a8_gemm
     used = []
     monkeypatch.setattr(w4a8_gemm, "w4a8_gemm", lambda *a: used.append(("mma", a[0].shape[-2])) or _quant.w4a8_matmul._init_fn(*a))
     monkeypatch.setattr(w4a8_gemm, "w4a8_gemv", lambda *a: used.append(("gemv", a[0].shape[-2])) or _quant.w4a8_matmul._init_fn(*a))
     x, w, s = inputs(5, 64, 16, 32)
-    monkeypatch.setattr(w4a8_gemm, "_gemv_rows", 0)
+    monkeypatch.setitem(w4a8_gemm.ROUTE_ROWS, "w4a8_gemv", 0)
     w4a8_gemm.w4a8_matmul_cuda(x[:1], w, s)                          # before register(): the MMA kernel
-    w4a8_gemm.W4A8Gemv.register()                                    # monkeypatch restores _gemv_rows after
+    kernels.enable_route("w4a8_gemv")                                # monkeypatch restores ROUTE_ROWS after
     for rows in (1, 2, 5):
         assert torch.equal(w4a8_gemm.w4a8_matmul_cuda(x[:rows], w, s), _quant.w4a8_matmul._init_fn(x[:rows], w, s))
     assert used == [("mma", 1), ("gemv", 1), ("mma", 2), ("mma", 5)]

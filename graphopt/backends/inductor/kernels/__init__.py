@@ -28,7 +28,7 @@ import os
 
 from . import gemv, mla_decode, moe, moe_route, quant_gemm, w4a8_gemm
 
-__all__ = ["register_all", "registered", "OPT_IN"]
+__all__ = ["register_all", "registered", "enable_route", "OPT_IN"]
 
 _REGISTERED: list[str] = []
 # w4a8_matmul joined the default set on 2026-12-07 (H100: 7-15x its reference path at decode sizes),
@@ -39,8 +39,11 @@ OPT_IN = {"int8_expert_gemv"}
 # (name in GRAPHOPT_DISABLE_KERNELS / GRAPHOPT_ENABLE_KERNELS, what registers it), in registration order
 _KERNELS = (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
             ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
-            ("int8_gemv", quant_gemm.Int8Gemv), ("w4a8_gemv", w4a8_gemm.W4A8Gemv),
-            ("int8_expert_gemv", quant_gemm.Int8ExpertGemv))
+            ("int8_gemv", None), ("w4a8_gemv", None), ("int8_expert_gemv", None))
+# routes: a GEMV form inside another kernel's op implementation, switched on by a row limit in its
+# module's ROUTE_ROWS (name -> module, rows it takes once registered, whether it runs gemv.py's program)
+_ROUTES = {"int8_gemv": (quant_gemm, 1, True), "int8_expert_gemv": (quant_gemm, 1, True),
+           "w4a8_gemv": (w4a8_gemm, w4a8_gemm.GEMV_MAX_ROWS, False)}
 
 
 def register_all() -> list[str]:
@@ -50,10 +53,23 @@ def register_all() -> list[str]:
     for name, module in _KERNELS:
         if name in OPT_IN and name not in wanted:
             continue
-        if name not in _REGISTERED and module.available() and not off & {name, "all"}:
-            module.register()
+        if name not in _REGISTERED and _available(name, module) and not off & {name, "all"}:
+            module.register() if module is not None else enable_route(name)
             _REGISTERED.append(name)
     return list(_REGISTERED)
+
+
+def _available(name: str, module) -> bool:
+    if module is not None:
+        return module.available()
+    owner, _, uses_gemv = _ROUTES[name]
+    return owner.available() and (not uses_gemv or gemv.available())
+
+
+def enable_route(name: str) -> None:
+    """Switch a GEMV route on: its op implementation takes it up to the route's rows from now on."""
+    owner, rows, _ = _ROUTES[name]
+    owner.ROUTE_ROWS[name] = rows
 
 
 def registered() -> list[str]:

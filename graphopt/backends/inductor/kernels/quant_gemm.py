@@ -47,11 +47,13 @@ from ....ops import quant as _quant
 from ....ops.quant_linear import QuantizedLinear, eager_call, emit_linear, moe_linears
 from . import gemv
 
-__all__ = ["available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync", "Int8Gemv", "Int8ExpertGemv"]
+__all__ = ["ROUTE_ROWS", "available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync"]
 
 _MIN_ROWS = 17   # torch._int_mm on CUDA: more than 16 rows
-_gemv_rows = 0   # rows up to which int8_matmul runs the int8 GEMV: 1 once Int8Gemv.register() ran
-_batched_rows = 0   # rows per batch entry up to which a batched int8_matmul runs int8_gemv_batched (opt-in)
+# rows up to which int8_matmul takes each GEMV route (0: off), set by kernels/__init__.py when the route
+# registers: "int8_gemv" (one [out, K] weight) and "int8_expert_gemv" (rows per batch entry of batched
+# weights, opt-in)
+ROUTE_ROWS = {"int8_gemv": 0, "int8_expert_gemv": 0}
 
 
 def available() -> bool:
@@ -59,9 +61,10 @@ def available() -> bool:
 
 
 def _batched_gemv_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
-    """[B or 1, M, K] x [B, N, K] with M <= _batched_rows, int8, unit column strides: the decode step's
-    routed experts (one row per assignment against its gathered expert, moe_without_sync below)."""
-    return (x_q.dim() == w_q.dim() == 3 and 0 < x_q.shape[1] <= _batched_rows and x_q.shape[0] in (1, w_q.shape[0])
+    """[B or 1, M, K] x [B, N, K] with M <= ROUTE_ROWS["int8_expert_gemv"], int8, unit column strides:
+    the decode step's routed experts (one row per assignment against its gathered expert, moe_without_sync below)."""
+    rows = ROUTE_ROWS["int8_expert_gemv"]
+    return (x_q.dim() == w_q.dim() == 3 and 0 < x_q.shape[1] <= rows and x_q.shape[0] in (1, w_q.shape[0])
             and w_q.shape[0] > 0 and x_q.shape[-1] == w_q.shape[-1] > 0 and x_q.dtype == w_q.dtype == torch.int8
             and x_q.stride(-1) == 1 and w_q.stride(-1) == 1)
 
@@ -75,8 +78,8 @@ def int8_matmul_cuda(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     m = x2.shape[0]
-    if (0 < m <= _gemv_rows and w_q.dim() == 2 and w_q.shape[-1] == x2.shape[1] > 0 and w_q.stride(1) == 1
-            and x2.stride(1) == 1 and x_q.dtype == w_q.dtype == torch.int8):
+    if (0 < m <= ROUTE_ROWS["int8_gemv"] and w_q.dim() == 2 and w_q.shape[-1] == x2.shape[1] > 0
+            and w_q.stride(1) == 1            and x2.stride(1) == 1 and x_q.dtype == w_q.dtype == torch.int8):
         return gemv.int8_gemv(x2, w_q).reshape(*lead, w_q.shape[0])
     if _batched_gemv_ok(x_q, w_q):
         return gemv.int8_gemv_batched(x_q, w_q)
@@ -140,35 +143,6 @@ def moe_without_sync(x, weights, ids, up: QuantizedLinear, dn: QuantizedLinear) 
     dense = torch.zeros(experts, n, dtype=torch.float32, device=x.device)
     dense.scatter_add_(0, ids.t().long(), weights.t().float())                        # [E, N] routing weights
     return torch.einsum("en,enh->nh", dense, y).to(x.dtype)
-
-
-class Int8Gemv:
-    """The kernel registry's entry for int8_matmul's one-row GEMV ("int8_gemv" in kernels/__init__.py)."""
-
-    @staticmethod
-    def available() -> bool:
-        return available() and gemv.available()
-
-    @staticmethod
-    def register() -> None:
-        global _gemv_rows
-        _gemv_rows = 1
-
-
-class Int8ExpertGemv:
-    """The registry's entry for batched int8_matmul at one row per batch entry through
-    gemv.int8_gemv_batched ("int8_expert_gemv", opt-in in kernels/__init__.py until timed): the W8A8
-    decode step's routed experts, which otherwise run the reference (a float matmul over the weights
-    cast to float32, or float64 past K = 1024)."""
-
-    @staticmethod
-    def available() -> bool:
-        return available() and gemv.available()
-
-    @staticmethod
-    def register() -> None:
-        global _batched_rows
-        _batched_rows = 1
 
 
 def register() -> None:

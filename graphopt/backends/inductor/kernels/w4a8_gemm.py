@@ -57,7 +57,7 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["available", "register", "w4a8_gemm", "w4a8_gemv", "w4a8_matmul_cuda", "W4A8Gemv"]
+__all__ = ["ROUTE_ROWS", "available", "register", "w4a8_gemm", "w4a8_gemv", "w4a8_matmul_cuda"]
 
 
 def available() -> bool:
@@ -139,8 +139,8 @@ if triton is not None:
 
 
 MAX_ROWS = 16   # w4a8_matmul_cuda's kernel rows; more rows run the reference (measured above)
-GEMV_MAX_ROWS = 1   # rows the GEMV form takes once W4A8Gemv.register() ran: timed at one row only (module doc)
-_gemv_rows = 0
+GEMV_MAX_ROWS = 1   # rows the GEMV form takes once its route registered: timed at one row only (module doc)
+ROUTE_ROWS = {"w4a8_gemv": 0}   # set to GEMV_MAX_ROWS by kernels/__init__.py when "w4a8_gemv" registers
 
 
 def _tiles(m: int) -> tuple[int, int, int, int]:
@@ -213,22 +213,9 @@ def w4a8_matmul_cuda(x_q: Tensor, w_packed: Tensor, w_group_scale: Tensor) -> Te
     if (w_packed.dim() != 2 or x_q.shape[-1] % w_group_scale.shape[-1] or x_q.dtype != torch.int8
             or not 0 < x_q.numel() <= MAX_ROWS * x_q.shape[-1]):
         return _quant.w4a8_matmul._init_fn(x_q, w_packed, w_group_scale)
-    if x_q.numel() <= _gemv_rows * x_q.shape[-1]:
+    if x_q.numel() <= ROUTE_ROWS["w4a8_gemv"] * x_q.shape[-1]:
         return w4a8_gemv(x_q, w_packed, w_group_scale)
     return w4a8_gemm(x_q, w_packed, w_group_scale)
-
-
-class W4A8Gemv:
-    """The kernel registry's entry for the few-row form ("w4a8_gemv" in kernels/__init__.py)."""
-
-    @staticmethod
-    def available() -> bool:
-        return available()
-
-    @staticmethod
-    def register() -> None:
-        global _gemv_rows
-        _gemv_rows = GEMV_MAX_ROWS
 
 
 _registered = False
