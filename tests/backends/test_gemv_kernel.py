@@ -199,6 +199,27 @@ def test_gpu_lowering_rewrites_stored_weight_linears():
     torch.testing.assert_close(lowered(x, v), gm(x, v), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("fn, x, w, message", [
+    ("gemv", (2, 16), (8, 12), "K=16 but the weight is"),
+    ("gemv", (2, 3, 16), (8, 16), "must be 2-D"),
+    ("int8_gemv", (1, 16), (8, 16), "int8 x and weight expected"),
+    ("int8_gemv_batched", (3, 1, 16), (2, 8, 16), "batches of 3 inputs and 2 weights"),
+])
+def test_the_entry_points_refuse_operands_the_kernel_would_misread(fn, x, w, message):
+    """Checked before any launch, so no GPU or triton is needed to see the error."""
+    from graphopt.backends.inductor.kernels import gemv
+    dtype = torch.int8 if fn.startswith("int8") and "expected" not in message else torch.bfloat16
+    with pytest.raises(ValueError, match=message):
+        getattr(gemv, fn)(torch.zeros(x, dtype=dtype), torch.zeros(w, dtype=dtype))
+
+
+def test_a_weight_strided_along_k_is_refused():
+    from graphopt.backends.inductor.kernels import gemv
+    w = torch.zeros(16, 8, dtype=torch.bfloat16).t()                 # [8, 16], stride 8 along K
+    with pytest.raises(ValueError, match="unit stride along K"):
+        gemv.gemv(torch.zeros(1, 16, dtype=torch.bfloat16), w)
+
+
 if __name__ == "__main__":
     _run_interpreted()
 

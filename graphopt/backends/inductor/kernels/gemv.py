@@ -22,7 +22,8 @@ float32 accumulation as cuBLAS does; the sums run in another order, so results a
 (bf16: one ulp of the output), not bit for bit. No split over K and no atomics: every output is one
 program's sum, the same on every run. Tiles come from `config(M, N, K)` (measured on the H200,
 `benchmarks/gemv.py`); more rows than ROW_LIMITS allows for the weight, another dtype pair, or a
-weight that is not row-major run aten.linear (cuBLAS). The op's reference (`graphopt/ops/core.py: linear`) is the definition.
+weight that is not row-major run aten.linear (cuBLAS). The op's reference (`graphopt/ops/core.py:
+linear`) is the definition.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["MAX_ROWS", "ROW_LIMITS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda", "register"]
+__all__ = ["MAX_ROWS", "ROW_LIMITS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda",
+           "register"]
 
 # (rows, largest weight in bytes the GEMV takes at that many rows); past the last entry cuBLAS is faster
 ROW_LIMITS = ((1, float("inf")), (2, 12 << 20), (4, 5 << 19))
@@ -98,6 +100,23 @@ def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_m, block_n, block_k, 4
 
 
+def _check(name: str, x3: Tensor, w3: Tensor, int8: bool) -> None:
+    """What every entry point needs of its operands (the kernel itself would read out of bounds)."""
+    if x3.dim() != 3 or w3.dim() != 3:
+        raise ValueError(f"{name}: x and the weight must be 2-D (or 3-D for the batched form), got "
+                         f"{tuple(x3.shape[1:] if x3.dim() == 3 else x3.shape)} and {tuple(w3.shape)}")
+    if x3.shape[2] != w3.shape[2] or x3.shape[2] == 0:
+        raise ValueError(f"{name}: x has K={x3.shape[2]} but the weight is [N, K={w3.shape[2]}] (K must match, > 0)")
+    if x3.shape[0] not in (1, w3.shape[0]) and w3.shape[0] != 1:
+        raise ValueError(f"{name}: batches of {x3.shape[0]} inputs and {w3.shape[0]} weights (one side 1, or equal)")
+    if x3.stride(2) != 1 or w3.stride(2) != 1:
+        raise ValueError(f"{name}: x and the weight need a unit stride along K (got {x3.stride(2)}, {w3.stride(2)})")
+    if int8 and not x3.dtype == w3.dtype == torch.int8:
+        raise ValueError(f"{name}: int8 x and weight expected, got {x3.dtype} and {w3.dtype}")
+    if not int8 and not (x3.dtype == w3.dtype and x3.dtype in _DTYPES):
+        raise ValueError(f"{name}: x and the weight must share one of {_DTYPES}, got {x3.dtype} and {w3.dtype}")
+
+
 def _launch(x3: Tensor, w3: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:
     """x3 [B or 1, M, K] @ w3 [B or 1, N, K]^T -> [B, M, N]; a batch of one on either side is broadcast."""
     _, m, k = x3.shape
@@ -115,6 +134,7 @@ def _launch(x3: Tensor, w3: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Ten
 
 def gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | None = None) -> Tensor:
     """x2 [M, K] (row stride any, unit column stride) @ weight [N, K]^T -> [M, N] in x2's dtype."""
+    _check("gemv", x2.unsqueeze(0), weight.unsqueeze(0), int8=False)
     return _launch(x2.unsqueeze(0), weight.unsqueeze(0), x2.dtype, tiles)[0]
 
 
@@ -122,6 +142,7 @@ def int8_gemv(x2: Tensor, weight: Tensor, tiles: tuple[int, int, int, int] | Non
     """int8 x2 [M, K] (unit column stride) @ int8 weight [N, K]^T -> exact int32 [M, N]: the same
     program shape, products and sums in int32 (graphopt::int8_matmul's few-row path, quant_gemm.py).
     The weight is half of bf16's bytes; tiles default to the bf16 sweep's (not yet swept for int8)."""
+    _check("int8_gemv", x2.unsqueeze(0), weight.unsqueeze(0), int8=True)
     return _launch(x2.unsqueeze(0), weight.unsqueeze(0), torch.int32, tiles, ACC=tl.int32)[0]
 
 
@@ -130,6 +151,7 @@ def int8_gemv_batched(x3: Tensor, weights: Tensor, tiles: tuple[int, int, int, i
     batch entry in one launch (grid axis 1), e.g. each routed assignment of a decode step against its
     own expert's weight (quant_gemm.py's batched int8_matmul). Unit column strides; x broadcast when
     its batch is 1."""
+    _check("int8_gemv_batched", x3, weights, int8=True)
     return _launch(x3, weights, torch.int32, tiles, ACC=tl.int32)
 
 
@@ -137,7 +159,8 @@ def usable(x: Tensor, weight: Tensor) -> bool:
     """Whether the GEMV runs this call (else aten.linear does)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     limit = next((size for most, size in ROW_LIMITS if rows <= most), -1)
-    return (0 < rows and weight.numel() * weight.element_size() <= limit and x.dtype == weight.dtype and x.dtype in _DTYPES and weight.dim() == 2
+    return (0 < rows and weight.numel() * weight.element_size() <= limit and x.dtype == weight.dtype
+            and x.dtype in _DTYPES and weight.dim() == 2
             and weight.stride(1) == 1 and weight.shape[0] > 0 and x.shape[-1] > 0)
 
 
