@@ -6,7 +6,7 @@
 #   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
 #   (no owed6 / owed7: they became owed10 / owed11 before they ran);
 #   owed9 .. owed12 are what stop 32 left unmeasured (all ran at stop 33 but owed10's C8 tests, cut by
-#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34)
+#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34); owed15 what owed14 cut short
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -135,6 +135,13 @@ if [ "$STAGE" = owed14 ]; then
     GRAPHOPT_KERNEL_TABLE=1 timeout 300 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 \
         --timeout 150 --systems graphopt graphopt-k1 --suffix _mtp_verify --out "$OUT" > "$OUT/kernels.txt" 2>&1
     grep "^| graphopt\|FAILED" "$OUT/kernels.txt"
+fi
+if [ "$STAGE" = owed15 ]; then
+    # what stop 34 left: the GEMV and MLA GPU tests that its 120 s limit cut (2-4 row GEMVs, strided MLA
+    # queries), then float32 CUDA-graph token identity at k = 1 after the MLA layout change
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_gemv_kernel.py \
+        tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -3
+    identity_k 1
 fi
 if [ "$STAGE" = owed13 ]; then
     # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to
