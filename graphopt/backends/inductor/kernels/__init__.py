@@ -36,34 +36,33 @@ _REGISTERED: list[str] = []
 # what each replaces at every V2-Lite linear). int8_expert_gemv was written after that day's device
 # time ran out: bit-identical in Triton's interpreter, not yet run on a GPU.
 OPT_IN = {"int8_expert_gemv"}
-# (name in GRAPHOPT_DISABLE_KERNELS / GRAPHOPT_ENABLE_KERNELS, what registers it), in registration order
-_KERNELS = (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
-            ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm),
-            ("int8_gemv", None), ("w4a8_gemv", None), ("int8_expert_gemv", None))
 # routes: a GEMV form inside another kernel's op implementation, switched on by a row limit in its
-# module's ROUTE_ROWS (name -> module, rows it takes once registered, whether it runs gemv.py's program)
-_ROUTES = {"int8_gemv": (quant_gemm, 1, True), "int8_expert_gemv": (quant_gemm, 1, True),
-           "w4a8_gemv": (w4a8_gemm, w4a8_gemm.GEMV_MAX_ROWS, False)}
+# module's ROUTE_ROWS (name -> module, rows it takes once enabled, whether it runs gemv.py's program)
+_ROUTES = {"int8_gemv": (quant_gemm, 1, True), "w4a8_gemv": (w4a8_gemm, w4a8_gemm.GEMV_MAX_ROWS, False),
+           "int8_expert_gemv": (quant_gemm, 1, True)}
+# every name GRAPHOPT_DISABLE_KERNELS / GRAPHOPT_ENABLE_KERNELS accept -> (available, register), in
+# registration order: the op kernels, then the routes inside them
+_KERNELS = {
+    **{name: (module.available, module.register)
+       for name, module in (("mla_paged_attention", mla_decode), ("moe_experts", moe), ("moe_route", moe_route),
+                            ("quant_gemm", quant_gemm), ("linear", gemv), ("w4a8_matmul", w4a8_gemm))},
+    **{name: (lambda owner=owner, uses_gemv=uses_gemv: owner.available() and (not uses_gemv or gemv.available()),
+              lambda name=name: enable_route(name))
+       for name, (owner, _, uses_gemv) in _ROUTES.items()},
+}
 
 
 def register_all() -> list[str]:
     """Register the kernels whose dependencies (triton, CUDA) are present; returns their names."""
     off = _names("GRAPHOPT_DISABLE_KERNELS", {"all"})
     wanted = _names("GRAPHOPT_ENABLE_KERNELS", set())
-    for name, module in _KERNELS:
+    for name, (available, register) in _KERNELS.items():
         if name in OPT_IN and name not in wanted:
             continue
-        if name not in _REGISTERED and _available(name, module) and not off & {name, "all"}:
-            module.register() if module is not None else enable_route(name)
+        if name not in _REGISTERED and available() and not off & {name, "all"}:
+            register()
             _REGISTERED.append(name)
     return list(_REGISTERED)
-
-
-def _available(name: str, module) -> bool:
-    if module is not None:
-        return module.available()
-    owner, _, uses_gemv = _ROUTES[name]
-    return owner.available() and (not uses_gemv or gemv.available())
 
 
 def enable_route(name: str) -> None:
@@ -80,7 +79,7 @@ def _names(variable: str, extra: set[str]) -> set[str]:
     """The comma-separated kernel names in an environment variable; a name that is not a kernel is an
     error (a typo would otherwise leave an A/B run silently unchanged)."""
     names = {n.strip() for n in os.environ.get(variable, "").split(",") if n.strip()}
-    known = {name for name, _ in _KERNELS} | extra
+    known = set(_KERNELS) | extra
     if names - known:
         raise ValueError(f"{variable}={os.environ[variable]!r}: unknown kernel name(s) "
                          f"{', '.join(sorted(names - known))}; accepted: {', '.join(sorted(known))}")
