@@ -38,7 +38,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_MAX_TOP_K", "STREAM_ACCEPT", "STREAM_TOKEN", "greedy_accept", "rejection_accept",
+__all__ = ["DEFAULT_MAX_TOP_K", "STREAM_ACCEPT", "STREAM_TOKEN", "greedy_accept", "greedy_accept_maths",
+           "leading_run", "rejection_accept",
            "sample_from_probs", "sampling_probs", "uniform"]
 
 DEFAULT_MAX_TOP_K = 256
@@ -180,6 +181,23 @@ def _emitted(drafts: Tensor, accepted: Tensor, last: Tensor) -> Tensor:
     return torch.where(idx == accepted[:, None], last[:, None], out)
 
 
+def leading_run(ok: Tensor) -> Tensor:
+    """ok [B, k] bool -> [B] int64: how many leading entries are True, i.e. the index of the first False
+    (k when there is none). One min reduction, no scan: Inductor fuses it with its neighbours and ONNX
+    has it as Where + ReduceMin."""
+    B, k = ok.shape
+    idx = torch.arange(k + 1, device=ok.device)
+    stops = torch.cat([~ok, ok.new_ones(B, 1)], dim=1)                           # a stop after the last draft
+    return torch.where(stops, idx, k + 1).amin(dim=1)
+
+
+def greedy_accept_maths(target_tokens: Tensor, draft_tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """graphopt::greedy_accept without its argument checks: what a backend inlines into its step graph."""
+    accepted = leading_run(draft_tokens == target_tokens[:, :-1])
+    last = target_tokens.gather(1, accepted[:, None]).squeeze(1)
+    return _emitted(draft_tokens, accepted, last), accepted
+
+
 def _check_accept(op: str, target: Tensor, drafts: Tensor) -> None:
     _require(drafts.dim() == 2 and target.dim() >= 2 and target.shape[0] == drafts.shape[0]
              and target.shape[1] == drafts.shape[1] + 1,
@@ -195,10 +213,7 @@ def greedy_accept(target_tokens: Tensor, draft_tokens: Tensor) -> tuple[Tensor, 
     out [B, 1+k] (accepted drafts, then one target token, then -1), accepted [B] in 0..k.
     """
     _check_accept("greedy_accept", target_tokens, draft_tokens)
-    match = draft_tokens == target_tokens[:, :-1]                                 # [B, k]
-    accepted = match.long().cumprod(dim=1).sum(dim=1)                            # leading matches
-    last = target_tokens.gather(1, accepted[:, None]).squeeze(1)
-    return _emitted(draft_tokens, accepted, last), accepted
+    return greedy_accept_maths(target_tokens, draft_tokens)
 
 
 @greedy_accept.register_fake
@@ -227,7 +242,7 @@ def rejection_accept(target_probs: Tensor, draft_tokens: Tensor, draft_probs: Op
     px = p[:, :k].gather(2, draft_tokens[..., None]).squeeze(-1)                  # [B, k]
     qx = q.gather(2, draft_tokens[..., None]).squeeze(-1)
     u = uniform(seed[:, None], pos[:, :k], STREAM_ACCEPT)                        # [B, k]
-    accepted = (u * qx < px).long().cumprod(dim=1).sum(dim=1)                    # u < p/q, leading run
+    accepted = leading_run(u * qx < px)                                          # u < p/q, leading run
     residual = (p[:, :k] - q).clamp_min(0)                                        # [B, k, V]
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, :k])
     replacement = torch.cat([residual, p[:, k:]], dim=1)                          # [B, 1+k, V]

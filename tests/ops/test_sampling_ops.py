@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from graphopt.ops.sampling import STREAM_ACCEPT, STREAM_TOKEN, uniform
+from graphopt.ops.sampling import STREAM_ACCEPT, STREAM_TOKEN, leading_run, uniform
 
 
 ops = torch.ops.graphopt
@@ -108,6 +108,15 @@ def test_greedy_accept_cases():
     assert out.tolist() == [[5, 6, 7, 8], [5, 6, -1, -1], [5, -1, -1, -1]]     # bonus / correction
     out0, acc0 = ops.greedy_accept(target[:, :1], drafts[:, :0])                # k = 0: plain decoding
     assert out0.tolist() == [[5], [5], [5]] and acc0.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 7])
+def test_leading_run_is_the_cumulative_product_count(k):
+    gen = torch.Generator().manual_seed(k)
+    ok = torch.rand(64, k, generator=gen) < 0.8
+    ok[0], ok[-1] = True, False                                   # every draft kept / none kept
+    assert leading_run(ok).dtype == torch.int64
+    assert torch.equal(leading_run(ok), ok.long().cumprod(dim=1).sum(dim=1))
 
 
 def test_rejection_accept_with_one_hot_targets_is_greedy():

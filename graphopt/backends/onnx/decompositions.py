@@ -17,8 +17,9 @@ numbers at the same rounding points, written without what ONNX cannot express:
     sampling_probs              top-p bisection compares float values instead of float bit patterns
                                 (no bitcast in onnxruntime), one_hot as a comparison with arange, the
                                 bool `where` as and / or (onnxruntime has no bool Where kernel)
-    greedy/rejection_accept     the leading run of accepted drafts counted by cumsum instead of cumprod
-                                (no CumProd in ONNX)
+    greedy_accept               the reference's maths (`sampling.greedy_accept_maths`: its leading run of
+                                accepted drafts is a min reduction, no scan)
+    rejection_accept            the reference with one_hot as a comparison and the same draw as above
     sample_from_probs           the reference
 
 `decomposition(op)` returns the entry for one op overload, or None when the op has none (the
@@ -98,11 +99,6 @@ def _one_hot(index: Tensor, classes: int) -> Tensor:
     return (index[..., None] == torch.arange(classes, device=index.device)).float()
 
 
-def _leading_run(ok: Tensor) -> Tensor:
-    """ok [B, k] bool -> [B] int64: how many leading entries are True (the reference's cumprod.sum)."""
-    return ((~ok).long().cumsum(dim=1) == 0).long().sum(dim=1)
-
-
 def _float_of_bits(bits: Tensor) -> Tensor:
     """int64 bit patterns in [0, 2^30] -> the float32 they encode, exactly (computed in float64):
     (mantissa + 2^23 [normal]) * 2^(max(exponent, 1) - 150), which also covers the subnormals."""
@@ -145,12 +141,6 @@ def sampling_probs(logits, temperature, top_k, top_p, min_p, max_top_k: int = _s
     return torch.where(greedy[:, None], _one_hot(logits.argmax(dim=-1), logits.shape[-1]), probs)
 
 
-def greedy_accept(target_tokens, draft_tokens):
-    accepted = _leading_run(draft_tokens == target_tokens[:, :-1])
-    last = target_tokens.gather(1, accepted[:, None]).squeeze(1)
-    return _sampling._emitted(draft_tokens, accepted, last), accepted
-
-
 def rejection_accept(target_probs, draft_tokens, draft_probs, seed, start_pos):
     B, k1, V = target_probs.shape
     k = k1 - 1
@@ -160,7 +150,7 @@ def rejection_accept(target_probs, draft_tokens, draft_probs, seed, start_pos):
     px = p[:, :k].gather(2, draft_tokens[..., None]).squeeze(-1)                  # [B, k]
     qx = q.gather(2, draft_tokens[..., None]).squeeze(-1)
     u = _sampling.uniform(seed[:, None], pos[:, :k], _sampling.STREAM_ACCEPT)
-    accepted = _leading_run(u * qx < px)
+    accepted = _sampling.leading_run(u * qx < px)
     residual = (p[:, :k] - q).clamp_min(0)
     residual = torch.where(residual.sum(dim=-1, keepdim=True) > 0, residual, p[:, :k])
     replacement = torch.cat([residual, p[:, k:]], dim=1)
@@ -185,7 +175,7 @@ DECOMPOSITIONS = {
     G.quantized_moe_experts.default: quantized_moe_experts,
     G.sampling_probs.default: sampling_probs,
     G.sample_from_probs.default: _reference(_sampling.sample_from_probs),
-    G.greedy_accept.default: greedy_accept,
+    G.greedy_accept.default: _sampling.greedy_accept_maths,
     G.rejection_accept.default: rejection_accept,
 }
 # the quantised-linear ops: their references are plain torch (graphopt/ops/quant.py)
