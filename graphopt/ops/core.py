@@ -13,6 +13,7 @@ the same ops; they never change what an op means.
               prune_threshold)                                  -> weights fp32 [N, k], ids int64 [N, k]
     moe_experts(x [N, H], weights [N, k], ids [N, k],
                 gate_up [E, 2I, H], down [E, H, I])            -> [N, H]
+    moe_expert_terms(the same)                                 -> float32 [N, k, H], before the sum over k
 
 Bad arguments raise ValueError naming the argument, what it was and what is accepted.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["SUPPORTED_SCORING", "SUPPORTED_TOPK_METHODS", "linear", "rms_norm", "swiglu", "moe_route", "moe_experts",
-           "prune_routing", "route"]
+           "moe_expert_terms", "prune_routing", "route"]
 
 # the routers graphopt implements (models/config.py validates a config against these)
 SUPPORTED_TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
@@ -249,9 +250,22 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: 
     dependent sizes); a backend kernel does the same grouping on the device.
     """
     _check_moe_experts(x, weights, ids, gate_up, down)
-    n_tokens, top_k = ids.shape
-    n_inter = down.shape[2]
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)          # [N, H] float32 accumulator
+    for assigned, term in _expert_terms(x, weights, ids, gate_up, down):
+        out.index_add_(0, assigned // ids.shape[1], term)
+    return out.to(x.dtype)
+
+
+@moe_experts.register_fake
+def _(x, weights, ids, gate_up, down):
+    _check_moe_experts(x, weights, ids, gate_up, down)
+    return torch.empty_like(x)
+
+
+def _expert_terms(x, weights, ids, gate_up, down):
+    """Per used expert, on the host grouping: (assigned [c] indices into N * k, their weighted outputs
+    float32 [c, H]), the expert matmuls in x.dtype. Pruned assignments (weight 0) are not computed."""
+    top_k, n_inter = ids.shape[1], down.shape[2]
     flat_weights = weights.reshape(-1).float()
     live = flat_weights != 0                                                   # pruned assignments: weight 0
     flat_ids = torch.where(live, ids.reshape(-1).long(), gate_up.shape[0])     # [N * k], dropped -> E (past the end)
@@ -263,14 +277,26 @@ def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: 
             continue
         assigned = order[start:start + count]                                  # [c] indices into N * k
         start += count
-        tokens = assigned // top_k                                             # [c]
-        gu = x[tokens] @ gate_up[e].t()                                         # [c, 2I]
+        gu = x[assigned // top_k] @ gate_up[e].t()                              # [c, 2I]
         h = (F.silu(gu[:, :n_inter]) * gu[:, n_inter:]) @ down[e].t()           # [c, H] in x.dtype
-        out.index_add_(0, tokens, h.float() * flat_weights[assigned, None])
-    return out.to(x.dtype)
+        yield assigned, h.float() * flat_weights[assigned, None]
 
 
-@moe_experts.register_fake
+@torch.library.custom_op("graphopt::moe_expert_terms", mutates_args=())
+def moe_expert_terms(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """moe_experts before its sum over k: float32 [N, k, H], term [n, j] = weights[n, j] *
+    expert_{ids[n, j]}(x[n]) (0 for a pruned assignment), so moe_experts(...) equals
+    moe_expert_terms(...).sum(1).to(x.dtype) up to float summation order. A backend calls it where the
+    sum should fuse into the consumer (the CUDA backend's decode steps); no Program holds it."""
+    _check_moe_experts(x, weights, ids, gate_up, down)
+    n_tokens, top_k = ids.shape
+    out = torch.zeros(n_tokens * top_k, x.shape[1], dtype=torch.float32, device=x.device)
+    for assigned, term in _expert_terms(x, weights, ids, gate_up, down):
+        out[assigned] = term
+    return out.view(n_tokens, top_k, -1)
+
+
+@moe_expert_terms.register_fake
 def _(x, weights, ids, gate_up, down):
     _check_moe_experts(x, weights, ids, gate_up, down)
-    return torch.empty_like(x)
+    return x.new_empty((*ids.shape, x.shape[1]), dtype=torch.float32)

@@ -214,7 +214,9 @@ def test_module_imports_and_falls_back_without_triton():
             "assert not moe.available() and moe.register() and moe.register()\n"
             "a = {**make_experts(5, 40, 24), **make_routing(3, 5, 40, 2)}\n"
             "got = moe.moe_experts_cuda(*(a[name] for name in ARGS))\n"   # the gathered fallback on CPU tensors
-            "assert torch.allclose(got, reference(a), rtol=1e-5, atol=1e-6)\n")
+            "assert torch.allclose(got, reference(a), rtol=1e-5, atol=1e-6)\n"
+            "terms = moe.moe_expert_terms_cuda(*(a[name] for name in ARGS))\n"
+            "assert terms.shape == (3, 2, 40) and torch.equal(terms.sum(1).to(got.dtype), got)\n")
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -270,6 +272,17 @@ def test_cuda_kernel_matches_reference(cuda_kernel, model, dtype, N):
     got = torch.ops.graphopt.moe_experts(*(a[name] for name in ARGS))
     assert got.dtype == dtype and got.shape == (N, H)
     assert rel_max_error(got, reference(a)) < GPU_MAX_ERROR[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N", [1, 2, 64])
+def test_cuda_terms_are_the_kernel_before_its_sum(cuda_kernel, N):
+    E, H, I, k = MODELS["v2_lite"]
+    a = {**_cuda_experts("v2_lite", torch.bfloat16), **make_routing(N, E, H, k, torch.bfloat16, device="cuda", seed=N)}
+    terms = torch.ops.graphopt.moe_expert_terms(*(a[name] for name in ARGS))
+    assert terms.dtype == torch.float32 and terms.shape == (N, k, H)
+    assert torch.equal(terms.sum(1).to(torch.bfloat16), torch.ops.graphopt.moe_experts(*(a[name] for name in ARGS)))
 
 
 @pytest.mark.gpu

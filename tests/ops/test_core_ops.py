@@ -161,6 +161,22 @@ def test_moe_experts_with_unused_experts_and_one_token():
         torch.testing.assert_close(got, experts(x, weights, ids), rtol=1e-5, atol=1e-6)
 
 
+def test_moe_expert_terms_sum_to_moe_experts_one_term_per_assignment():
+    experts = make_experts()
+    x = torch.randn(9, 24, generator=gen(13))
+    weights, ids = random_routing(9, 6, 3, popular=2)
+    weights[4, 1] = 0.0                                            # a pruned assignment: its term is 0
+    with torch.no_grad():
+        terms = ops.moe_expert_terms(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+        summed = ops.moe_experts(x, weights, ids, experts.gate_up_proj, experts.down_proj)
+        alone = ops.moe_experts(x[4:5, None].expand(1, 1, 24)[0], weights[4:5, :1], ids[4:5, :1],
+                                experts.gate_up_proj, experts.down_proj)
+    assert terms.shape == (9, 3, 24) and terms.dtype == torch.float32
+    assert torch.equal(terms[4, 1], torch.zeros(24))
+    torch.testing.assert_close(terms[4, 0], alone[0], rtol=1e-6, atol=1e-7)   # term = that expert alone
+    torch.testing.assert_close(terms.sum(1), summed, rtol=1e-5, atol=1e-6)
+
+
 def test_moe_experts_rejects_mismatched_weights():
     experts = make_experts()
     x = torch.randn(4, 24)

@@ -51,6 +51,8 @@ ASCEND_OPS: dict[str, Route] = {
         "torch_npu", "npu_grouped_matmul (x2) + npu_swiglu",
         "assignments sorted by expert on the device (torch), one grouped GEMM per projection over the "
         "per-expert counts, weighted combine in float32 (torch)"),
+    "graphopt.moe_expert_terms.default": Route(
+        "decomposition", "its reference", "no Program holds it: the CUDA backend's decode-step form of moe_experts"),
     "graphopt.quantized_moe_experts.default": Route(
         "decomposition", "sparse_moe over the quantised linears' op sequence",
         "per expert: npu_dynamic_quant + npu_quant_matmul through the linear routes below"),

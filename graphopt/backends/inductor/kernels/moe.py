@@ -27,6 +27,9 @@ comes from tensor shapes. With M = N * k assignments (a = n * k + j is token n's
   3. kernel 2 (`_down_kernel`), grid (blocks, cdiv(H, BLOCK_N)): intermediate rows times the expert's
      Wd, times the routing weight in float32, written per assignment to [M, H] float32.
   4. out = that.view(N, k, H).sum(1).to(x.dtype): a deterministic sum over k (no atomics).
+     graphopt::moe_expert_terms is steps 1-3 alone (`moe_expert_terms_cuda`): the Inductor backend's
+     decode steps call it and leave step 4 to the graph, where it fuses into the consumer's kernel
+     (two launches fewer per MoE layer: the eager sum and the cast).
 
 Expert pruning (routing weight 0, `passes/prune_routed_experts.py`): with one block per assignment
 the block's programs return without reading its expert (the down kernel writes its zero term), so a
@@ -74,7 +77,7 @@ try:
 except ImportError:            # the module still imports; available() says False
     triton = None
 
-__all__ = ["available", "moe_experts_cuda", "moe_experts_gathered", "register"]
+__all__ = ["available", "moe_expert_terms_cuda", "moe_experts_cuda", "moe_experts_gathered", "register"]
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The gathered fallback copies 3 * I * H weights per assignment; above this many bytes in all it is
@@ -352,12 +355,13 @@ def _align_to_blocks(flat_ids: Tensor, n_experts: int, block_m: int) -> tuple[Te
     return sorted_ids, block_expert
 
 
-def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+def _expert_terms_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """Steps 1-3 of the module doc: float32 [N, k, H], one weighted expert output per assignment."""
     n_tokens, top_k = ids.shape
     n_experts, hidden, inter = down.shape
     n_assign = n_tokens * top_k
     if n_assign == 0:
-        return torch.zeros_like(x)
+        return x.new_zeros((n_tokens, top_k, hidden), dtype=torch.float32)
     one_per_block = _one_per_block(n_tokens, n_assign, n_experts)
     flat_ids = ids.reshape(-1).long()                                      # [M]
     if one_per_block:            # block a = assignment a: no sort, no padding layout, ~15 kernels fewer
@@ -392,7 +396,7 @@ def _moe_experts_triton(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor
         inter_buf.stride(0), down.stride(0), down.stride(1), down.stride(2), per_assign.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **options,
     )
-    return per_assign.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+    return per_assign.view(n_tokens, top_k, hidden)
 
 
 def moe_experts_gathered(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
@@ -403,6 +407,10 @@ def moe_experts_gathered(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tenso
     decode-sized N * k (see _GATHER_BUDGET_BYTES). Same rounding points as the reference.
     """
     _check_moe_experts(x, weights, ids, gate_up, down)
+    return _expert_terms_gathered(x, weights, ids, gate_up, down).sum(1).to(x.dtype)
+
+
+def _expert_terms_gathered(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     n_tokens, top_k = ids.shape
     hidden, inter = down.shape[1], down.shape[2]
     flat_ids = ids.reshape(-1).long()                                      # [M]
@@ -412,28 +420,40 @@ def moe_experts_gathered(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tenso
     act = F.silu(gu[..., :inter]) * gu[..., inter:]                        # [M, 1, I]
     y = torch.bmm(act, down.index_select(0, flat_ids).transpose(1, 2))     # [M, 1, H] in x.dtype
     y = y[:, 0].float() * weights.reshape(-1, 1).float()                   # [M, H] float32
-    return y.view(n_tokens, top_k, hidden).sum(1).to(x.dtype)
+    return y.view(n_tokens, top_k, hidden)
 
 
-def _reference(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+def _reference(op, x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     # the op's own implementation (host grouping), with this CUDA kernel switched off while it runs
     registered = _registered and x.is_cuda
-    with core.moe_experts.set_kernel_enabled("cuda", False) if registered else contextlib.nullcontext():
-        return core.moe_experts(x, weights, ids, gate_up, down)
+    with op.set_kernel_enabled("cuda", False) if registered else contextlib.nullcontext():
+        return op(x, weights, ids, gate_up, down)
+
+
+def _terms_on_device(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor | None:
+    """The weighted expert outputs [N, k, H] float32 without a host sync: the Triton kernels when
+    available(), else the gathered form for decode-sized N * k; None where neither applies."""
+    if available() and x.dtype in _KERNEL_DTYPES and gate_up.dtype == down.dtype == x.dtype:
+        return _expert_terms_triton(x, weights, ids, gate_up, down)
+    n_inter, hidden = down.shape[2], down.shape[1]
+    if ids.numel() * 3 * n_inter * hidden * gate_up.element_size() <= _GATHER_BUDGET_BYTES:
+        return _expert_terms_gathered(x, weights, ids, gate_up, down)
+    return None
 
 
 def moe_experts_cuda(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
     """graphopt::moe_experts on CUDA: the Triton kernels when available(), else the gathered fallback for
     decode-sized N * k, else the reference (see the module doc)."""
     _check_moe_experts(x, weights, ids, gate_up, down)
-    kernel_dtypes = x.dtype in _KERNEL_DTYPES and gate_up.dtype == down.dtype == x.dtype
-    if available() and kernel_dtypes:
-        return _moe_experts_triton(x, weights, ids, gate_up, down)
-    n_inter, hidden = down.shape[2], down.shape[1]
-    gathered_bytes = ids.numel() * 3 * n_inter * hidden * gate_up.element_size()
-    if gathered_bytes <= _GATHER_BUDGET_BYTES:
-        return moe_experts_gathered(x, weights, ids, gate_up, down)
-    return _reference(x, weights, ids, gate_up, down)
+    terms = _terms_on_device(x, weights, ids, gate_up, down)
+    return _reference(core.moe_experts, x, weights, ids, gate_up, down) if terms is None else terms.sum(1).to(x.dtype)
+
+
+def moe_expert_terms_cuda(x: Tensor, weights: Tensor, ids: Tensor, gate_up: Tensor, down: Tensor) -> Tensor:
+    """graphopt::moe_expert_terms on CUDA: moe_experts_cuda before its sum over k."""
+    _check_moe_experts(x, weights, ids, gate_up, down)
+    terms = _terms_on_device(x, weights, ids, gate_up, down)
+    return _reference(core.moe_expert_terms, x, weights, ids, gate_up, down) if terms is None else terms
 
 
 _registered = False
@@ -445,5 +465,6 @@ def register() -> bool:
     global _registered
     if not _registered:
         torch.library.register_kernel("graphopt::moe_experts", "cuda", moe_experts_cuda)
+        torch.library.register_kernel("graphopt::moe_expert_terms", "cuda", moe_expert_terms_cuda)
         _registered = True
     return _registered
