@@ -11,20 +11,39 @@ from .contract import SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
 from .paged import CacheLayout, blocks_for, dense_block_tables
 from .spec_step import SpecPrefill, SpecStep, as_outputs, decode_args, prefill_args
 
-__all__ = ["SpecStats", "SpecStepProvider", "speculative_generate"]
+__all__ = ["SpecStats", "SpecStepProvider", "accumulate", "speculative_generate", "step_counts"]
 
 
 # -- statistics -------------------------------------------------------------------------------------
+
+def step_counts(num_emitted: torch.Tensor, finished: torch.Tensor, k: int) -> torch.Tensor:
+    """One decode step's contribution to `SpecStats`, int64 [4 + 2k]: tokens emitted, row-steps
+    counted, drafts accepted, per draft position the row-steps that kept it [k], the histogram of
+    accepted drafts [k + 1]. Plain static-shape maths (a backend may compile it into one kernel)."""
+    counted = (num_emitted > 0) & ~finished                                     # [B]
+    accepted = (num_emitted - 1).clamp(min=0)
+    rows = torch.cat([num_emitted[:, None], counted[:, None].long(), (accepted * counted)[:, None],
+                      (accepted[:, None] > torch.arange(k, device=num_emitted.device)) & counted[:, None],
+                      (accepted.clamp(max=k)[:, None] == torch.arange(k + 1, device=num_emitted.device))
+                      & counted[:, None]], dim=1)                                # [B, 4 + 2k]
+    return rows.long().sum(dim=0)
+
+
+def accumulate(sums: torch.Tensor, num_emitted: torch.Tensor, finished: torch.Tensor) -> None:
+    """sums += step_counts(...) in place, k read from sums' size (4 + 2k): what `SpecStats.update` does."""
+    sums.add_(step_counts(num_emitted, finished, (sums.numel() - 4) // 2))
+
 
 class SpecStats:
     """Acceptance statistics accumulated on the device from decode-step outputs; read back on demand.
 
     A row-step counts when the row was active and did not finish in that step (a finishing step's
-    count may have been cut by eos / max_pos). Its accepted drafts = num_emitted - 1.
+    count may have been cut by eos / max_pos). Its accepted drafts = num_emitted - 1. The counters are
+    one int64 tensor laid out as `step_counts` returns them.
     """
 
     def __init__(self):
-        self._sums: dict[str, torch.Tensor] | None = None
+        self._sums: torch.Tensor | None = None
         self.k: int | None = None
 
     def prepare(self, k: int, device: torch.device) -> None:
@@ -32,46 +51,42 @@ class SpecStats:
         recorded into a CUDA graph and accumulate on every replay."""
         if self._sums is None:
             self.k = k
-            z = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)  # noqa: E731
-            self._sums = {"steps": z(), "accepted": z(), "tokens": z(), "per_position": z(k), "histogram": z(k + 1)}
+            self._sums = torch.zeros(4 + 2 * k, dtype=torch.int64, device=device)
 
-    def update(self, outputs: SpecStepOutputs) -> None:
+    def update(self, outputs: SpecStepOutputs, add=accumulate) -> None:
+        """Add one step's counts. `add` is `accumulate` or a compiled copy of it (the CUDA backend's:
+        one kernel inside its step graph instead of about twenty)."""
         n = outputs.num_emitted
         k = outputs.out_tokens.shape[1] - 1
         self.prepare(k, n.device)
         if k != self.k:
             raise ValueError(f"SpecStats: outputs of a k = {k} step added to statistics of k = {self.k}")
-        counted = ((n > 0) & ~outputs.finished).long()                            # [B]
-        accepted = (n - 1).clamp(min=0)
-        s = self._sums
-        s["tokens"] += n.sum()
-        s["steps"] += counted.sum()
-        s["accepted"] += (accepted * counted).sum()
-        s["per_position"] += ((accepted[:, None] > torch.arange(k, device=n.device)) * counted[:, None]).sum(0)
-        s["histogram"] += (torch.nn.functional.one_hot(accepted.clamp(max=k), k + 1) * counted[:, None]).sum(0)
+        add(self._sums, n, outputs.finished)
 
     def summary(self) -> dict:
         """Reads the counters back (one host sync). Rates are None before any counted step."""
         if self._sums is None:
             return {"steps": 0, "tokens_emitted": 0, "accepted": 0, "proposed": 0, "acceptance_rate": None, "mean_accepted_length": None,
                     "per_position_acceptance": [], "accepted_histogram": []}
-        s = {name: t.tolist() for name, t in self._sums.items()}
-        steps, k = s["steps"], self.k
+        k = self.k
+        sums = self._sums.tolist()
+        tokens, steps, accepted = sums[:3]
+        per_position, histogram = sums[3:3 + k], sums[3 + k:]
         return {
             "steps": steps,
-            "tokens_emitted": s["tokens"],
-            "accepted": s["accepted"],                                              # drafts kept
+            "tokens_emitted": tokens,
+            "accepted": accepted,                                                   # drafts kept
             "proposed": steps * k,                                                  # drafts offered
-            "acceptance_rate": s["accepted"] / (steps * k) if steps and k else None,  # accepted / proposed
-            "mean_accepted_length": 1 + s["accepted"] / steps if steps else None,    # tokens per step
-            "per_position_acceptance": [c / steps for c in s["per_position"]] if steps else [],
-            "accepted_histogram": s["histogram"],
+            "acceptance_rate": accepted / (steps * k) if steps and k else None,     # accepted / proposed
+            "mean_accepted_length": 1 + accepted / steps if steps else None,        # tokens per step
+            "per_position_acceptance": [c / steps for c in per_position] if steps else [],
+            "accepted_histogram": histogram,
         }
 
     def reset(self) -> None:
-        """Zero the counters in place (graphs recorded over them keep adding to the same tensors)."""
-        for t in (self._sums or {}).values():
-            t.zero_()
+        """Zero the counters in place (graphs recorded over them keep adding to the same tensor)."""
+        if self._sums is not None:
+            self._sums.zero_()
 
 
 # -- a StepProvider over the step modules or their fused graphs ----------------------------------------

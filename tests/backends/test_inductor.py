@@ -81,6 +81,25 @@ def test_projections_of_one_input_become_one_gemm_with_the_same_logits():
     assert sum(map(len, _stored_weight_linears_by_input(program.main).values())) == sum(map(len, before.values()))
 
 
+def test_decode_graphs_leave_the_moe_sum_over_k_to_inductor(monkeypatch):
+    """With the MoE kernel registered (CUDA), a few-row graph calls moe_expert_terms and sums over k in
+    the graph, where the sum fuses into its consumer; the logits stay those of the graph it came from."""
+    from graphopt.backends.base import fresh_cache_forward
+    from graphopt.backends.inductor import kernels
+    program = graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False,
+                               block_size=4).program
+    targets = lambda gm: [n.target for n in gm.graph.nodes if n.op == "call_function"]   # noqa: E731
+    monkeypatch.setattr(kernels, "registered", lambda: ["moe_experts"])
+    gm, prefill = for_inductor(program.main, few_rows=True), for_inductor(program.main, few_rows=False)
+    experts = targets(program.main).count(torch.ops.graphopt.moe_experts.default)
+    assert experts >= 1 and targets(prefill).count(torch.ops.graphopt.moe_experts.default) == experts
+    assert torch.ops.graphopt.moe_experts.default not in targets(gm)
+    assert targets(gm).count(torch.ops.graphopt.moe_expert_terms.default) == experts
+    ids = torch.tensor([PROMPTS[2]])
+    torch.testing.assert_close(fresh_cache_forward(gm, program.cache, ids),
+                               fresh_cache_forward(program.main, program.cache, ids), rtol=1e-5, atol=1e-5)
+
+
 def test_inductor_on_the_cpu_is_token_identical_to_greedy_decoding():
     model = random_model(0, num_hidden_layers=1, first_k_dense_replace=0)
     compiled = graphopt.compile(model, spec=graphopt.SpecConfig(num_speculative_tokens=1), backend="inductor",

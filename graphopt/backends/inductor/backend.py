@@ -14,10 +14,11 @@ from torch.fx.experimental import _config as _fx_config
 from ... import ops as _ops  # noqa: F401  registers the graphopt:: ops the graphs may call
 from ...ops import core as _core
 from ...ops import quant as _quant
+from ...ops import sampling as _sampling
 from ...passes.program import CompileOptions, Program
 from ...passes.sharding import COLLECTIVES
 from ...step.contract import IDLE_SAMPLING, SAMPLING_FIELDS, SpecPrefillInputs, SpecStepInputs, SpecStepOutputs
-from ...step.provider import SpecStats
+from ...step.provider import SpecStats, accumulate
 from ...step.paged import blocks_for
 from ...step.spec_step import as_outputs, decode_args, prefill_args
 from ..base import Backend, fresh_cache_forward
@@ -42,6 +43,8 @@ _INLINE = {
     torch.ops.graphopt.rms_norm.default: _core.rms_norm._init_fn,
     torch.ops.graphopt.swiglu.default: _core.swiglu._init_fn,
     torch.ops.graphopt.moe_route.default: _moe_route_maths,
+    # the speculative acceptance: ~10 eager kernels as an opaque op, one fused kernel inlined
+    torch.ops.graphopt.greedy_accept.default: _sampling.greedy_accept_maths,
     # dynamic activation quantisation and the int32 -> float epilogue: fused into the producer /
     # consumer kernels instead of 3-5 eager kernels each around every quantised GEMM
     torch.ops.graphopt.quantize_per_token.default: _quant.quantize_per_token._init_fn,
@@ -69,7 +72,8 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows
     """A copy of `gm` as Inductor should see it: the elementwise graphopt ops inlined as their torch
     maths, export's unused guard module call dropped, stored-weight linears as graphopt::linear when
     its GEMV kernel is registered and the graph runs few rows (`few_rows`: the decode steps; a prefill
-    chunk never does, and the op's per-call dispatch would only add host time there), and over a world
+    chunk never does, and the op's per-call dispatch would only add host time there), in those graphs
+    moe_experts as moe_expert_terms and its sum over k when the MoE kernel is registered, and over a world
     of one rank every collective and its wait dropped (`one_rank_collectives_elided`: the result is its
     input; an all_gather of one rank has its input's shape). Weights are shared with `gm`, not copied.
     With `fused_weights` (a dict shared by the graphs of one executable), projections of one input are
@@ -81,6 +85,8 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows
     # the router inlined is ~8 kernels; with its Triton kernel registered (CUDA) it stays one op call
     kept = {torch.ops.graphopt.moe_route.default} if "moe_route" in kernels.registered() else set()
     gemv = few_rows and "linear" in kernels.registered()
+    # the MoE kernel's eager sum over k and cast (two launches per MoE layer) left to Inductor instead
+    moe_terms = few_rows and "moe_experts" in kernels.registered()
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target == "_guards_fn":
             continue
@@ -94,6 +100,11 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows
             new.target = _INLINE[node.target]
         elif gemv and _weight_linear(gm, node):
             new.target, new.args, new.kwargs = torch.ops.graphopt.linear.default, new.args[:2], {}
+        elif moe_terms and node.op == "call_function" and node.target is torch.ops.graphopt.moe_experts.default:
+            new.target = torch.ops.graphopt.moe_expert_terms.default                 # [N, k, H] float32
+            summed = graph.call_function(torch.ops.aten.sum.dim_IntList, (new, [1]))
+            new = graph.call_function(torch.ops.prims.convert_element_type.default,
+                                      (summed, node.args[0].meta["val"].dtype))
         env[node] = new
     graph._codegen = copy.deepcopy(gm.graph._codegen)   # the same (pytree) signature as gm
     out = fx.GraphModule(gm, graph)
@@ -217,13 +228,17 @@ def _idle_sampling(rows: int, device) -> dict[str, torch.Tensor]:
             for name, dtype in SAMPLING_FIELDS}
 
 
-def _warm_up(fn, args) -> None:
-    """Two calls on a side stream before a capture: the first compiles, the second settles the allocator."""
+def _warm_up(fn, args, count=None) -> None:
+    """Two calls on a side stream before a capture: the first compiles, the second settles the allocator.
+    With `count` (the compiled statistics update), it is compiled for these rows too, over scratch sums."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            fn(*args)
+            out = as_outputs(fn(*args))
+            if count is not None:
+                count(torch.zeros(4 + 2 * (out.out_tokens.shape[1] - 1), dtype=torch.int64, device=out.finished.device),
+                      out.num_emitted, out.finished)
     torch.cuda.current_stream().wait_stream(side)
 
 
@@ -247,7 +262,7 @@ class _CapturedStep(_OverCaches):
     updated inside the graph, so a replay is the whole step."""
 
     def __init__(self, fn: _Compiled, rows: int, k: int, width: int, kv, mtp, pool, device,
-                 stats: SpecStats | None, bind: SpecStepInputs | None = None):
+                 stats: SpecStats | None, count=accumulate, bind: SpecStepInputs | None = None):
         super().__init__(kv, mtp)
         self.rows, self.width = rows, width
         if bind is None:
@@ -261,12 +276,12 @@ class _CapturedStep(_OverCaches):
             args = decode_args(bind)
             self.bound = _input_key(bind)
         if bind is None:    # a bound graph is captured after a graph of the same rows ran: no warm-up
-            _warm_up(fn, args)                          # (it would run a step over the caller's live rows)
+            _warm_up(fn, args, count if stats is not None else None)   # (it would step the caller's live rows)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = as_outputs(fn(*args))
             if stats is not None:
-                stats.update(self.outputs)              # accumulates on every replay
+                stats.update(self.outputs, count)       # accumulates on every replay
 
     def run(self, inputs: SpecStepInputs) -> SpecStepOutputs:
         if self.bound is not None:                      # the caller's tensors are the graph's inputs
@@ -367,8 +382,13 @@ class InductorExecutable:
         self._last_inputs: dict[tuple[int, bool], tuple] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._stats = SpecStats()
+        self._count = accumulate
         if self.cuda_graphs and self.num_speculative_tokens:
             self._stats.prepare(self.num_speculative_tokens, self.device)   # graphs update it in place
+            # the statistics update as one compiled kernel in every step graph (eager: ~20 small kernels,
+            # ~25 us of a 0.4 ms step at batch 1 on the H100), compiled at the first bucket's warm-up (one size, then
+            # one dynamic recompile for the rest)
+            self._count = torch.compile(accumulate, backend="inductor")
         self.captures = 0                                        # decode CUDA graphs captured so far
         self.prefill_captures = 0                                # prefill CUDA graphs captured so far
 
@@ -433,7 +453,7 @@ class InductorExecutable:
         key = _input_key(inputs)
         if n == rows and key == self._last_inputs.get((rows, greedy)) and (rows, greedy) in self._graphs:
             entry = _CapturedStep(fn, rows, self.num_speculative_tokens, self.width, inputs.kv_caches,
-                                  inputs.mtp_caches, self._pool, self.device, stats, bind=inputs)
+                                  inputs.mtp_caches, self._pool, self.device, stats, self._count, bind=inputs)
             self._bound[(key, greedy)] = entry
             self.captures += 1
             return entry
@@ -441,7 +461,7 @@ class InductorExecutable:
         entry = self._graphs.get((rows, greedy))
         if entry is None:
             entry = _CapturedStep(fn, rows, self.num_speculative_tokens, self.width, inputs.kv_caches,
-                                  inputs.mtp_caches, self._pool, self.device, stats)
+                                  inputs.mtp_caches, self._pool, self.device, stats, self._count)
             self._graphs[(rows, greedy)] = entry
             self.captures += 1
         return entry
