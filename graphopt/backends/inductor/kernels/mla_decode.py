@@ -321,10 +321,13 @@ def _absorb_q(q_nope: Tensor, w_uk: Tensor) -> Tensor:
 
 def _project_v(out_lat: Tensor, w_uv: Tensor, dtype: torch.dtype) -> Tensor:
     """out_lat [B, T, H, R] (head-major, as mla_paged_decode writes it) @ W_UV^T [H, R, dv] -> a
-    contiguous [B, T, H, dv] in `dtype`."""
+    contiguous [B, T, H, dv] in `dtype`. The batched GEMM over heads writes each head's [B*T, dv]
+    block straight into the token-major result (row stride H * dv, batch stride dv: a layout cuBLAS
+    takes as is), so no layout copy follows it (one per call from B * T = 2 on, before)."""
     B, T, H, R = out_lat.shape
-    y = torch.bmm(out_lat.permute(2, 0, 1, 3).reshape(H, B * T, R), w_uv.transpose(1, 2))   # [H, B*T, dv]
-    return y.view(H, B, T, -1).permute(1, 2, 0, 3).to(dtype).contiguous()
+    y = out_lat.new_empty((B * T, H, w_uv.shape[1]))                                        # [B*T, H, dv]
+    torch.bmm(out_lat.permute(2, 0, 1, 3).reshape(H, B * T, R), w_uv.transpose(1, 2), out=y.transpose(0, 1))
+    return y.view(B, T, H, -1).to(dtype)
 
 
 def mla_paged_attention_cuda(q_nope: Tensor, q_pe: Tensor, kv_cache: Tensor, block_tables: Tensor,
