@@ -142,7 +142,7 @@ def gpu_trace(fn) -> dict:
     by_name: dict[str, list[float]] = {}                 # kernel name -> [launches, total us]
     for e in events:
         if e.get("cat") == "kernel":
-            entry = by_name.setdefault(e["name"][:90], [0, 0.0])
+            entry = by_name.setdefault(e["name"][:200], [0, 0.0])
             entry[0] += 1
             entry[1] += e.get("dur", 0)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])

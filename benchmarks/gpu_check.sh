@@ -6,7 +6,8 @@
 #   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
 #   (no owed6 / owed7: they became owed10 / owed11 before they ran);
 #   owed9 .. owed12 are what stop 32 left unmeasured (all ran at stop 33 but owed10's C8 tests, cut by
-#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34); owed15 what owed14 cut short
+#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34); owed15 what owed14 cut short; owed16 stop 35's step fusions (PREV=dir of the previous version:
+#   its decode runs in the same call)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
 STAGE=${STAGE:-all}
@@ -142,6 +143,24 @@ if [ "$STAGE" = owed15 ]; then
     timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_gemv_kernel.py \
         tests/backends/test_mla_decode_kernel.py 2>&1 | grep -v DEBUG | tail -3
     identity_k 1
+fi
+if [ "$STAGE" = owed16 ]; then
+    # stop 35: the MoE sum over k left to Inductor, the greedy acceptance inlined, the acceptance statistics
+    # compiled into one kernel, the W_UV product written token-major. The embedded decode (plain and MTP
+    # k = 1, every kernel of a replayed step listed), the previous version's in the same call when PREV
+    # names its checkout, then the touched kernels' GPU tests (V3 shapes left out for time)
+    GRAPHOPT_KERNEL_TABLE=1 timeout 220 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 \
+        --timeout 110 --systems graphopt graphopt-k1 --suffix _step_fusions --out "$OUT" > "$OUT/kernels.txt" 2>&1
+    grep "^| graphopt\|FAILED\|Error" "$OUT/kernels.txt"
+    if [ -n "$PREV" ]; then
+        (cd "$PREV" && GRAPHOPT_KERNEL_TABLE=1 PYTHONPATH="$PWD" timeout 180 python3 benchmarks/decode.py --model embedded \
+            --batches 1 8 64 --new-tokens 32 --timeout 90 --systems graphopt graphopt-k1 --suffix _step_fusions_base \
+            --out "$OUT/prev" > "$OUT/kernels_prev.txt" 2>&1; grep "^| graphopt\|FAILED\|Error" "$OUT/kernels_prev.txt")
+    fi
+    timeout 80 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_moe_kernel.py \
+        -k "terms or cuda_graph or embedded" 2>&1 | grep -v DEBUG | tail -3
+    timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_mla_decode_kernel.py \
+        -k "not v3" 2>&1 | grep -v DEBUG | tail -3
 fi
 if [ "$STAGE" = owed13 ]; then
     # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to
