@@ -211,6 +211,8 @@ def test_the_entry_points_refuse_operands_the_kernel_would_misread(fn, x, w, mes
     dtype = torch.int8 if fn.startswith("int8") and "expected" not in message else torch.bfloat16
     with pytest.raises(ValueError, match=message):
         getattr(gemv, fn)(torch.zeros(x, dtype=dtype), torch.zeros(w, dtype=dtype))
+    # the predicate callers route on (quant_gemm) is that same check
+    assert not gemv.takes(torch.zeros(x, dtype=dtype), torch.zeros(w, dtype=dtype), int8=fn.startswith("int8"))
 
 
 def test_a_weight_strided_along_k_is_refused():
@@ -218,6 +220,8 @@ def test_a_weight_strided_along_k_is_refused():
     w = torch.zeros(16, 8, dtype=torch.bfloat16).t()                 # [8, 16], stride 8 along K
     with pytest.raises(ValueError, match="unit stride along K"):
         gemv.gemv(torch.zeros(1, 16, dtype=torch.bfloat16), w)
+    x = torch.zeros(1, 16, dtype=torch.bfloat16)
+    assert not gemv.takes(x, w) and gemv.takes(x, w.contiguous()) and gemv.takes(x[None], w.contiguous()[None])
 
 
 if __name__ == "__main__":

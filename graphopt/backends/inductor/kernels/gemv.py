@@ -41,7 +41,7 @@ except ImportError:            # the module still imports; available() says Fals
     triton = None
 
 __all__ = ["MAX_ROWS", "ROW_LIMITS", "available", "config", "gemv", "int8_gemv", "int8_gemv_batched", "linear_cuda",
-           "register"]
+           "register", "takes"]
 
 # (rows, largest weight in bytes the GEMV takes at that many rows); past the last entry cuBLAS is faster
 ROW_LIMITS = ((1, float("inf")), (2, 12 << 20), (4, 5 << 19))
@@ -100,21 +100,36 @@ def config(m: int, n: int, k: int) -> tuple[int, int, int, int]:
     return block_m, block_n, block_k, 4
 
 
-def _check(name: str, x3: Tensor, w3: Tensor, int8: bool) -> None:
-    """What every entry point needs of its operands (the kernel itself would read out of bounds)."""
+def _problem(x3: Tensor, w3: Tensor, int8: bool) -> str | None:
+    """What the kernel cannot take about these operands (it would read out of bounds), or None."""
     if x3.dim() != 3 or w3.dim() != 3:
-        raise ValueError(f"{name}: x and the weight must be 2-D (or 3-D for the batched form), got "
-                         f"{tuple(x3.shape[1:] if x3.dim() == 3 else x3.shape)} and {tuple(w3.shape)}")
+        return (f"x and the weight must be 2-D (or 3-D for the batched form), got "
+                f"{tuple(x3.shape[1:] if x3.dim() == 3 else x3.shape)} and {tuple(w3.shape)}")
     if x3.shape[2] != w3.shape[2] or x3.shape[2] == 0:
-        raise ValueError(f"{name}: x has K={x3.shape[2]} but the weight is [N, K={w3.shape[2]}] (K must match, > 0)")
+        return f"x has K={x3.shape[2]} but the weight is [N, K={w3.shape[2]}] (K must match, > 0)"
     if x3.shape[0] not in (1, w3.shape[0]) and w3.shape[0] != 1:
-        raise ValueError(f"{name}: batches of {x3.shape[0]} inputs and {w3.shape[0]} weights (one side 1, or equal)")
+        return f"batches of {x3.shape[0]} inputs and {w3.shape[0]} weights (one side 1, or equal)"
     if x3.stride(2) != 1 or w3.stride(2) != 1:
-        raise ValueError(f"{name}: x and the weight need a unit stride along K (got {x3.stride(2)}, {w3.stride(2)})")
+        return f"x and the weight need a unit stride along K (got {x3.stride(2)}, {w3.stride(2)})"
     if int8 and not x3.dtype == w3.dtype == torch.int8:
-        raise ValueError(f"{name}: int8 x and weight expected, got {x3.dtype} and {w3.dtype}")
+        return f"int8 x and weight expected, got {x3.dtype} and {w3.dtype}"
     if not int8 and not (x3.dtype == w3.dtype and x3.dtype in _DTYPES):
-        raise ValueError(f"{name}: x and the weight must share one of {_DTYPES}, got {x3.dtype} and {w3.dtype}")
+        return f"x and the weight must share one of {_DTYPES}, got {x3.dtype} and {w3.dtype}"
+    return None
+
+
+def _check(name: str, x3: Tensor, w3: Tensor, int8: bool) -> None:
+    problem = _problem(x3, w3, int8)
+    if problem is not None:
+        raise ValueError(f"{name}: {problem}")
+
+
+def takes(x: Tensor, weight: Tensor, int8: bool = False) -> bool:
+    """Whether the entry points accept these operands (both 2-D: gemv / int8_gemv; both 3-D: the batched
+    form) rather than raising: the test a caller routes on, the same one the entry points check."""
+    if x.dim() == weight.dim() == 2:
+        x, weight = x.unsqueeze(0), weight.unsqueeze(0)
+    return _problem(x, weight, int8) is None
 
 
 def _launch(x3: Tensor, w3: Tensor, out_dtype: torch.dtype, tiles, **acc) -> Tensor:

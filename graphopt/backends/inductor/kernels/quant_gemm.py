@@ -63,10 +63,8 @@ def available() -> bool:
 def _batched_gemv_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
     """[B or 1, M, K] x [B, N, K] with M <= ROUTE_ROWS["int8_expert_gemv"], int8, unit column strides:
     the decode step's routed experts (one row per assignment against its gathered expert, moe_without_sync below)."""
-    rows = ROUTE_ROWS["int8_expert_gemv"]
-    return (x_q.dim() == w_q.dim() == 3 and 0 < x_q.shape[1] <= rows and x_q.shape[0] in (1, w_q.shape[0])
-            and w_q.shape[0] > 0 and x_q.shape[-1] == w_q.shape[-1] > 0 and x_q.dtype == w_q.dtype == torch.int8
-            and x_q.stride(-1) == 1 and w_q.stride(-1) == 1)
+    return (x_q.dim() == w_q.dim() == 3 and 0 < x_q.shape[1] <= ROUTE_ROWS["int8_expert_gemv"]
+            and x_q.shape[0] in (1, w_q.shape[0]) and w_q.shape[0] > 0 and gemv.takes(x_q, w_q, int8=True))
 
 
 def _int_mm_ok(x_q: torch.Tensor, w_q: torch.Tensor) -> bool:
@@ -78,8 +76,7 @@ def int8_matmul_cuda(x_q: torch.Tensor, w_q: torch.Tensor) -> torch.Tensor:
     lead = x_q.shape[:-1]
     x2 = x_q.reshape(-1, x_q.shape[-1])
     m = x2.shape[0]
-    if (0 < m <= ROUTE_ROWS["int8_gemv"] and w_q.dim() == 2 and w_q.shape[-1] == x2.shape[1] > 0
-            and w_q.stride(1) == 1            and x2.stride(1) == 1 and x_q.dtype == w_q.dtype == torch.int8):
+    if 0 < m <= ROUTE_ROWS["int8_gemv"] and w_q.dim() == 2 and gemv.takes(x2, w_q, int8=True):
         return gemv.int8_gemv(x2, w_q).reshape(*lead, w_q.shape[0])
     if _batched_gemv_ok(x_q, w_q):
         return gemv.int8_gemv_batched(x_q, w_q)
