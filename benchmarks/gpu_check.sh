@@ -6,7 +6,7 @@
 #   STAGE=owed1..owed12: what the last sessions wrote without a GPU to run it on (not in all), one call each
 #   (no owed6 / owed7: they became owed10 / owed11 before they ran);
 #   owed9 .. owed12 are what stop 32 left unmeasured (all ran at stop 33 but owed10's C8 tests, cut by
-#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34); owed15 what owed14 cut short; owed16 stop 35's step fusions (PREV=dir of the previous version:
+#   their limit); owed13 is what stop 33 left; owed14 the MTP verify's GEMVs and MLA layout (stop 34); owed15 what owed14 cut short; owed16 / owed17 stop 35's step fusions (PREV=dir of the previous version:
 #   its decode runs in the same call)
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-out}; mkdir -p "$OUT"
@@ -161,6 +161,19 @@ if [ "$STAGE" = owed16 ]; then
         -k "terms or cuda_graph or embedded" 2>&1 | grep -v DEBUG | tail -3
     timeout 110 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf tests/backends/test_mla_decode_kernel.py \
         -k "not v3" 2>&1 | grep -v DEBUG | tail -3
+fi
+if [ "$STAGE" = owed17 ]; then
+    # what owed16 left: float32 CUDA-graph token identity at k = 1 after the step fusions, the embedded decode
+    # again (plain and k = 1 at batch 1, 8, 64: a second measurement of the batch-1 ratio), the previous
+    # version's k = 1 at batch 8 and 64 (PREV)
+    identity_k 1
+    timeout 250 python3 benchmarks/decode.py --model embedded --batches 1 8 64 --new-tokens 32 --timeout 120 \
+        --systems graphopt graphopt-k1 --suffix _step_fusions_again --out "$OUT" 2>&1 | grep "^| graphopt\|FAILED\|Error"
+    if [ -n "$PREV" ]; then
+        (cd "$PREV" && PYTHONPATH="$PWD" timeout 150 python3 benchmarks/decode.py --model embedded --batches 8 64 \
+            --new-tokens 32 --timeout 100 --systems graphopt-k1 --suffix _step_fusions_base_k1 --out "$OUT/prev" 2>&1 \
+            | grep "^| graphopt\|FAILED\|Error")
+    fi
 fi
 if [ "$STAGE" = owed13 ]; then
     # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to
