@@ -176,13 +176,14 @@ if [ "$STAGE" = owed17 ]; then
     fi
 fi
 if [ "$STAGE" = owed13 ]; then
-    # the opt-in batched int8 GEMV for the W8A8 decode's routed experts: its GPU tests, then W8A8 end to
-    # end without and with it (the first decode warms the compile caches: compare the second and third);
+    # the opt-in batched int8 GEMV and the opt-in int8_moe kernel for the W8A8 decode's routed experts: their
+    # GPU tests, then W8A8 end to end without and with each (the first decode warms the compile caches:
+    # compare the second with the third and fourth);
     # W4A8's GEMV form at 2 and 4 rows; C8 storage end to end with room to finish
     timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf -k batched tests/backends/test_quant_gemm.py \
-        2>&1 | grep -v DEBUG | tail -3
-    for run in warm off on; do
-        enable=; [ "$run" = on ] && enable=int8_expert_gemv
+        tests/backends/test_int8_moe_kernel.py 2>&1 | grep -v DEBUG | tail -3
+    for run in warm off on moe; do
+        enable=; [ "$run" = on ] && enable=int8_expert_gemv; [ "$run" = moe ] && enable=int8_moe
         GRAPHOPT_ENABLE_KERNELS=$enable timeout 120 python3 benchmarks/decode.py --model embedded --batches 1 8 \
             --new-tokens 32 --timeout 110 --systems graphopt@w8a8 --suffix "_w8a8_$run" --out "$OUT" | grep "^| graphopt"
     done

@@ -35,6 +35,8 @@ dequantize_int4 (w4a16) has no CUDA kernel and runs its reference.
                  expert's quantised tensors (only the selected experts are read); otherwise every
                  expert runs on every token and the routing weights (zero where not routed) combine
                  them (each expert read once). Outside capture (prefill) the reference runs.
+                 With the opt-in "int8_moe" route, w8a8 experts at decode sizes run int8_moe.py's
+                 two Triton launches instead (captured or not), reading the chosen experts in place.
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ import torch.nn.functional as F
 
 from ....ops import quant as _quant
 from ....ops.quant_linear import QuantizedLinear, eager_call, emit_linear, moe_linears
-from . import gemv
+from . import gemv, int8_moe
 
 __all__ = ["ROUTE_ROWS", "available", "register", "int8_matmul_cuda", "fp8_linear_cuda", "moe_without_sync"]
 
 _MIN_ROWS = 17   # torch._int_mm on CUDA: more than 16 rows
 # rows up to which int8_matmul takes each GEMV route (0: off), set by kernels/__init__.py when the route
-# registers: "int8_gemv" (one [out, K] weight) and "int8_expert_gemv" (rows per batch entry of batched
-# weights, opt-in)
-ROUTE_ROWS = {"int8_gemv": 0, "int8_expert_gemv": 0}
+# registers: "int8_gemv" (one [out, K] weight), "int8_expert_gemv" (rows per batch entry of batched
+# weights, opt-in) and "int8_moe" (w8a8 routed experts in int8_moe.py's two launches, one row per
+# assignment, opt-in)
+ROUTE_ROWS = {"int8_gemv": 0, "int8_expert_gemv": 0, "int8_moe": 0}
 
 
 def available() -> bool:
@@ -117,6 +120,10 @@ def _stacked(q: QuantizedLinear, x: torch.Tensor, index: torch.Tensor | None) ->
 
 
 def quantized_moe_experts_cuda(x, weights, ids, gate_up, down, gate_up_scheme, down_scheme, params):
+    if ROUTE_ROWS["int8_moe"]:
+        up, dn = moe_linears(gate_up, down, gate_up_scheme, down_scheme, params)
+        if int8_moe.takes(x, ids, up, dn):
+            return int8_moe.moe_experts(x, weights, ids, up, dn)
     if not torch.cuda.is_current_stream_capturing():
         return _quant.quantized_moe_experts._init_fn(x, weights, ids, gate_up, down, gate_up_scheme,
                                                      down_scheme, params)
