@@ -61,10 +61,15 @@ def _stored_weight_linears_by_input(gm):
     return by_input
 
 
-def test_projections_of_one_input_become_one_gemm_with_the_same_logits():
+@pytest.fixture(scope="module")
+def two_layer_program():
+    """A 2-layer random model compiled by the eager backend: its Program, for for_inductor's rewrites."""
+    return graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False, block_size=4).program
+
+
+def test_projections_of_one_input_become_one_gemm_with_the_same_logits(two_layer_program):
     from graphopt.backends.base import fresh_cache_forward
-    compiled = graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False, block_size=4)
-    program, fused = compiled.program, {}
+    program, fused = two_layer_program, {}
     before = _stored_weight_linears_by_input(program.main)
     shared = sum(len(v) - 1 for v in before.values())
     assert shared >= 2 * 2                           # per layer: q_a_proj + kv_a_proj, gate_proj + up_proj
@@ -81,13 +86,12 @@ def test_projections_of_one_input_become_one_gemm_with_the_same_logits():
     assert sum(map(len, _stored_weight_linears_by_input(program.main).values())) == sum(map(len, before.values()))
 
 
-def test_decode_graphs_leave_the_moe_sum_over_k_to_inductor(monkeypatch):
+def test_decode_graphs_leave_the_moe_sum_over_k_to_inductor(monkeypatch, two_layer_program):
     """With the MoE kernel registered (CUDA), a few-row graph calls moe_expert_terms and sums over k in
     the graph, where the sum fuses into its consumer; the logits stay those of the graph it came from."""
     from graphopt.backends.base import fresh_cache_forward
     from graphopt.backends.inductor import kernels
-    program = graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False,
-                               block_size=4).program
+    program = two_layer_program
     targets = lambda gm: [n.target for n in gm.graph.nodes if n.op == "call_function"]   # noqa: E731
     monkeypatch.setattr(kernels, "registered", lambda: ["moe_experts"])
     gm, prefill = for_inductor(program.main, few_rows=True), for_inductor(program.main, few_rows=False)

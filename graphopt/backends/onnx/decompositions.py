@@ -19,7 +19,7 @@ numbers at the same rounding points, written without what ONNX cannot express:
                                 bool `where` as and / or (onnxruntime has no bool Where kernel)
     greedy_accept               the reference's maths (`sampling.greedy_accept_maths`: its leading run of
                                 accepted drafts is a min reduction, no scan)
-    rejection_accept            the reference with one_hot as a comparison and the same draw as above
+    rejection_accept            the reference, one_hot as a comparison with arange (as in sampling_probs)
     sample_from_probs           the reference
 
 `decomposition(op)` returns the entry for one op overload, or None when the op has none (the
