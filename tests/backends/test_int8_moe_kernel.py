@@ -108,6 +108,13 @@ def test_nothing_is_taken_without_triton_or_a_device():
     assert int8_moe.takes(x, ids, up, dn) == int8_moe.available()
 
 
+def test_what_it_does_not_take_is_an_error_naming_what_it_takes():
+    from graphopt.backends.inductor.kernels import int8_moe
+    x, weights, ids, up, dn = make_case("one_token_float32")
+    with pytest.raises(ValueError, match="at most E assignments.*Got x \\(9, 48\\)"):
+        int8_moe.moe_experts(x.repeat(9, 1), weights.repeat(9, 1), ids.repeat(9, 1), up, dn)   # 18 > 8 experts
+
+
 # -- GPU -----------------------------------------------------------------------------------------------
 GPU_CASES = {"embedded": (16, 256, 112, 2), "v2_lite": (64, 2048, 1408, 6)}   # E, H, I, k
 

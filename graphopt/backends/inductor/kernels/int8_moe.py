@@ -59,17 +59,9 @@ def available() -> bool:
 
 
 if triton is not None:
-
-    @triton.jit
-    def _round_to(v, dtype: tl.constexpr, EMULATE_BF16: tl.constexpr):
-        # float32 v rounded to dtype (to nearest even), kept in float32; the interpreter truncates
-        # float32 -> bf16, so there the rounding is done on the bits
-        if EMULATE_BF16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return v.to(dtype).to(tl.float32)
+    # float32 rounded to x's dtype at the reference's rounding points (emulated on the bits where the
+    # interpreter truncates bf16): the MoE kernel's helper
+    from .moe import _round as _round_to
 
     @triton.jit
     def _row_scale(row_ptr, smooth_ptr, K: tl.constexpr, BLOCK_K: tl.constexpr, SMOOTH: tl.constexpr):
@@ -205,6 +197,12 @@ def _block(n: int, largest: int) -> int:
 def moe_experts(x: Tensor, weights: Tensor, ids: Tensor, gate_up: QuantizedLinear, down: QuantizedLinear) -> Tensor:
     """x [N, H], weights / ids [N, k] -> [N, H] in x.dtype: the routed experts of a w8a8 MoE layer
     (`takes` must hold). No host synchronisation: a CUDA graph can capture it."""
+    if not takes(x, ids, gate_up, down):
+        raise ValueError("int8_moe.moe_experts: takes w8a8 gate_up [E, 2I, H] / down [E, H, I] int8 weights (unit "
+                         "stride along K) with [E, out, 1] float32 scales, no bias, rotation or group scale, "
+                         "smoothing [E, 1, K], [K] or none; x [N, H] float32 / bfloat16 / float16; at most E "
+                         f"assignments; and triton with a device to run on. Got x {tuple(x.shape)} {x.dtype}, "
+                         f"ids {tuple(ids.shape)}, schemes {gate_up.scheme} / {down.scheme}")
     n, top_k = ids.shape
     w_gu, s_gu = gate_up.tensors["weight"], gate_up.tensors["scale"]
     w_dn, s_dn = down.tensors["weight"], down.tensors["scale"]

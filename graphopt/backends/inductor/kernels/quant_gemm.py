@@ -120,14 +120,13 @@ def _stacked(q: QuantizedLinear, x: torch.Tensor, index: torch.Tensor | None) ->
 
 
 def quantized_moe_experts_cuda(x, weights, ids, gate_up, down, gate_up_scheme, down_scheme, params):
-    if ROUTE_ROWS["int8_moe"]:
-        up, dn = moe_linears(gate_up, down, gate_up_scheme, down_scheme, params)
-        if int8_moe.takes(x, ids, up, dn):
-            return int8_moe.moe_experts(x, weights, ids, up, dn)
+    up, dn = moe_linears(gate_up, down, gate_up_scheme, down_scheme, params)
+    if ROUTE_ROWS["int8_moe"] and int8_moe.takes(x, ids, up, dn):
+        return int8_moe.moe_experts(x, weights, ids, up, dn)
     if not torch.cuda.is_current_stream_capturing():
         return _quant.quantized_moe_experts._init_fn(x, weights, ids, gate_up, down, gate_up_scheme,
                                                      down_scheme, params)
-    return moe_without_sync(x, weights, ids, *moe_linears(gate_up, down, gate_up_scheme, down_scheme, params))
+    return moe_without_sync(x, weights, ids, up, dn)
 
 
 def moe_without_sync(x, weights, ids, up: QuantizedLinear, dn: QuantizedLinear) -> torch.Tensor:
