@@ -47,6 +47,7 @@ from .head_at_gathered_positions import HeadAtGatheredPositionsPass
 from .quant_calibrate import QuantCalibratePass
 from .quant_insert import QuantInsertPass
 from .reinplace_cache_writes import ReinplaceCacheWritesPass
+from .share_activation_quant import ShareActivationQuantPass
 from .shard_experts import ShardExpertsPass
 from .shard_tensor_parallel import ShardTensorParallelPass
 from .split_prefill_weights import SplitPrefillWeightsPass
@@ -87,6 +88,7 @@ def quant_phase() -> Phase:
     return Phase("quant", "int8/int4/fp8 weights halve or quarter the bytes a decode step reads", [
         QuantCalibratePass(),      # observers in, calibration data through, observers out
         QuantInsertPass(),         # linear -> quantize -> quantized matmul -> dequantize
+        ShareActivationQuantPass(),  # the linears of one input quantise it once (q_a + kv_a, gate + up)
     ])
 
 

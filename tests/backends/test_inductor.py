@@ -86,6 +86,30 @@ def test_projections_of_one_input_become_one_gemm_with_the_same_logits(two_layer
     assert sum(map(len, _stored_weight_linears_by_input(program.main).values())) == sum(map(len, before.values()))
 
 
+@pytest.mark.parametrize("preset, matmul", [("w8a8", "int8_matmul"), ("w4a8", "w4a8_matmul")])
+def test_integer_matmuls_of_one_quantised_input_become_one_with_identical_logits(preset, matmul):
+    """After share_activation_quant the quantised linears of one input read one int8 value; fused, each
+    dequantize reads its slice of one int32 product: the logits are bit-identical."""
+    from graphopt.backends.base import fresh_cache_forward
+    from graphopt.passes.base import count_ops
+    from graphopt.quant import PRESETS, CalibrationConfig
+    calibration = CalibrationConfig(sources=(("random", 1.0),), num_samples=2, seq_len=16)
+    program = graphopt.compile(random_model(0, num_hidden_layers=2), backend="eager", progress=False, block_size=4,
+                               quant=PRESETS[preset].replace(calibration=calibration)).program
+    op = f"graphopt.{matmul}.default"
+    inputs = {}
+    for n in program.main.graph.nodes:
+        if n.op == "call_function" and str(n.target) == op:
+            inputs.setdefault(n.args[0], []).append(n)
+    shared = sum(len(v) - 1 for v in inputs.values())
+    assert shared >= 2 * 2                         # per layer: q_a + kv_a, gate + up
+    fused = {}
+    gm = for_inductor(program.main, fused)
+    assert count_ops(gm)[op] == count_ops(program.main)[op] - shared and len(fused) == shared
+    ids = torch.tensor([PROMPTS[2]])
+    assert torch.equal(fresh_cache_forward(gm, program.cache, ids), fresh_cache_forward(program.main, program.cache, ids))
+
+
 def test_decode_graphs_leave_the_moe_sum_over_k_to_inductor(monkeypatch, two_layer_program):
     """With the MoE kernel registered (CUDA), a few-row graph calls moe_expert_terms and sums over k in
     the graph, where the sum fuses into its consumer; the logits stay those of the graph it came from."""

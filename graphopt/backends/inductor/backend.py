@@ -117,6 +117,9 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows
 
 
 _LINEARS = (torch.ops.aten.linear.default, torch.ops.graphopt.linear.default)
+# the integer matmuls of the quantised linears: (quantised input, stored weight tensors ...), every
+# weight [out, ...] by rows (int8 [out, K]; w4a8's packed int4 [out, K/2] and group scales [out, K/G])
+_INT_MATMULS = (torch.ops.graphopt.int8_matmul.default, torch.ops.graphopt.w4a8_matmul.default)
 
 
 def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
@@ -124,29 +127,38 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
     an attention, gate_proj and up_proj of an MLP or the shared experts) become ONE linear over their
     weights concatenated by rows, and a slice of its output per original linear. At decode sizes every
     projection is one launch-bound GEMM of ~6 us on the H200 whatever its size (2-12 MB), so this
-    removes two of each layer's six. The concatenated weight is made once per weight tuple (the
-    executable's graphs share `fused_weights`) and kept beside the originals, which the Program still
-    holds. Returns the number of linears removed."""
-    groups: dict[fx.Node, list[fx.Node]] = {}
+    removes two of each layer's six. The quantised linears' integer matmuls (int8_matmul, w4a8_matmul)
+    of one quantised input fuse alike, each stored operand concatenated by rows (the input is one
+    node once `passes.share_activation_quant` merged its quantisers); each dequantize then reads its
+    slice of the int32 result, exactly what its own matmul gave. The concatenated weight is made once
+    per weight tuple (the executable's graphs share `fused_weights`) and kept beside the originals,
+    which the Program still holds. Returns the number of matmuls removed."""
+    groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _LINEARS and _weight_linear(gm, node):
-            groups.setdefault(node.args[0], []).append(node)
+            groups.setdefault((_LINEARS, node.args[0]), []).append(node)
+        elif node.op == "call_function" and node.target in _INT_MATMULS and _stored_operands(gm, node):
+            groups.setdefault((node.target, node.args[0]), []).append(node)
     removed = 0
-    for x, members in groups.items():
-        weights = [_attr(gm, m.args[1].target) for m in members]
-        if len(members) < 2 or len({(w.dtype, w.device, w.shape[1]) for w in weights}) != 1:
+    for (_, x), members in groups.items():
+        operands = [[_attr(gm, w.target) for w in m.args[1:]] for m in members]
+        if len(members) < 2 or len({m.target for m in members}) != 1 or len(
+                {tuple((w.dtype, w.device, w.shape[1:]) for w in ws) for ws in operands}) != 1:
             continue
-        key = tuple(id(w) for w in weights)
+        key = tuple(id(w) for ws in operands for w in ws)
         if key not in fused_weights:          # the originals are kept in the entry: their ids stay theirs
-            fused_weights[key] = (weights, torch.cat(weights, dim=0))
-        name = f"_fused_projection_{sum(n.startswith('_fused_projection_') for n in gm._buffers)}"
-        gm.register_buffer(name, fused_weights[key][1], persistent=False)
+            fused_weights[key] = (operands, [torch.cat(col, dim=0) for col in zip(*operands)])
         first, start = members[0], 0
         with gm.graph.inserting_before(first):
-            y = gm.graph.call_function(first.target, (x, gm.graph.get_attr(name)))
-            for member, w in zip(members, weights):
-                part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + w.shape[0]))
-                start += w.shape[0]
+            attrs = []
+            for tensor in fused_weights[key][1]:
+                name = f"_fused_projection_{sum(n.startswith('_fused_projection_') for n in gm._buffers)}"
+                gm.register_buffer(name, tensor, persistent=False)
+                attrs.append(gm.graph.get_attr(name))
+            y = gm.graph.call_function(first.target, (x, *attrs))
+            for member, ws in zip(members, operands):
+                part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + ws[0].shape[0]))
+                start += ws[0].shape[0]
                 member.replace_all_uses_with(part)
         for member in members:
             gm.graph.erase_node(member)
@@ -154,6 +166,14 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
     if removed:
         gm.graph.eliminate_dead_code()
     return removed
+
+
+def _stored_operands(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An integer matmul whose input is a node and whose weight operands are stored 2-d tensors."""
+    x, *weights = node.args
+    return isinstance(x, fx.Node) and not node.kwargs and all(
+        isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(_attr(gm, w.target), torch.Tensor)
+        and _attr(gm, w.target).dim() == 2 for w in weights)
 
 
 def _weight_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
