@@ -182,9 +182,11 @@ if [ "$STAGE" = owed13 ]; then
     # W4A8's GEMV form at 2 and 4 rows; C8 storage end to end with room to finish
     timeout 60 python3 -m pytest -q -p no:cacheprovider -m gpu --tb=short -rf -k batched tests/backends/test_quant_gemm.py \
         tests/backends/test_int8_moe_kernel.py 2>&1 | grep -v DEBUG | tail -3
-    for run in warm off on moe; do
+    # "unshared": without share_activation_quant (stop 36), so without the fused integer GEMMs either
+    for run in warm off unshared on moe; do
         enable=; [ "$run" = on ] && enable=int8_expert_gemv; [ "$run" = moe ] && enable=int8_moe
-        GRAPHOPT_ENABLE_KERNELS=$enable timeout 120 python3 benchmarks/decode.py --model embedded --batches 1 8 \
+        off=; [ "$run" = unshared ] && off=share_activation_quant
+        GRAPHOPT_DISABLE_PASSES=$off GRAPHOPT_ENABLE_KERNELS=$enable timeout 120 python3 benchmarks/decode.py --model embedded --batches 1 8 \
             --new-tokens 32 --timeout 110 --systems graphopt@w8a8 --suffix "_w8a8_$run" --out "$OUT" | grep "^| graphopt"
     done
     timeout 60 python3 benchmarks/quant_gemm.py --rows 1 2 4 --out "$OUT/quant_gemm_rows.md" 2>&1 | cut -d"|" -f1-9 | tail -22

@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 from ..ops import quant as _quant_ops  # noqa: F401  registers torch.ops.graphopt.* quant ops
+from ..quant.graph_sites import attr_tensor
 from .base import GraphPass, PassContext, PassResult
 
 __all__ = ["QUANTISERS", "ShareActivationQuantPass"]
@@ -93,16 +94,9 @@ def _same(gm: fx.GraphModule, x, y) -> bool:
     if isinstance(x, fx.Node) and isinstance(y, fx.Node):
         if x.op != "get_attr" or y.op != "get_attr":
             return False                             # two computed values: equal only if one node
-        tx, ty = _attr(gm, x.target), _attr(gm, y.target)
+        tx, ty = attr_tensor(gm, x.target), attr_tensor(gm, y.target)
         return (isinstance(tx, torch.Tensor) and isinstance(ty, torch.Tensor) and tx.dtype == ty.dtype
                 and tx.shape == ty.shape and tx.device == ty.device and torch.equal(tx, ty))
     if isinstance(x, fx.Node) or isinstance(y, fx.Node):
         return False
     return type(x) is type(y) and x == y
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj

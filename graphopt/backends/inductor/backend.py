@@ -117,9 +117,14 @@ def for_inductor(gm: fx.GraphModule, fused_weights: dict | None = None, few_rows
 
 
 _LINEARS = (torch.ops.aten.linear.default, torch.ops.graphopt.linear.default)
-# the integer matmuls of the quantised linears: (quantised input, stored weight tensors ...), every
-# weight [out, ...] by rows (int8 [out, K]; w4a8's packed int4 [out, K/2] and group scales [out, K/G])
-_INT_MATMULS = (torch.ops.graphopt.int8_matmul.default, torch.ops.graphopt.w4a8_matmul.default)
+# the quantised linears' matmuls: op -> (positions of the arguments every fused member shares, positions
+# of its stored operands, each [out, ...] and concatenated by rows): int8 weights [out, K]; w4a8's packed
+# int4 [out, K/2] and group scales [out, K/G]; fp8 e4m3 weights [out, K] with per-channel scales [out, 1]
+_QUANT_MATMULS = {
+    torch.ops.graphopt.int8_matmul.default: ((0,), (1,)),
+    torch.ops.graphopt.w4a8_matmul.default: ((0,), (1, 2)),
+    torch.ops.graphopt.fp8_linear.default: ((0, 1, 4, 5), (2, 3)),   # (x_q, x_scale, bias None, out_dtype)
+}
 
 
 def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
@@ -127,21 +132,24 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
     an attention, gate_proj and up_proj of an MLP or the shared experts) become ONE linear over their
     weights concatenated by rows, and a slice of its output per original linear. At decode sizes every
     projection is one launch-bound GEMM of ~6 us on the H200 whatever its size (2-12 MB), so this
-    removes two of each layer's six. The quantised linears' integer matmuls (int8_matmul, w4a8_matmul)
-    of one quantised input fuse alike, each stored operand concatenated by rows (the input is one
-    node once `passes.share_activation_quant` merged its quantisers); each dequantize then reads its
-    slice of the int32 result, exactly what its own matmul gave. The concatenated weight is made once
-    per weight tuple (the executable's graphs share `fused_weights`) and kept beside the originals,
-    which the Program still holds. Returns the number of matmuls removed."""
+    removes two of each layer's six. The quantised linears' matmuls of one quantised input fuse alike
+    (int8_matmul, w4a8_matmul, per-channel fp8_linear without bias: `_QUANT_MATMULS`), each stored
+    operand concatenated by rows; the input is one node once `passes.share_activation_quant` merged
+    its quantisers. An int8 / int4 product is exact, so each dequantize reads exactly what its own
+    matmul gave; fp8's float32 accumulation matches to rounding, as the float linears do. The
+    concatenated weight is made once per weight tuple (the executable's graphs share `fused_weights`)
+    and kept beside the originals, which the Program still holds. Returns the number of matmuls removed."""
     groups: dict[tuple, list[fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in _LINEARS and _weight_linear(gm, node):
             groups.setdefault((_LINEARS, node.args[0]), []).append(node)
-        elif node.op == "call_function" and node.target in _INT_MATMULS and _stored_operands(gm, node):
-            groups.setdefault((node.target, node.args[0]), []).append(node)
+        elif node.op == "call_function" and node.target in _QUANT_MATMULS and _stored_operands(gm, node):
+            shared, _ = _QUANT_MATMULS[node.target]
+            groups.setdefault((node.target, *(node.args[i] for i in shared)), []).append(node)
     removed = 0
-    for (_, x), members in groups.items():
-        operands = [[_attr(gm, w.target) for w in m.args[1:]] for m in members]
+    for members in groups.values():
+        stored = _QUANT_MATMULS[members[0].target][1] if members[0].target in _QUANT_MATMULS else (1,)
+        operands = [[_attr(gm, m.args[i].target) for i in stored] for m in members]
         if len(members) < 2 or len({m.target for m in members}) != 1 or len(
                 {tuple((w.dtype, w.device, w.shape[1:]) for w in ws) for ws in operands}) != 1:
             continue
@@ -150,12 +158,12 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
             fused_weights[key] = (operands, [torch.cat(col, dim=0) for col in zip(*operands)])
         first, start = members[0], 0
         with gm.graph.inserting_before(first):
-            attrs = []
-            for tensor in fused_weights[key][1]:
+            args = list(first.args)
+            for i, tensor in zip(stored, fused_weights[key][1]):
                 name = f"_fused_projection_{sum(n.startswith('_fused_projection_') for n in gm._buffers)}"
                 gm.register_buffer(name, tensor, persistent=False)
-                attrs.append(gm.graph.get_attr(name))
-            y = gm.graph.call_function(first.target, (x, *attrs))
+                args[i] = gm.graph.get_attr(name)
+            y = gm.graph.call_function(first.target, tuple(args))
             for member, ws in zip(members, operands):
                 part = gm.graph.call_function(torch.ops.aten.slice.Tensor, (y, -1, start, start + ws[0].shape[0]))
                 start += ws[0].shape[0]
@@ -169,11 +177,18 @@ def fuse_projections(gm: fx.GraphModule, fused_weights: dict) -> int:
 
 
 def _stored_operands(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """An integer matmul whose input is a node and whose weight operands are stored 2-d tensors."""
-    x, *weights = node.args
-    return isinstance(x, fx.Node) and not node.kwargs and all(
-        isinstance(w, fx.Node) and w.op == "get_attr" and isinstance(_attr(gm, w.target), torch.Tensor)
-        and _attr(gm, w.target).dim() == 2 for w in weights)
+    """A quantised matmul whose input is a node and whose stored operands are 2-d tensors with one row
+    per output column (fp8 block scales, one row per 128 columns, are left alone)."""
+    if node.kwargs or not isinstance(node.args[0], fx.Node):
+        return False
+    tensors = []
+    for i in _QUANT_MATMULS[node.target][1]:
+        w = node.args[i]
+        t = _attr(gm, w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            return False
+        tensors.append(t)
+    return len({t.shape[0] for t in tensors}) == 1
 
 
 def _weight_linear(gm: fx.GraphModule, node: fx.Node) -> bool:
