@@ -101,9 +101,8 @@ def _example(name: str, program: Program, k1: int) -> tuple[torch.Tensor, dict]:
 def _no_new_stack_traces():
     """torch.onnx re-traces a graph whose nodes already carry their source lines (the captured nodes'
     stack_trace meta); recording a stack for every node it makes again (`torch.fx.config.
-    do_not_emit_stack_traces`, where this torch has it) adds nothing to the ONNX model and costs time:
-    the prefill and greedy step of a one-layer spec + w8a8 Program exported in 44.6-52.0 s with it
-    off against 53.6 s with it on (single runs on the 2-core CPU machine, noisy)."""
+    do_not_emit_stack_traces`, where this torch has it) adds nothing to the ONNX model. What it saves
+    is not measured beyond a few noisy single runs on the CPU (docs/onnx.md)."""
     try:
         config = importlib.import_module("torch.fx.config")
     except ImportError:
